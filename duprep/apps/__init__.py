@@ -1,0 +1,1 @@
+"""Business apps that ship with duprep: ``records`` (the seed's "operate the database") and ``echo``."""

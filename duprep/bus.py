@@ -1,0 +1,406 @@
+"""The business side (seed ``s_process``): take client requests, answer them.
+
+A :class:`Worker` attaches to a running gateway instance and blocks on its
+request queue (zero CPU while idle); :func:`serve` runs a plain function in
+one or more worker processes::
+
+    from duprep import bus
+
+    def handle(request: bus.Request) -> bytes | None:
+        return request.data.upper()          # the reply; None: "I answer later"
+
+    bus.serve(handle, instance="default", workers=4)
+
+A :class:`Request` is a msgspec Struct.  Keep it, encode it
+(``msgspec.msgpack.encode``), hand it to another process and answer it there
+with :meth:`Worker.reply`: ``(sid, generation)`` makes sure the answer
+reaches the connection that asked, or nobody if it is gone (counted).
+
+Replies are batched without waiting: while a worker still holds requests it
+took in the same queue message, replies collect; they are sent the moment it
+has none left or would block, so one queue message carries many replies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections import deque
+from typing import Callable, Iterable
+
+import msgspec
+
+from . import ipcnames
+from .errors import (BrokenResourceError, ClosedResourceError, DuprepError, Timeout, UnknownTarget,
+                     WouldBlock)
+from .frame import (BatchPacker, Defer, Deliver, Error, ErrorCode, Push, Reply, Request, decode_requests,
+                    encode_wire)
+from .lock import InstanceLock
+from .queues import Queue
+from .table import ProcRow, Role, SlotInfo, SlotState, Table
+
+__all__ = ["Request", "Worker", "WorkerStatistics", "serve", "Handler"]
+
+log = logging.getLogger("duprep")
+
+Handler = Callable[[Request], "bytes | None"]
+FIRST_WORKER_ROW = 3
+C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS = range(4)
+
+
+class WorkerStatistics(msgspec.Struct, frozen=True):
+    """What one worker has done since it attached."""
+    requests: int       #: requests fully handled (the next one was asked for)
+    replies: int        #: REPLY, DEFERRED, ERROR and PUSH frames sent
+    handler_errors: int  #: requests answered with APP_ERROR
+    queue_messages: int  #: request-queue messages taken (each a batch)
+    held: int           #: requests taken from the queue but not yet returned by receive()
+
+
+class Worker:
+    """A business process's handle on a gateway instance.
+
+    Not thread-safe: use one Worker per thread.  Close it (or use ``with``)
+    to release its row in the table.
+
+    Raises :class:`~duprep.errors.BrokenResourceError` if the instance has
+    no running gateway, or when the gateway stops while waiting.
+    """
+
+    def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
+        self.instance = ipcnames.check_instance(instance)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._table = Table.attach(ipcnames.table_name(instance))
+                break
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise BrokenResourceError(
+                        f"no gateway is running for instance {instance!r} (start 'duprep serve --instance "
+                        f"{instance}')") from None
+                time.sleep(0.1)    # waiting for a gateway that is not there yet: nothing to block on
+        self._lock = InstanceLock(instance)
+        self._ep = select.epoll()
+        self._pidfd = -1
+        try:
+            self._lock.attach()
+            row = self._lock.claim_row(FIRST_WORKER_ROW, self._table.nprocs)
+            previous = list(self._table.proc_part(row).read()[7:])
+            self._row = ProcRow(self._table, row, Role.WORKER, index=row - FIRST_WORKER_ROW)
+            self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
+            self._c = self._row.counters
+            self._requests = Queue(ipcnames.request_queue(instance))
+            self._replies = Queue(ipcnames.reply_queue(instance))
+            try:
+                self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
+            except ProcessLookupError:
+                raise BrokenResourceError(f"the gateway of instance {instance!r} is gone") from None
+            self._ep.register(self._requests.fileno(), select.EPOLLIN)
+            self._ep.register(self._pidfd, select.EPOLLIN)
+        except BaseException:
+            self._release()
+            raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._batch: deque[Request] = deque()
+        self._out = BatchPacker(self._replies.msgsize)
+        self._holding = False        # a request returned by receive() is being handled
+        self._closed = False
+        self._interrupted = False
+        self._row.beat()
+
+    # --- receiving ---------------------------------------------------------
+
+    def receive(self, *, timeout: float | None = None) -> Request:
+        """The next request, waiting up to ``timeout`` seconds (None: for ever).
+
+        Raises Timeout, BrokenResourceError (gateway gone), or
+        ClosedResourceError (closed, or interrupted by :meth:`interrupt`).
+        """
+        self._check()
+        self._done_one()
+        if self._batch:
+            return self._hand(self._batch.popleft())
+        self.flush()
+        if self._interrupted:
+            raise ClosedResourceError("worker interrupted")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        heartbeat = 2.0
+        while True:
+            try:
+                message = self._requests.get_nowait()
+            except WouldBlock:
+                self._row.beat()
+                wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
+                if wait <= 0:
+                    raise Timeout(f"no request within {timeout:g} s") from None
+                for fd, _ in self._ep.poll(wait):
+                    if fd == self._pidfd:
+                        raise BrokenResourceError(f"the gateway of instance {self.instance!r} stopped")
+                    if fd == self._wake_r.fileno():
+                        self._drain_wake()
+                        if self._interrupted:
+                            raise ClosedResourceError("worker interrupted") from None
+                continue
+            self._c[C_QMSGS] += 1
+            try:
+                items = decode_requests(message)
+            except (msgspec.DecodeError, ValueError) as e:
+                log.error("dropped an undecodable request-queue message: %s", e)
+                continue
+            self._batch.extend(items)
+            if self._batch:
+                return self._hand(self._batch.popleft())
+
+    def receive_nowait(self) -> Request:
+        """The next request if one is already there, else raise WouldBlock."""
+        self._check()
+        self._done_one()
+        if not self._batch:
+            self.flush()
+            self._c[C_QMSGS] += 1
+            self._batch.extend(decode_requests(self._requests.get_nowait()))
+        if not self._batch:
+            raise WouldBlock("no request")
+        return self._hand(self._batch.popleft())
+
+    def _hand(self, request: Request) -> Request:
+        self._holding = True
+        return request
+
+    def _done_one(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._c[C_REQUESTS] += 1
+
+    def interrupt(self) -> None:
+        """Make a blocked :meth:`receive` raise ClosedResourceError (safe from a signal handler's flag)."""
+        self._interrupted = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wakeup_fd(self) -> int:
+        """A descriptor for ``signal.set_wakeup_fd``: a signal then wakes a blocked receive()."""
+        return self._wake_w.fileno()
+
+    # --- answering -------------------------------------------------------------
+
+    def reply(self, request: Request, data: bytes, /) -> None:
+        """Answer ``request``; may be called later and from another process."""
+        self._send(request.sid, request.generation, Reply(request.msgid, request.cpid, data))
+
+    def defer(self, request: Request, /) -> None:
+        """Tell the client now that the answer will come later (its request() raises Deferred)."""
+        self._send(request.sid, request.generation, Defer(request.msgid, request.cpid))
+
+    def fail(self, request: Request, message: str, /, *, code: int = ErrorCode.APP_ERROR) -> None:
+        """Answer ``request`` with an ERROR frame (the client's request() raises RemoteError)."""
+        self._c[C_ERRORS] += 1
+        self._send(request.sid, request.generation, Error(request.msgid, request.cpid, code, message[:1000]))
+
+    def push(self, target: str | int, data: bytes, /, *, cpid: int = 0) -> tuple[int, int]:
+        """Send an unsolicited message to a client named ``target`` (or with sid ``target``).
+
+        Returns the ``(sid, generation)`` it was addressed to; raises
+        UnknownTarget if no such client is connected.
+        """
+        self._check()
+        if isinstance(target, str):
+            found = self._table.find_name(target)
+            if found is None:
+                raise UnknownTarget(f"no client named {target!r} is connected", code=ErrorCode.UNKNOWN_TARGET)
+            sid, gen = found
+        else:
+            info = self._table.slot(target) if 0 <= target < self._table.nslots else None
+            if info is None or info.state != SlotState.names[SlotState.OPEN]:
+                raise UnknownTarget(f"no client at sid {target}", code=ErrorCode.UNKNOWN_TARGET)
+            sid, gen = target, info.generation
+        self._send(sid, gen, Push(cpid, "", data))
+        return sid, gen
+
+    def _send(self, sid: int, gen: int, frame: msgspec.Struct) -> None:
+        self._check()
+        self._out.add(Deliver(sid, gen, encode_wire(frame)))
+        self._c[C_REPLIES] += 1
+        if not self._batch:
+            self.flush()
+
+    def flush(self, *, timeout: float | None = 30.0) -> None:
+        """Send every reply collected so far (blocks while the reply queue is full)."""
+        if not self._out:
+            return
+        for message in self._out.take():
+            try:
+                self._replies.put(message, timeout=timeout)
+            except WouldBlock:
+                raise Timeout(f"reply queue stayed full for {timeout} s: is the gateway's sender stuck?") from None
+
+    # --- looking around -----------------------------------------------------------
+
+    def clients(self) -> list[SlotInfo]:
+        """Every open connection of the instance, from the shared table."""
+        self._check()
+        return list(self._table.slots())
+
+    def statistics(self) -> WorkerStatistics:
+        c = self._c
+        return WorkerStatistics(c[C_REQUESTS], c[C_REPLIES], c[C_ERRORS], c[C_QMSGS], len(self._batch))
+
+    def fileno(self) -> int:
+        """The request queue's descriptor, readable while requests wait (for your own selector)."""
+        return self._requests.fileno()
+
+    # --- closing ----------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("this Worker is closed")
+
+    def close(self) -> None:
+        """Send what is pending and let go of the instance.  Held requests are
+        handed back to nobody: finish them first (``serve`` does)."""
+        if self._closed:
+            return
+        try:
+            self._done_one()
+            self.flush(timeout=5.0)
+        except DuprepError as e:
+            log.error("closing worker: %s", e)
+        finally:
+            if self._batch:
+                log.error("worker closed holding %d unanswered requests", len(self._batch))
+            self._closed = True
+            self._row.beat()
+            self._release()
+
+    def _release(self) -> None:
+        for q in ("_requests", "_replies"):
+            if hasattr(self, q):
+                getattr(self, q).close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self._ep.close()
+        for s in ("_wake_r", "_wake_w"):
+            if hasattr(self, s):
+                getattr(self, s).close()
+        self._table.close()
+        self._lock.close()
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = lambda: False) -> None:
+    """Serve requests with ``handler`` until the gateway stops or ``stop()`` is true.
+
+    A handler that raises answers its request with APP_ERROR (and is logged);
+    the worker carries on with the next request.
+    """
+    while True:
+        try:
+            request = worker.receive()
+        except ClosedResourceError:
+            if stop():
+                return
+            raise
+        try:
+            result = handler(request)
+        except Exception as e:
+            log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
+            if not request.oneway:
+                worker.fail(request, f"{type(e).__name__}: {e}")
+            continue
+        if result is not None and not request.oneway:
+            worker.reply(request, result)
+        if stop() and not worker._batch:
+            return
+
+
+def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait: float = 0.0) -> int:
+    """Run ``handler`` in ``workers`` processes until the gateway stops or SIGTERM/SIGINT.
+
+    Returns 0 after a clean stop (SIGTERM, or the gateway went away).  With
+    ``workers > 1`` the calling process forks the others and waits for them.
+    """
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    if workers == 1:
+        return _serve_one(handler, instance, wait)
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _serve_one(handler, instance, wait)
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    stop = [False]
+
+    def forward(signum: int, frame: object) -> None:
+        stop[0] = True
+        for p in pids:
+            try:
+                os.kill(p, signum)
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    worst = 0
+    try:
+        for p in pids:
+            while True:
+                try:
+                    _, status = os.waitpid(p, 0)
+                    break
+                except ChildProcessError:
+                    status = 0
+                    break
+            code = os.waitstatus_to_exitcode(status)
+            worst = worst or (code if code > 0 else 0)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return worst
+
+
+def _serve_one(handler: Handler, instance: str, wait: float) -> int:
+    stopping = [False]
+    with Worker(instance, wait=wait) as worker:
+        def on_signal(signum: int, frame: object) -> None:
+            stopping[0] = True
+            worker._interrupted = True
+
+        old_fd = signal.set_wakeup_fd(worker.wakeup_fd(), warn_on_full_buffer=False)
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            run_handler(worker, handler, stop=lambda: stopping[0])
+        except BrokenResourceError as e:
+            log.info("%s; worker exiting", e)
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old.items():
+                signal.signal(s, h)
+    return 0

@@ -1,0 +1,176 @@
+"""``duprep``: a thin command line over the library.
+
+serve   run a gateway in the foreground (systemd style, logs to stderr)
+worker  run business workers that join a running gateway
+status  show the connection table, processes and queues of an instance
+demo    start a gateway with the sample app, drive it with simulated clients, stop it
+cleanup remove the IPC objects of an instance whose processes are all dead
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Callable
+
+from . import ipcnames
+from .config import DEFAULT_APP, GatewayConfig, resolve_port
+from .errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError
+
+__all__ = ["main"]
+
+
+def load_app(spec: str) -> Callable:
+    """Import ``MODULE:CALLABLE``."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"cannot import {module!r} for --app: {e}") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"{module!r} has no attribute {attr!r}")
+    if not callable(obj):
+        raise ConfigError(f"--app {spec!r} is not callable")
+    return obj  # type: ignore[return-value]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway.acceptor import serve
+    cfg = GatewayConfig(
+        instance=args.instance, host=args.host, port=resolve_port(args.port), workers=args.workers,
+        app=None if args.app == "none" else args.app, max_clients=args.max_clients,
+        max_per_ip=args.max_per_ip, queue_depth=args.queue_depth, queue_size=args.queue_size,
+        handshake_timeout=args.handshake_timeout, max_outbuf=args.max_outbuf,
+        write_timeout=args.write_timeout, drain_timeout=args.drain_timeout)
+    if cfg.app:
+        load_app(cfg.app)     # fail here, clearly, rather than in every worker
+    return serve(cfg)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from . import bus
+    from .gateway.child import EXIT_BOOT_ERROR, setup_logging, set_title
+    setup_logging("worker", args.instance)
+    set_title("worker", args.instance)
+    try:
+        handler = load_app(args.app)
+    except ConfigError as e:
+        print(f"duprep worker: {e}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    try:
+        return bus.serve(handler, instance=args.instance, workers=args.n, wait=args.wait)
+    except (BrokenResourceError, InstanceBusyError) as e:
+        print(f"duprep worker: {e}", file=sys.stderr)
+        return EXIT_BOOT_ERROR if args.supervised else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import render, snapshot
+    try:
+        snap = snapshot(args.instance)
+    except FileNotFoundError:
+        msg = f"instance {args.instance!r} is not running (no table {ipcnames.table_name(args.instance)})"
+        if args.json:
+            print(json.dumps({"instance": args.instance, "state": "stopped", "error": msg}))
+        else:
+            print(msg, file=sys.stderr)
+        return 3
+    print(json.dumps(snap, indent=1) if args.json else render(snap, limit=args.limit))
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from . import queues
+    from .lock import InstanceLock
+    from .table import Table
+    lock = InstanceLock(args.instance)
+    try:
+        lock.acquire_gateway(wait_attached=0)
+    except InstanceBusyError as e:
+        print(f"duprep cleanup: {e}", file=sys.stderr)
+        return 1
+    names = ipcnames.all_names(args.instance)
+    removed = [n for n in (names["requests"], names["replies"]) if queues.unlink(n)]
+    try:
+        t = Table.attach(names["table"])
+        t.close()
+        t.unlink()
+        removed.append(names["table"])
+    except (FileNotFoundError, DuprepError):
+        pass
+    lock.unlink()
+    lock.close()
+    print("removed: " + (", ".join(removed) if removed else "nothing"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(clients=args.clients, seconds=args.seconds, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duprep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a gateway in the foreground")
+    s.add_argument("--instance", default="default", help="names the instance's IPC objects (default: default)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", default="2000", help="port number or /etc/services name (0: any free port)")
+    s.add_argument("--workers", type=int, default=2, help="business worker processes to run (default 2)")
+    s.add_argument("--app", default=DEFAULT_APP,
+                   help=f"MODULE:CALLABLE business handler (default {DEFAULT_APP}; 'none': external workers only)")
+    s.add_argument("--max-clients", type=int, default=4096)
+    s.add_argument("--max-per-ip", type=int, default=0, help="0: no limit")
+    s.add_argument("--queue-depth", type=int, default=None, help="messages per queue (default: what the kernel allows)")
+    s.add_argument("--queue-size", type=int, default=None, help="bytes per queue message (default: up to 64 KiB)")
+    s.add_argument("--handshake-timeout", type=float, default=5.0)
+    s.add_argument("--max-outbuf", type=int, default=1 << 20, help="reply bytes buffered per client before it is cut off")
+    s.add_argument("--write-timeout", type=float, default=30.0)
+    s.add_argument("--drain-timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run business workers for a running gateway")
+    w.add_argument("--instance", default="default")
+    w.add_argument("--app", required=True, help="MODULE:CALLABLE, called with a duprep.bus.Request")
+    w.add_argument("-n", type=int, default=1, help="worker processes (default 1)")
+    w.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the gateway to appear")
+    w.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_worker)
+
+    st = sub.add_parser("status", help="show an instance's connections, processes and queues")
+    st.add_argument("--instance", default="default")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--limit", type=int, default=50, help="connections shown in text form")
+    st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("demo", help="run the sample app under simulated clients and report")
+    d.add_argument("--clients", type=int, default=20)
+    d.add_argument("--seconds", type=float, default=5.0)
+    d.add_argument("--workers", type=int, default=2)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("cleanup", help="remove IPC objects left by a crashed instance")
+    c.add_argument("--instance", default="default")
+    c.set_defaults(func=cmd_cleanup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as e:
+        print(f"duprep {args.command}: {e}", file=sys.stderr)
+        code = 4
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,297 @@
+"""A blocking, thread-safe client for the gateway (what the seed's c_process did by hand).
+
+One TCP connection; any number of threads may have requests in flight on it
+at once.  A reader thread takes frames off the socket and hands each REPLY to
+the thread waiting for its msgid, in whatever order they come.
+
+The seed's "overtime" and its msgid check, without its loss: a request that
+times out raises :class:`~duprep.errors.Timeout`; if its reply turns up later
+it is not thrown away and not mistaken for the answer to a newer request --
+:meth:`Client.receive` returns it with ``kind == "late"``.  Pushes, relayed
+messages and the final answers of deferred requests come through
+:meth:`Client.receive` too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import socket
+import threading
+import time
+from typing import Literal
+
+import msgspec
+
+from .errors import (BrokenResourceError, ClosedResourceError, Deferred, ProtocolError, RefusedError,
+                     RemoteError, Timeout, UnknownTarget)
+from .frame import (PROTOCOL_VERSION, Call, Defer, Error, ErrorCode, Hello, Push, Relay, Reply, Send,
+                    Welcome, encode_wire, server_decoder)
+from .wire import FrameReader
+
+__all__ = ["Client", "Message"]
+
+Kind = Literal["push", "relay", "late", "deferred", "error"]
+
+
+class Message(msgspec.Struct, frozen=True):
+    """Something that arrived without a request waiting for it.
+
+    ``kind``: "push" (from a business worker), "relay" (from another client,
+    named in ``source``), "late" (the reply to a request that timed out),
+    "deferred" (the final reply to a deferred request), "error" (an ERROR
+    for a late or deferred request; ``data`` holds the message text).
+    """
+    kind: Kind
+    msgid: int
+    data: bytes
+    source: str = ""
+    cpid: int = 0
+    code: int = 0
+
+
+class _Waiter:
+    __slots__ = ("event", "frame")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.frame: object = None
+
+
+_CLOSED = object()
+
+
+class Client:
+    """A connection to a duprep gateway.
+
+    Args:
+        host, port: the gateway's address.
+        name: a name other clients can relay to and workers can push to
+            (unique among connected clients; None: anonymous).
+        timeout: default seconds for connect, handshake and ``request()``.
+
+    Raises RefusedError if the gateway refuses (full, name taken, ...),
+    OSError if it cannot be reached.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 2000, *, name: str | None = None,
+                 timeout: float = 20.0) -> None:
+        self.timeout = timeout
+        self._cpid = os.getpid()
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Waiter] = {}
+        self._late: set[int] = set()
+        self._deferred: set[int] = set()
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._decoder = server_decoder()
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock.sendall(encode_wire(Hello(PROTOCOL_VERSION, name or "")))
+            self._reader = FrameReader(1 << 24)
+            welcome = self._read_one(timeout)
+            if isinstance(welcome, Error):
+                raise RefusedError(f"gateway refused the connection: {welcome.message}", code=welcome.code)
+            if not isinstance(welcome, Welcome):
+                raise ProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
+        except BaseException:
+            self._sock.close()
+            raise
+        self.sid: int = welcome.sid
+        self.generation: int = welcome.generation
+        self.name: str = welcome.name
+        self.max_frame: int = welcome.max_frame
+        self._sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read_loop, name=f"duprep-client-{self.sid}", daemon=True)
+        self._thread.start()
+
+    # --- handshake ---------------------------------------------------------------
+
+    def _read_one(self, timeout: float) -> object:
+        deadline = time.monotonic() + timeout
+        pending: list = []
+        while not pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"no WELCOME within {timeout:g} s")
+            self._sock.settimeout(left)
+            try:
+                data = self._sock.recv(65536)
+            except socket.timeout:
+                raise Timeout(f"no WELCOME within {timeout:g} s") from None
+            if not data:
+                raise BrokenResourceError("gateway closed the connection during the handshake")
+            pending = [self._decoder.decode(b) for b in self._reader.feed(data)]
+        first, rest = pending[0], pending[1:]
+        for frame in rest:
+            self._dispatch(frame)
+        return first
+
+    # --- public API ---------------------------------------------------------------
+
+    def request(self, data: bytes, *, timeout: float | None = None) -> bytes:
+        """Send ``data`` to a business worker and return its reply.
+
+        Raises Timeout (the reply, if it comes, goes to ``receive()`` as
+        "late"), Deferred (the worker will answer later, through
+        ``receive()`` as "deferred"), RemoteError (the worker's handler
+        failed), BrokenResourceError (connection lost).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        msgid, waiter = self._register()
+        self._write(Call(msgid, self._cpid, max(1, int(timeout * 1000)) if timeout else 0, data))
+        return self._wait(msgid, waiter, timeout)
+
+    def send(self, data: bytes) -> None:
+        """One-way message to the business workers; nothing comes back."""
+        self._write(Send(next(self._ids), self._cpid, data))
+
+    def relay(self, target: str, data: bytes, *, timeout: float | None = None) -> None:
+        """Deliver ``data`` to the client named ``target`` through the gateway.
+
+        Returns once the gateway has queued it for the target; raises
+        UnknownTarget if no client of that name is connected.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        msgid, waiter = self._register()
+        self._write(Relay(msgid, self._cpid, target, data))
+        self._wait(msgid, waiter, timeout)
+
+    def receive(self, *, timeout: float | None = None) -> Message:
+        """The next push, relay, late or deferred reply; raises Timeout if none comes in time."""
+        try:
+            item = self._inbox.get(timeout=timeout) if timeout is None or timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            self._check()
+            raise Timeout(f"nothing received within {timeout:g} s") from None
+        if item is _CLOSED:
+            self._inbox.put(_CLOSED)
+            self._check()
+            raise BrokenResourceError("connection closed")
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Close the connection; waiting requests raise ClosedResourceError."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("this Client is closed")
+        if self._broken is not None:
+            raise BrokenResourceError(f"connection lost: {self._broken}")
+
+    def _register(self) -> tuple[int, _Waiter]:
+        self._check()
+        waiter = _Waiter()
+        with self._lock:
+            msgid = next(self._ids)
+            self._waiting[msgid] = waiter
+        return msgid, waiter
+
+    def _write(self, frame: msgspec.Struct) -> None:
+        self._check()
+        data = encode_wire(frame)
+        try:
+            with self._send_lock:
+                self._sock.sendall(data)
+        except OSError as e:
+            raise BrokenResourceError(f"connection lost: {e}") from None
+
+    def _wait(self, msgid: int, waiter: _Waiter, timeout: float | None) -> bytes:
+        if not waiter.event.wait(timeout):
+            with self._lock:
+                if self._waiting.pop(msgid, None) is not None:
+                    self._late.add(msgid)
+                    raise Timeout(f"no reply to msgid {msgid} within {timeout:g} s", msgid=msgid)
+            waiter.event.wait()   # the reader filled it in while we were timing out
+        frame = waiter.frame
+        if type(frame) is Reply:
+            return frame.data  # type: ignore[attr-defined]
+        if type(frame) is Defer:
+            raise Deferred(f"msgid {msgid} deferred: the answer will come through receive()", msgid=msgid)
+        if type(frame) is Error:
+            text = f"{ErrorCode.names.get(frame.code, frame.code)}: {frame.message}"  # type: ignore[attr-defined]
+            if frame.code == ErrorCode.UNKNOWN_TARGET:  # type: ignore[attr-defined]
+                raise UnknownTarget(text, code=frame.code, msgid=msgid)  # type: ignore[attr-defined]
+            raise RemoteError(text, code=frame.code, msgid=msgid)  # type: ignore[attr-defined]
+        if self._closed:
+            raise ClosedResourceError("this Client was closed while waiting")
+        raise BrokenResourceError(f"connection lost while waiting: {self._broken}")
+
+    def _read_loop(self) -> None:
+        sock, reader, decode = self._sock, self._reader, self._decoder.decode
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise BrokenResourceError("gateway closed the connection")
+                for body in reader.feed(data):
+                    self._dispatch(decode(body))
+        except BaseException as e:     # noqa: BLE001 - the reader thread must record every end
+            self._broken = e
+        finally:
+            with self._lock:
+                waiting, self._waiting = self._waiting, {}
+            for waiter in waiting.values():
+                waiter.event.set()
+            self._inbox.put(_CLOSED)
+
+    def _dispatch(self, frame: object) -> None:
+        kind = type(frame)
+        if kind is Push:
+            self._inbox.put(Message("relay" if frame.source else "push", 0, frame.data,  # type: ignore[attr-defined]
+                                    frame.source, frame.cpid))  # type: ignore[attr-defined]
+            return
+        msgid = getattr(frame, "msgid", 0)
+        with self._lock:
+            waiter = self._waiting.pop(msgid, None)
+            if waiter is None:
+                late = msgid in self._late
+                deferred = msgid in self._deferred
+                if kind is not Defer:
+                    self._late.discard(msgid)
+                    self._deferred.discard(msgid)
+                elif late:
+                    self._late.discard(msgid)
+                    self._deferred.add(msgid)
+            elif kind is Defer:
+                self._deferred.add(msgid)
+        if waiter is not None:
+            waiter.frame = frame
+            waiter.event.set()
+            return
+        if kind is Error and msgid == 0:
+            self._broken = RefusedError(f"gateway ended the connection: {frame.message}",  # type: ignore[attr-defined]
+                                        code=frame.code)  # type: ignore[attr-defined]
+            return
+        if kind is Defer:
+            return                                         # a late DEFERRED: the final answer will follow
+        tag: Kind = "deferred" if deferred else "late"
+        if kind is Error:
+            self._inbox.put(Message("error", msgid, frame.message.encode(), "", frame.cpid,  # type: ignore[attr-defined]
+                                    frame.code))  # type: ignore[attr-defined]
+        elif kind is Reply:
+            self._inbox.put(Message(tag, msgid, frame.data, "", frame.cpid))  # type: ignore[attr-defined]
+        elif not late and not deferred:
+            pass

@@ -1,0 +1,70 @@
+"""The gateway's settings: one frozen Struct, validated once, passed to every child.
+
+The acceptor encodes it as JSON on each child's command line, so a receiver,
+sender or worker started (or restarted) later sees exactly the same values.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import msgspec
+
+from .errors import ConfigError
+from .ipcnames import check_instance
+
+__all__ = ["GatewayConfig", "resolve_port", "DEFAULT_APP"]
+
+DEFAULT_APP = "duprep.apps.records:handle"
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of one gateway instance (``duprep serve --help`` documents them)."""
+
+    instance: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 2000
+    workers: int = 2
+    app: str | None = DEFAULT_APP
+    max_clients: int = 4096
+    max_per_ip: int = 0                 # 0: no limit
+    queue_depth: int | None = None      # None: what the kernel offers (queues.plan)
+    queue_size: int | None = None
+    handshake_timeout: float = 5.0      # seconds from accept to HELLO
+    max_outbuf: int = 1 << 20           # reply bytes buffered per connection before SLOW_CONSUMER
+    write_timeout: float = 30.0         # seconds a connection may block our writes
+    sndbuf: int = 65536                 # SO_SNDBUF of client sockets (0: kernel default)
+    drain_timeout: float = 10.0         # seconds SIGTERM waits for queued replies
+    heartbeat: float = 2.0              # seconds between heartbeats in the table
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        check_instance(self.instance)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.workers < 0 or self.workers > 60:
+            raise ConfigError("--workers must be between 0 and 60")
+        if not 1 <= self.max_clients <= 1_000_000:
+            raise ConfigError("--max-clients must be between 1 and 1000000")
+        if self.max_per_ip < 0:
+            raise ConfigError("--max-per-ip must be >= 0 (0 means no limit)")
+        for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+
+    def encode(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def decode(cls, text: str) -> "GatewayConfig":
+        return msgspec.json.decode(text, type=cls)
+
+
+def resolve_port(value: str) -> int:
+    """A port number, or a service name from /etc/services (the seed's getservbyname)."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return socket.getservbyname(value, "tcp")
+    except OSError:
+        raise ConfigError(f"unknown service {value!r}: not a port number and not in /etc/services") from None

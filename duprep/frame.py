@@ -1,0 +1,262 @@
+"""Every message duprep puts on the wire or on a queue, as msgspec Structs.
+
+Two families, kept apart because they change for different reasons:
+
+* **Wire frames** travel on the client's TCP connection.  Each is a msgpack
+  array whose first element is an integer tag, behind a 4-byte big-endian
+  length prefix (docs/protocol.md is the normative text; tests check that
+  the tags below match it).
+* **Bus items** travel on the instance's two POSIX queues.  A queue message
+  is a msgpack array of items (a *batch*): the receiver packs every request
+  that is already waiting into one message, and the sender takes replies for
+  many connections from one.  A reply item carries the finished wire frame,
+  so the sender copies bytes and never re-encodes.
+
+Together they are the seed's ``msg_buf`` (mtype, cpid, sid, msgid, mdata),
+plus the generation that makes a reused ``sid`` harmless.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Final, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "LENGTH",
+    "ErrorCode",
+    "Hello", "Call", "Send", "Relay",
+    "Welcome", "Reply", "Defer", "Push", "Error",
+    "ClientFrame", "ServerFrame",
+    "Request", "Deliver", "Close",
+    "encode_wire", "client_decoder", "server_decoder",
+    "BatchPacker", "decode_requests", "decode_replies",
+]
+
+PROTOCOL_VERSION: Final = 1
+LENGTH: Final = struct.Struct(">I")  # the wire frame's length prefix
+MAX_NAME: Final = 64                 # bytes of a client name, UTF-8
+
+U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
+
+
+class ErrorCode:
+    """Codes of the ERROR frame (docs/protocol.md, "Errors")."""
+
+    BAD_FRAME = 1           # not a valid frame: the connection is closed
+    FRAME_TOO_LARGE = 2     # length prefix above max_frame: closed
+    BAD_HELLO = 3           # first frame not HELLO, or HELLO twice: closed
+    BAD_VERSION = 4         # protocol version not supported: closed
+    NAME_TAKEN = 5          # another live connection has this name: closed
+    SERVER_FULL = 6         # --max-clients reached: closed
+    TOO_MANY_FROM_IP = 7    # --max-per-ip reached: closed
+    UNKNOWN_TARGET = 8      # RELAY/push target not connected (connection stays)
+    HANDSHAKE_TIMEOUT = 9   # no HELLO within the handshake deadline: closed
+    SHUTTING_DOWN = 10      # gateway is stopping: closed
+    APP_ERROR = 11          # the business handler raised (connection stays)
+    SLOW_CONSUMER = 12      # client did not read its replies in time: closed
+
+    names: Final = {
+        1: "BAD_FRAME", 2: "FRAME_TOO_LARGE", 3: "BAD_HELLO", 4: "BAD_VERSION",
+        5: "NAME_TAKEN", 6: "SERVER_FULL", 7: "TOO_MANY_FROM_IP",
+        8: "UNKNOWN_TARGET", 9: "HANDSHAKE_TIMEOUT", 10: "SHUTTING_DOWN",
+        11: "APP_ERROR", 12: "SLOW_CONSUMER",
+    }
+
+
+# --- wire: client -> gateway --------------------------------------------------
+
+class Hello(Struct, tag=1, array_like=True, frozen=True):
+    """First frame of every connection.  ``name`` "" means anonymous."""
+    version: U32
+    name: Name = ""
+
+
+class Call(Struct, tag=2, array_like=True, frozen=True):
+    """REQUEST: expects exactly one REPLY, DEFER or ERROR with this msgid."""
+    msgid: U64
+    cpid: U64
+    timeout_ms: U32
+    data: bytes
+
+
+class Send(Struct, tag=3, array_like=True, frozen=True):
+    """SEND: one-way message to the business workers; nothing comes back."""
+    msgid: U64
+    cpid: U64
+    data: bytes
+
+
+class Relay(Struct, tag=4, array_like=True, frozen=True):
+    """RELAY: deliver ``data`` to the client named ``target`` as a PUSH.
+
+    Answered by an empty REPLY (accepted) or ERROR UNKNOWN_TARGET.
+    """
+    msgid: U64
+    cpid: U64
+    target: Name
+    data: bytes
+
+
+# --- wire: gateway -> client --------------------------------------------------
+
+class Welcome(Struct, tag=16, array_like=True, frozen=True):
+    """Answer to HELLO: the connection's identity and the frame size limit."""
+    version: U32
+    sid: U32
+    generation: U32
+    name: str
+    max_frame: U32
+
+
+class Reply(Struct, tag=17, array_like=True, frozen=True):
+    """The answer to the REQUEST (or RELAY) with this msgid."""
+    msgid: U64
+    cpid: U64
+    data: bytes
+
+
+class Defer(Struct, tag=18, array_like=True, frozen=True):
+    """DEFERRED: the worker will answer this msgid later with a REPLY."""
+    msgid: U64
+    cpid: U64
+
+
+class Push(Struct, tag=19, array_like=True, frozen=True):
+    """Unsolicited message: from a worker (source "") or relayed by a client."""
+    cpid: U64
+    source: str
+    data: bytes
+
+
+class Error(Struct, tag=20, array_like=True, frozen=True):
+    """A refusal; msgid 0 when it concerns the whole connection."""
+    msgid: U64
+    cpid: U64
+    code: U32
+    message: str
+
+
+ClientFrame = Union[Hello, Call, Send, Relay]
+ServerFrame = Union[Welcome, Reply, Defer, Push, Error]
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_wire(frame: Struct) -> bytes:
+    """Encode one wire frame with its 4-byte length prefix."""
+    buf = bytearray(LENGTH.size)
+    _encoder.encode_into(frame, buf, LENGTH.size)
+    LENGTH.pack_into(buf, 0, len(buf) - LENGTH.size)
+    return bytes(buf)
+
+
+def client_decoder() -> msgspec.msgpack.Decoder:
+    """A decoder for frame bodies a client sends (used by the receiver)."""
+    return msgspec.msgpack.Decoder(ClientFrame)
+
+
+def server_decoder() -> msgspec.msgpack.Decoder:
+    """A decoder for frame bodies the gateway sends (used by clients)."""
+    return msgspec.msgpack.Decoder(ServerFrame)
+
+
+# --- bus: queue items -----------------------------------------------------------
+
+class Request(Struct, tag=1, array_like=True):
+    """One client message for a business worker (the seed's msg_buf on qid3).
+
+    ``(sid, generation)`` names the connection; the pair is what makes a late
+    answer harmless after the slot has been reused.  A Request is a plain
+    Struct: keep it, ``msgspec.msgpack.encode`` it, and answer it later from
+    any process with ``duprep.bus.Worker.reply``.
+    """
+    sid: int
+    generation: int
+    msgid: int
+    cpid: int
+    client: str
+    data: bytes
+    deadline: float = 0.0   # time.time() after which the client gave up; 0: none
+    oneway: bool = False    # SEND: no reply expected
+
+
+class Deliver(Struct, tag=1, array_like=True):
+    """Bytes for one connection: one or more complete, prefixed wire frames."""
+    sid: int
+    generation: int
+    frame: bytes
+    frames: int = 1
+
+
+class Close(Struct, tag=2, array_like=True):
+    """End the connection after what was queued for it before this item."""
+    sid: int
+    generation: int
+    reason: int = 0
+
+
+_request_batch = msgspec.msgpack.Decoder(list[Request])
+_reply_batch = msgspec.msgpack.Decoder(list[Union[Deliver, Close]])
+
+
+def decode_requests(message: bytes) -> list[Request]:
+    """Decode one request-queue message."""
+    return _request_batch.decode(message)
+
+
+def decode_replies(message: bytes) -> list[Deliver | Close]:
+    """Decode one reply-queue message."""
+    return _reply_batch.decode(message)
+
+
+class BatchPacker:
+    """Packs encoded bus items into queue messages of at most ``limit`` bytes.
+
+    Items are encoded once, as they arrive; ``messages()`` joins them behind a
+    msgpack array header, so packing costs one copy and no re-encoding.
+    """
+
+    __slots__ = ("limit", "_items", "_size", "_done", "_enc")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: list[bytes] = []
+        self._size = 3          # worst-case array header (array 16)
+        self._done: list[bytes] = []
+        self._enc = msgspec.msgpack.Encoder()
+
+    def add(self, item: Struct) -> None:
+        data = self._enc.encode(item)
+        if len(data) + 3 > self.limit:
+            raise ValueError(f"bus item of {len(data)} bytes exceeds the queue message size {self.limit}")
+        if self._size + len(data) > self.limit or len(self._items) == 65535:
+            self._seal()
+        self._items.append(data)
+        self._size += len(data)
+
+    def _seal(self) -> None:
+        if self._items:
+            self._done.append(_array_header(len(self._items)) + b"".join(self._items))
+            self._items = []
+            self._size = 3
+
+    def __bool__(self) -> bool:
+        return bool(self._items) or bool(self._done)
+
+    def take(self) -> list[bytes]:
+        """All packed messages so far; the packer is empty afterwards."""
+        self._seal()
+        done, self._done = self._done, []
+        return done
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    return b"\xdc" + n.to_bytes(2, "big")

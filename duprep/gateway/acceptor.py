@@ -1,0 +1,549 @@
+"""The acceptor (seed ``tcp_s``): supervisor of the gateway and owner of every IPC object.
+
+Reads top to bottom like gunicorn's arbiter:
+
+1. **Boot** -- take the instance lock (refuse if another gateway has it;
+   remove what a crashed run left behind), create the connection table and
+   the two queues, listen, spawn the receiver and the sender and wait until
+   both say READY, spawn the business workers, tell systemd READY=1.
+2. **Serve** -- one epoll loop: accept (bounded per wake-up), admit or
+   refuse (``--max-clients``, ``--max-per-ip``), hand each socket to the
+   sender and then the receiver (SCM_RIGHTS) and keep a copy, so a restarted
+   receiver or sender gets every connection back.  A slot is freed when both
+   have released it; its generation changes on the next use.
+3. **Supervise** -- children are watched through pidfds (no SIGCHLD, no
+   polling).  A child that crashed is respawned with backoff; one that exits
+   with a boot or config error code halts the gateway instead.
+4. **Stop** (SIGTERM/SIGINT) -- stop accepting; the receiver stops reading
+   and flushes; the sender delivers what is still coming and ends every
+   connection; the workers stop; every IPC object is unlinked; exit 0.
+
+Signal handlers only record the signal; the loop acts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Callable
+
+from .. import fdpass, ipcnames, queues
+from ..config import GatewayConfig
+from ..errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError, LimitError, WouldBlock
+from ..fdpass import Op
+from ..frame import Error, ErrorCode, MAX_NAME, encode_wire
+from ..lock import InstanceLock
+from ..table import GatewayState, ProcRow, Role, SlotState, Table
+from . import net, systemd
+from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CONFIG_ERROR, EXIT_LIMIT, EXIT_OK, NO_RESPAWN,
+                    setup_logging, set_title)
+from .loop import READ, EventLoop
+
+log = logging.getLogger("duprep")
+
+NPROCS = 128                   # 3 gateway rows + up to 125 worker rows
+ACCEPTS_PER_WAKE = 64
+STEP_TIMEOUT = 10.0            # seconds each stop step may take beyond drain_timeout
+C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS = range(5)
+# Room a request item needs on the queue beside its payload: tag, ids, name, deadline.
+BUS_OVERHEAD = 48 + MAX_NAME * 2
+
+
+class Child:
+    """One supervised process: receiver, sender or a business worker."""
+
+    def __init__(self, role: str, index: int = 0) -> None:
+        self.role = role
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd = -1
+        self.ctl: socket.socket | None = None
+        self.ready = False
+        self.started = 0.0
+        self.failures = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    def __repr__(self) -> str:
+        return f"{self.role}{self.index if self.role == 'worker' else ''}[{self.pid}]"
+
+
+class Conn:
+    """The acceptor's copy of one connection."""
+
+    __slots__ = ("sid", "gen", "sock", "ip", "released")
+
+    def __init__(self, sid: int, gen: int, sock: socket.socket, ip: str) -> None:
+        self.sid, self.gen, self.sock, self.ip = sid, gen, sock, ip
+        self.released: set[str] = set()
+
+
+class Acceptor:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.instance = cfg.instance
+        self.lock = InstanceLock(cfg.instance)
+        self.loop = EventLoop()
+        self.table: Table | None = None
+        self.qs: list[queues.Queue] = []
+        self.listener: socket.socket | None = None
+        self.children: dict[str, Child] = {}
+        self.conns: dict[int, Conn] = {}
+        self.free: deque[int] = deque(range(cfg.max_clients))
+        self.gens = [0] * cfg.max_clients
+        self.per_ip: dict[str, int] = {}
+        self.state = "booting"
+        self.exit_code = EXIT_OK
+        self.stop_timer = None
+        self.row: ProcRow | None = None
+        self.accept_paused = False
+
+    # ======================================================================
+    # 1. boot
+    # ======================================================================
+
+    def run(self) -> int:
+        try:
+            self.boot()
+        except InstanceBusyError as e:
+            log.error("%s", e)
+            return EXIT_BUSY
+        except LimitError as e:
+            log.error("cannot start: %s", e)
+            self.teardown()
+            return EXIT_LIMIT
+        except ConfigError as e:
+            log.error("cannot start: %s", e)
+            self.teardown()
+            return EXIT_CONFIG_ERROR
+        except BaseException:
+            log.exception("cannot start")
+            self.teardown()
+            return EXIT_BOOT_ERROR
+        try:
+            self.loop.run()
+        except BaseException:
+            log.exception("acceptor crashed; stopping everything")
+            self.exit_code = EXIT_BOOT_ERROR if self.exit_code == EXIT_OK else self.exit_code
+        finally:
+            self.teardown()
+        return self.exit_code
+
+    def boot(self) -> None:
+        cfg = self.cfg
+        self.lock.acquire_gateway()
+        self.remove_stale()
+        limits = queues.kernel_limits()
+        plan = queues.plan(depth=cfg.queue_depth, msgsize=cfg.queue_size, limits=limits)
+        max_frame = plan.msgsize - BUS_OVERHEAD
+        epoch = secrets.randbits(63)
+        self.table = Table.create(
+            ipcnames.table_name(self.instance), nslots=cfg.max_clients, nprocs=NPROCS, epoch=epoch,
+            host=cfg.host, port=cfg.port, msgsize=plan.msgsize, depth=plan.depth, max_frame=max_frame,
+            acceptor_pid=os.getpid(), max_per_ip=cfg.max_per_ip)
+        self.row = ProcRow(self.table, 0, Role.ACCEPTOR)
+        for name in (ipcnames.request_queue(self.instance), ipcnames.reply_queue(self.instance)):
+            self.qs.append(queues.Queue(name, queues.create(name, plan, limits=limits)))
+        log.info("queues: %d messages x %d bytes each (%d bytes of RLIMIT_MSGQUEUE=%d)%s; "
+                 "largest frame %d bytes", plan.depth, plan.msgsize, 2 * plan.bytes,
+                 limits.rlimit_msgqueue, f"; limited by {plan.clamped}" if plan.clamped else "", max_frame)
+        self.listener = self.make_listener()
+        port = self.listener.getsockname()[1]
+        self.table.set("port", port)
+        self.lock.share_attach()
+
+        loop = self.loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal(sig, self.handle_term)
+        loop.add_signal(signal.SIGHUP, self.handle_hup)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        loop.register(self.listener.fileno(), 0, self.on_listener)    # enabled once children are ready
+        for role in ("sender", "receiver"):
+            self.children[role] = Child(role)
+        for i in range(cfg.workers if cfg.app else 0):
+            self.children[f"worker{i}"] = Child("worker", i)
+        for child in self.children.values():
+            self.spawn(child)
+        self.boot_timer = loop.call_later(STEP_TIMEOUT + 20, self.on_boot_timeout)
+        self.beat()
+        log.info("instance %s booting on %s:%d (max %d clients)", self.instance, cfg.host, port, cfg.max_clients)
+
+    def make_listener(self) -> socket.socket:
+        if systemd.listen_fds():
+            sock = socket.socket(fileno=systemd.SD_LISTEN_FDS_START)
+            sock.setblocking(False)
+            log.info("using the listening socket passed by systemd")
+            return sock
+        return net.listen(self.cfg.host, self.cfg.port, backlog=self.cfg.backlog)
+
+    def remove_stale(self) -> None:
+        """We hold both locks exclusively: anything of this instance is left from a crash."""
+        removed = []
+        names = ipcnames.all_names(self.instance)
+        for key in ("requests", "replies"):
+            if queues.unlink(names[key]):
+                removed.append(names[key])
+        try:
+            old = Table.attach(names["table"])
+        except FileNotFoundError:
+            pass
+        except DuprepError:
+            removed.append(names["table"])
+            _unlink_shm(names["table"])
+        else:
+            old.close()
+            old.unlink()
+            removed.append(names["table"])
+        if removed:
+            log.warning("removed objects left by a crashed run of instance %s: %s",
+                        self.instance, ", ".join(removed))
+
+    def on_boot_timeout(self) -> None:
+        if self.state == "booting":
+            log.error("receiver and sender did not become ready in time")
+            self.halt(EXIT_BOOT_ERROR)
+
+    def became_ready(self) -> None:
+        self.boot_timer.cancel()
+        self.state = "ready"
+        assert self.table is not None and self.listener is not None
+        self.table.set("state", GatewayState.READY)
+        self.loop.modify(self.listener.fileno(), READ)
+        systemd.notify("READY=1")
+        log.info("ready: accepting on %s:%d", self.cfg.host, self.table.get("port"))
+
+    def beat(self) -> None:
+        if self.row is not None:
+            self.row.beat()
+        self.loop.call_later(self.cfg.heartbeat, self.beat)
+
+    # ======================================================================
+    # 2. serve
+    # ======================================================================
+
+    def on_listener(self, _ev: int) -> None:
+        assert self.listener is not None
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                sock, addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in net.ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept: %s; pausing accepts for 100 ms", e.strerror)
+                    self.set_accepting(False)
+                    self.loop.call_later(0.1, lambda: self.set_accepting(self.state == "ready"))
+                    return
+                raise
+            self.admit(sock, addr)
+
+    def set_accepting(self, on: bool) -> None:
+        if self.listener is not None and self.loop.registered(self.listener.fileno()):
+            self.loop.modify(self.listener.fileno(), READ if on else 0)
+
+    def admit(self, sock: socket.socket, addr: tuple) -> None:
+        ip = str(addr[0]) if isinstance(addr, tuple) else "local"
+        port = int(addr[1]) if isinstance(addr, tuple) else 0
+        c = self.row.counters   # type: ignore[union-attr]
+        if not self.free:
+            c[C_FULL] += 1
+            return self.refuse(sock, ErrorCode.SERVER_FULL, f"server full ({self.cfg.max_clients} clients)")
+        if self.cfg.max_per_ip and self.per_ip.get(ip, 0) >= self.cfg.max_per_ip:
+            c[C_PER_IP] += 1
+            return self.refuse(sock, ErrorCode.TOO_MANY_FROM_IP,
+                               f"too many connections from {ip} (max {self.cfg.max_per_ip})")
+        try:
+            net.tune_client(sock, sndbuf=self.cfg.sndbuf)
+        except OSError:
+            sock.close()
+            return
+        sid = self.free.popleft()
+        gen = self.gens[sid] = (self.gens[sid] + 1) & 0xFFFFFFFF or 1
+        self.table.a_part(sid).write(gen, SlotState.OPEN, port, time.time(), ip.encode())  # type: ignore[union-attr]
+        conn = Conn(sid, gen, sock, ip)
+        self.conns[sid] = conn
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        c[C_ACCEPTED] += 1
+        self.table.set("accepted", c[C_ACCEPTED])  # type: ignore[union-attr]
+        # The sender first: it must know the socket before the receiver can queue a WELCOME for it.
+        for role in ("sender", "receiver"):
+            self.hand_over(self.children[role], conn)
+
+    def hand_over(self, child: Child, conn: Conn) -> None:
+        if not child.ready or child.ctl is None:
+            return                       # it gets every open connection when it is (re)started
+        try:
+            fdpass.send(child.ctl, Op.CONN, conn.sid, conn.gen, conn.sock.fileno())
+        except (BrokenResourceError, WouldBlock) as e:
+            log.error("cannot hand slot %d to the %s: %s", conn.sid, child.role, e)
+
+    def refuse(self, sock: socket.socket, code: int, message: str) -> None:
+        log.info("refused a connection: %s", message)
+        self.table.set("refused", self.table.get("refused") + 1)  # type: ignore[union-attr]
+        try:
+            sock.setblocking(False)
+            try:
+                sock.recv(65536)        # unread input would turn our close into a RST
+            except OSError:
+                pass
+            sock.send(encode_wire(Error(0, 0, code, message)))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
+
+    def on_ctl(self, child: Child) -> Callable[[int], None]:
+        def handler(_ev: int) -> None:
+            while child.ctl is not None:
+                try:
+                    rec = fdpass.recv(child.ctl)
+                except WouldBlock:
+                    return
+                except BrokenResourceError:
+                    self.loop.close_later(child.ctl)
+                    child.ctl = None       # the pidfd tells us why
+                    return
+                except DuprepError as e:
+                    log.error("bad control record from the %s: %s", child.role, e)
+                    continue
+                if rec.op == Op.RELEASED:
+                    self.released(child.role, rec.sid, rec.generation)
+                elif rec.op == Op.READY:
+                    self.child_ready(child)
+                elif rec.op == Op.STOPPED:
+                    self.child_stopped(child)
+        return handler
+
+    def released(self, role: str, sid: int, gen: int) -> None:
+        conn = self.conns.get(sid)
+        if conn is None or conn.gen != gen:
+            return
+        conn.released.add(role)
+        if len(conn.released) == 1:
+            self.table.a_part(sid).write(gen, SlotState.CLOSING, 0, 0.0, conn.ip.encode())  # type: ignore[union-attr]
+        if {"receiver", "sender"} <= conn.released:
+            self.free_slot(conn)
+
+    def free_slot(self, conn: Conn) -> None:
+        del self.conns[conn.sid]
+        conn.sock.close()
+        self.table.a_part(conn.sid).write(conn.gen, SlotState.FREE, 0, 0.0, b"")  # type: ignore[union-attr]
+        self.free.append(conn.sid)
+        n = self.per_ip.get(conn.ip, 1) - 1
+        if n:
+            self.per_ip[conn.ip] = n
+        else:
+            self.per_ip.pop(conn.ip, None)
+        self.row.counters[C_RELEASED] += 1   # type: ignore[union-attr]
+
+    # ======================================================================
+    # 3. supervise
+    # ======================================================================
+
+    def spawn(self, child: Child) -> None:
+        cfg = self.cfg
+        env = dict(os.environ)
+        pass_fds: tuple[int, ...] = ()
+        if child.role == "worker":
+            argv = [sys.executable, "-m", "duprep", "worker", "--instance", self.instance,
+                    "--app", cfg.app or "", "-n", "1", "--supervised"]
+        else:
+            parent_end, child_end = fdpass.pair()
+            child.ctl = parent_end
+            child.ctl.setblocking(False)
+            argv = [sys.executable, "-m", f"duprep.gateway.{child.role}", "--config", cfg.encode(),
+                    "--ctl-fd", str(child_end.fileno())]
+            pass_fds = (child_end.fileno(),)
+        try:
+            child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL)
+        finally:
+            if pass_fds:
+                child_end.close()
+        child.started = time.monotonic()
+        child.ready = child.role == "worker"
+        child.pidfd = os.pidfd_open(child.proc.pid)
+        self.loop.register(child.pidfd, READ, lambda ev: self.on_child_exit(child))
+        if child.ctl is not None:
+            self.loop.register(child.ctl.fileno(), READ, self.on_ctl(child))
+        log.debug("spawned %r", child)
+
+    def child_ready(self, child: Child) -> None:
+        child.ready = True
+        log.info("%s ready (pid %d)", child.role, child.pid)
+        for conn in list(self.conns.values()):           # a restarted child gets every connection back
+            if child.role not in conn.released:
+                self.hand_over(child, conn)
+        if self.state == "booting" and all(self.children[r].ready for r in ("receiver", "sender")):
+            self.became_ready()
+
+    def on_child_exit(self, child: Child) -> None:
+        assert child.proc is not None
+        code = child.proc.wait()
+        self.loop.unregister(child.pidfd)
+        os.close(child.pidfd)
+        child.pidfd = -1
+        if child.ctl is not None:
+            self.on_ctl(child)(0)                    # read what it said before dying
+            if child.ctl is not None:
+                self.loop.close_later(child.ctl)
+                child.ctl = None
+        was_ready, child.ready = child.ready, False
+        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if self.state in ("stopping", "halting"):
+            log.info("%r exited (%s)", child, how)
+            self.stop_step()
+            return
+        if code in NO_RESPAWN or (not was_ready and child.role != "worker"):
+            log.error("%r cannot start (%s); stopping the gateway", child, how)
+            self.halt(EXIT_BOOT_ERROR if code not in NO_RESPAWN else code)
+            return
+        self.row.counters[C_RESTARTS] += 1     # type: ignore[union-attr]
+        if time.monotonic() - child.started > 10:
+            child.failures = 0
+        delay = min(30.0, 0.25 * 2 ** child.failures)
+        child.failures += 1
+        if child.role != "worker":     # the released marks of the dead one no longer mean anything
+            for conn in list(self.conns.values()):
+                conn.released.discard(child.role)
+        log.error("%r died (%s); restarting in %.2f s", child, how, delay)
+        self.loop.call_later(delay, lambda: self.state == "ready" and self.spawn(child))
+
+    # ======================================================================
+    # 4. stop
+    # ======================================================================
+
+    def handle_term(self, signum: int) -> None:
+        if self.state in ("stopping", "halting"):
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            self.kill_all()
+            self.loop.stop()
+            return
+        log.info("%s: stopping gracefully", signal.Signals(signum).name)
+        self.begin_stop("stopping")
+
+    def handle_hup(self, signum: int) -> None:
+        log.info("SIGHUP: nothing to reload (configuration is fixed at start)")
+
+    def halt(self, code: int) -> None:
+        self.exit_code = code
+        self.begin_stop("halting")
+
+    def begin_stop(self, state: str) -> None:
+        booting = self.state == "booting"
+        self.state = state
+        systemd.notify("STOPPING=1")
+        if self.table is not None:
+            self.table.set("state", GatewayState.STOPPING)
+        if self.listener is not None:
+            self.loop.unregister(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        if booting:
+            self.kill_all()
+        self.step = "receiver"
+        self.step_started = time.monotonic()
+        self.stop_step()
+
+    def stop_step(self) -> None:
+        """Advance the stop sequence: receiver, then sender, then workers, then exit."""
+        if self.state not in ("stopping", "halting"):
+            return
+        order = ["receiver", "sender", "workers", "done"]
+        while self.step != "done":
+            alive = [c for c in self.children.values() if self.matches(c, self.step) and c.proc
+                     and c.proc.poll() is None]
+            if not alive:
+                self.step = order[order.index(self.step) + 1]
+                self.step_started = time.monotonic()
+                self.step_asked = False
+                continue
+            if not getattr(self, "step_asked", False):
+                self.step_asked = True
+                for c in alive:
+                    if c.ctl is not None and c.ready:
+                        try:
+                            fdpass.send(c.ctl, Op.STOP)
+                            continue
+                        except (BrokenResourceError, WouldBlock):
+                            pass
+                    c.proc.send_signal(signal.SIGTERM)   # type: ignore[union-attr]
+                limit = STEP_TIMEOUT + (self.cfg.drain_timeout if self.step == "sender" else 0)
+                if self.stop_timer is not None:
+                    self.stop_timer.cancel()
+                self.stop_timer = self.loop.call_later(limit, self.on_step_timeout)
+            return
+        self.loop.stop()
+
+    @staticmethod
+    def matches(child: Child, step: str) -> bool:
+        return child.role == step or (step == "workers" and child.role == "worker")
+
+    def child_stopped(self, child: Child) -> None:
+        log.debug("%s finished its graceful stop", child.role)
+
+    def on_step_timeout(self) -> None:
+        self.stop_timer = None
+        for c in self.children.values():
+            if self.matches(c, self.step) and c.proc and c.proc.poll() is None:
+                log.error("%r did not stop in time; killing it", c)
+                c.proc.kill()
+
+    def kill_all(self) -> None:
+        for c in self.children.values():
+            if c.proc and c.proc.poll() is None:
+                c.proc.kill()
+
+    def teardown(self) -> None:
+        """Wait for every child, close every socket, unlink every IPC object."""
+        for c in self.children.values():
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.kill()
+            if c.proc is not None:
+                c.proc.wait()
+        for conn in self.conns.values():
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.sock.close()
+        self.conns.clear()
+        if self.listener is not None:
+            self.listener.close()
+        for q in self.qs:
+            q.close()
+            queues.unlink(q.name)
+        if self.table is not None:
+            if self.row is not None:
+                self.row.clear()
+            self.table.close()
+            self.table.unlink()
+            self.table = None
+        if self.lock.fd >= 0:
+            self.lock.unlink()
+            self.lock.close()
+        self.loop.close()
+        log.info("stopped; IPC objects of instance %s removed", self.instance)
+
+
+def _unlink_shm(name: str) -> None:
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
+def serve(cfg: GatewayConfig) -> int:
+    """Run a gateway in the foreground until SIGTERM/SIGINT; return the exit code."""
+    setup_logging("acceptor", cfg.instance)
+    set_title("acceptor", cfg.instance)
+    return Acceptor(cfg).run()

@@ -1,0 +1,89 @@
+"""What every gateway child shares: exit codes, logging, titles, boot.
+
+The acceptor tells "crashed" from "cannot boot" by exit code: a child that
+fails before it is serving exits with :data:`EXIT_BOOT_ERROR` (or
+:data:`EXIT_CONFIG_ERROR`), and the acceptor halts the gateway instead of
+respawning it in a loop (gunicorn's ``WORKER_BOOT_ERROR``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from typing import Callable, Final
+
+__all__ = ["EXIT_OK", "EXIT_CRASH", "EXIT_BOOT_ERROR", "EXIT_CONFIG_ERROR", "EXIT_BUSY",
+           "setup_logging", "set_title", "run_child"]
+
+EXIT_OK: Final = 0
+EXIT_CRASH: Final = 1          # unexpected exception while serving: respawn
+EXIT_BOOT_ERROR: Final = 3     # could not start (import, attach, bind): do not respawn
+EXIT_CONFIG_ERROR: Final = 4   # invalid configuration: do not respawn
+EXIT_BUSY: Final = 5           # instance owned by another live gateway
+EXIT_LIMIT: Final = 6          # a kernel limit stopped IPC creation
+
+NO_RESPAWN: Final = frozenset({EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, EXIT_BUSY, EXIT_LIMIT})
+
+log = logging.getLogger("duprep")
+
+
+def setup_logging(role: str, instance: str) -> None:
+    """Log to stderr, one line per record, tagged with role and pid (systemd journal friendly)."""
+    level = os.environ.get("DUPREP_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level, logging.INFO),
+        format=f"%(asctime)s duprep[{instance}] {role}[%(process)d] %(levelname)s %(message)s",
+        force=True)
+
+
+def set_title(role: str, instance: str) -> None:
+    """Name the process ``duprep-<role>`` in /proc/PID/comm (what ps -o comm and top show)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, f"duprep-{role}"[:15].encode(), 0, 0, 0)   # PR_SET_NAME
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+def reset_signals() -> None:
+    """Start from default dispositions: the parent's handlers must not leak in."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    # A vanished client must be an EPIPE on send, never a signal.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def run_child(role: str, instance: str, boot: Callable[[], Callable[[], int]]) -> None:
+    """Boot then serve, mapping failures to the exit-code protocol.
+
+    ``boot()`` prepares everything and returns the serve function; an
+    exception from ``boot`` is a boot error, one from serving is a crash.
+    """
+    from ..errors import ConfigError, LimitError
+
+    setup_logging(role, instance)
+    set_title(role, instance)
+    reset_signals()
+    try:
+        serve = boot()
+    except LimitError as e:
+        log.error("cannot start: %s", e)
+        sys.exit(EXIT_LIMIT)
+    except ConfigError as e:
+        log.error("configuration error: %s", e)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except Exception:
+        log.exception("cannot start")
+        sys.exit(EXIT_BOOT_ERROR)
+    try:
+        code = serve()
+    except Exception:
+        log.exception("crashed")
+        sys.exit(EXIT_CRASH)
+    sys.exit(code)

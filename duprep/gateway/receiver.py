@@ -1,0 +1,376 @@
+"""The receiver (seed ``tcp_s1``): reads every client, feeds the request queue.
+
+Owns: its copy of each client socket (closes it, never shuts it down unless
+the client broke the protocol or vanished: ending a connection is the
+sender's job, so an ERROR frame can still be written), the client names
+(HELLO), relays, and the R part of every slot.
+
+One epoll wait point.  Each readable socket gets one ``recv_into`` of up to
+64 KiB into a shared buffer, split into as many frames as it holds.  The
+frames of a whole batch of events are packed into as few queue messages as
+fit and sent before the next wait: one ``mq_send`` per batch, not per frame.
+
+Backpressure: if a queue is full the receiver parks every connection that
+becomes readable (interest set to nothing) and waits for the queue to be
+writable, so TCP pushes back on the clients instead of memory growing.
+Items for the reply queue (WELCOME, ERROR, relays, closes) are flushed
+before requests, so a client never gets an answer before its WELCOME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+
+import msgspec
+
+from .. import ipcnames
+from ..config import GatewayConfig
+from ..errors import BrokenResourceError, WouldBlock
+from ..fdpass import Op
+from .. import fdpass
+from ..frame import (PROTOCOL_VERSION, BatchPacker, Call, Close, Deliver, Error, ErrorCode, Hello,
+                     Push, Relay, Reply, Request, Send, Welcome, client_decoder, encode_wire)
+from ..queues import Queue
+from ..table import ProcRow, Role, SlotFlag, Table
+from ..wire import FrameReader, FrameTooLarge
+from .child import EXIT_OK, run_child
+from .loop import ERR, READ, WRITE, EventLoop
+
+log = logging.getLogger("duprep")
+
+READ_SIZE = 65536
+C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
+
+
+class Conn:
+    """The receiver's state for one connection."""
+
+    __slots__ = ("sid", "gen", "sock", "fd", "reader", "name", "ready", "timer",
+                 "frames", "bytes", "last_in", "parked", "part")
+
+    def __init__(self, sid: int, gen: int, sock: socket.socket, max_frame: int) -> None:
+        self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
+        self.reader = FrameReader(max_frame)
+        self.name = ""
+        self.ready = False
+        self.timer = None
+        self.frames = self.bytes = 0
+        self.last_in = 0.0
+        self.parked = False
+        self.part = None
+
+
+class Receiver:
+    def __init__(self, cfg: GatewayConfig, ctl: socket.socket) -> None:
+        self.cfg = cfg
+        self.ctl = ctl
+        self.table = Table.attach(ipcnames.table_name(cfg.instance))
+        self.requests = Queue(ipcnames.request_queue(cfg.instance))
+        self.replies = Queue(ipcnames.reply_queue(cfg.instance))
+        self.max_frame = self.table.get("max_frame")
+        self.row = ProcRow(self.table, 1, Role.RECEIVER)
+        self.c = self.row.counters
+        self.loop = EventLoop()
+        self.conns: dict[int, Conn] = {}          # by sid
+        self.names: dict[str, Conn] = {}
+        self.decoder = client_decoder()
+        self.rbuf = bytearray(READ_SIZE)
+        self.rview = memoryview(self.rbuf)
+        self.req_out = BatchPacker(self.requests.msgsize)
+        self.rep_out = BatchPacker(self.replies.msgsize)
+        self.backlog: list[tuple[Queue, list[bytes]]] = []
+        self.paused = False
+        self.parked: list[Conn] = []
+        self.stopping = False
+        self.dirty: set[Conn] = set()
+
+    # --- boot -------------------------------------------------------------
+
+    def serve(self) -> int:
+        loop = self.loop
+        ctl = self.ctl
+        ctl.setblocking(False)
+        loop.register(ctl.fileno(), READ, self.on_ctl)
+        loop.before_sleep(self.flush)
+        loop.add_signal(15, lambda s: None)   # SIGTERM: the acceptor decides; ignore stray ones
+        loop.add_signal(2, lambda s: None)
+        self.beat()
+        fdpass.send(ctl, Op.READY)
+        log.debug("receiver ready")
+        loop.run()
+        return EXIT_OK
+
+    def beat(self) -> None:
+        self.row.beat()
+        self.loop.call_later(self.cfg.heartbeat, self.beat)
+
+    # --- control channel -----------------------------------------------------
+
+    def on_ctl(self, _ev: int) -> None:
+        while True:
+            try:
+                rec = fdpass.recv(self.ctl)
+            except WouldBlock:
+                return
+            except BrokenResourceError:
+                log.error("acceptor went away; exiting")
+                os._exit(1)
+            if rec.op == Op.CONN:
+                self.add(rec.sid, rec.generation, rec.fd)
+            elif rec.op == Op.STOP:
+                self.stop()
+
+    def add(self, sid: int, gen: int, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        old = self.conns.get(sid)
+        if old is not None:      # cannot happen unless the acceptor lost track; keep the table right
+            log.warning("slot %d handed over again (gen %d -> %d)", sid, old.gen, gen)
+            self.release(old, notify=True)
+        conn = Conn(sid, gen, sock, self.max_frame)
+        conn.part = self.table.r_part(sid)
+        conn.part.write(gen, 0, 0, 0.0, 0, 0, b"")
+        self.conns[sid] = conn
+        conn.timer = self.loop.call_later(self.cfg.handshake_timeout, lambda: self.on_handshake_timeout(conn))
+        if self.paused:
+            conn.parked = True
+            self.parked.append(conn)
+            self.loop.register(conn.fd, 0, lambda ev: self.on_readable(conn, ev))
+        else:
+            self.loop.register(conn.fd, READ, lambda ev: self.on_readable(conn, ev))
+
+    # --- reading ------------------------------------------------------------------
+
+    def on_readable(self, conn: Conn, ev: int) -> None:
+        if self.paused and not ev & ERR:
+            if not conn.parked:
+                conn.parked = True
+                self.parked.append(conn)
+                self.loop.modify(conn.fd, 0)
+            return
+        try:
+            n = conn.sock.recv_into(self.rbuf, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.end(conn)
+            return
+        if n == 0:
+            self.end(conn)
+            return
+        conn.bytes += n
+        conn.last_in = time.time()
+        self.c[C_BYTES] += n
+        self.dirty.add(conn)
+        try:
+            bodies = conn.reader.feed(self.rview[:n])
+        except FrameTooLarge as e:
+            self.fail(conn, ErrorCode.FRAME_TOO_LARGE, str(e))
+            return
+        decode = self.decoder.decode
+        for body in bodies:
+            try:
+                frame = decode(body)
+            except (msgspec.DecodeError, ValueError, RecursionError) as e:
+                # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8
+                self.fail(conn, ErrorCode.BAD_FRAME, f"malformed frame: {e}")
+                return
+            conn.frames += 1
+            if not self.handle(conn, frame):
+                return
+        self.c[C_FRAMES] += len(bodies)
+
+    def handle(self, conn: Conn, frame: object) -> bool:
+        """Act on one frame; False if the connection was ended."""
+        kind = type(frame)
+        if not conn.ready:
+            if kind is Hello:
+                return self.hello(conn, frame)  # type: ignore[arg-type]
+            return self.not_ready(conn)
+        if kind is Call:
+            self.req_out.add(Request(
+                conn.sid, conn.gen, frame.msgid, frame.cpid, conn.name, frame.data,  # type: ignore[attr-defined]
+                time.time() + frame.timeout_ms / 1000 if frame.timeout_ms else 0.0))  # type: ignore[attr-defined]
+            self.c[C_REQUESTS] += 1
+        elif kind is Send:
+            self.req_out.add(Request(conn.sid, conn.gen, frame.msgid, frame.cpid, conn.name,  # type: ignore[attr-defined]
+                                     frame.data, 0.0, True))  # type: ignore[attr-defined]
+            self.c[C_REQUESTS] += 1
+        elif kind is Relay:
+            self.relay(conn, frame)  # type: ignore[arg-type]
+        else:
+            self.fail(conn, ErrorCode.BAD_HELLO, "HELLO sent twice")
+            return False
+        return True
+
+    def not_ready(self, conn: Conn) -> bool:
+        self.fail(conn, ErrorCode.BAD_HELLO, "the first frame must be HELLO")
+        return False
+
+    def hello(self, conn: Conn, hello: Hello) -> bool:
+        if hello.version != PROTOCOL_VERSION:
+            self.fail(conn, ErrorCode.BAD_VERSION,
+                      f"protocol version {hello.version} not supported; this gateway speaks {PROTOCOL_VERSION}")
+            return False
+        name = hello.name
+        if name:
+            if not name.isprintable():
+                self.fail(conn, ErrorCode.BAD_HELLO, "client name must be printable")
+                return False
+            if name in self.names:
+                self.fail(conn, ErrorCode.NAME_TAKEN, f"a client named {name!r} is already connected")
+                return False
+            self.names[name] = conn
+        conn.name = name
+        conn.ready = True
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(
+            Welcome(PROTOCOL_VERSION, conn.sid, conn.gen, name, self.max_frame))))
+        self.dirty.add(conn)
+        return True
+
+    def relay(self, conn: Conn, frame: Relay) -> None:
+        self.c[C_RELAYS] += 1
+        target = self.names.get(frame.target)
+        if target is None:
+            self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Error(
+                frame.msgid, frame.cpid, ErrorCode.UNKNOWN_TARGET, f"no client named {frame.target!r}"))))
+            return
+        self.rep_out.add(Deliver(target.sid, target.gen, encode_wire(Push(0, conn.name, frame.data))))
+        self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Reply(frame.msgid, frame.cpid, b""))))
+
+    def on_handshake_timeout(self, conn: Conn) -> None:
+        conn.timer = None
+        if self.conns.get(conn.sid) is conn and not conn.ready:
+            self.c[C_HS_TIMEOUT] += 1
+            self.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT,
+                      f"no HELLO within {self.cfg.handshake_timeout:g} s")
+
+    # --- ending ---------------------------------------------------------------
+
+    def fail(self, conn: Conn, code: int, message: str) -> None:
+        """Protocol violation: tell the client why, then end the connection."""
+        self.c[C_PROTO] += 1
+        log.info("sid %d gen %d (%s): %s: %s", conn.sid, conn.gen, conn.name or "-",
+                 ErrorCode.names.get(code, code), message)
+        self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Error(0, 0, code, message[:200]))))
+        self.end(conn, reason=code)
+
+    def end(self, conn: Conn, reason: int = 0) -> None:
+        """Let go of the connection and ask the sender to close it after what is queued."""
+        self.rep_out.add(Close(conn.sid, conn.gen, reason))
+        self.release(conn, notify=True)
+
+    def release(self, conn: Conn, *, notify: bool) -> None:
+        if self.conns.get(conn.sid) is not conn:
+            return
+        del self.conns[conn.sid]
+        if conn.name and self.names.get(conn.name) is conn:
+            del self.names[conn.name]
+        if conn.timer is not None:
+            conn.timer.cancel()
+        self.dirty.discard(conn)
+        self.publish(conn)
+        self.loop.close_later(conn.sock)
+        if notify:
+            try:
+                fdpass.send(self.ctl, Op.RELEASED, conn.sid, conn.gen)
+            except (BrokenResourceError, WouldBlock):
+                log.error("cannot tell the acceptor that slot %d is released", conn.sid)
+
+    def publish(self, conn: Conn) -> None:
+        conn.part.write(conn.gen, SlotFlag.READY if conn.ready else 0, 0, conn.last_in,
+                        conn.frames, conn.bytes, conn.name.encode())
+
+    # --- flushing and backpressure ------------------------------------------------
+
+    def flush(self) -> None:
+        """Before sleeping: publish stats, send what this batch produced."""
+        if self.dirty:
+            for conn in self.dirty:
+                self.publish(conn)
+            self.dirty.clear()
+        if self.rep_out:
+            self.backlog.append((self.replies, self.rep_out.take()))
+        if self.req_out:
+            self.backlog.append((self.requests, self.req_out.take()))
+        while self.backlog:
+            q, msgs = self.backlog[0]
+            while msgs:
+                try:
+                    q.put_nowait(msgs[0])
+                except WouldBlock:
+                    self.pause(q)
+                    return
+                msgs.pop(0)
+                self.c[C_QMSGS] += 1
+            self.backlog.pop(0)
+        if self.paused:
+            self.resume()
+        if self.stopping:
+            self.finish_stop()
+
+    def pause(self, q: Queue) -> None:
+        if not self.paused:
+            self.paused = True
+            self.c[C_PAUSES] += 1
+        if not self.loop.registered(q.fileno()):
+            self.loop.register(q.fileno(), WRITE, lambda ev: None)   # wake us; flush() retries
+
+    def resume(self) -> None:
+        self.paused = False
+        for q in (self.requests, self.replies):
+            self.loop.unregister(q.fileno())
+        parked, self.parked = self.parked, []
+        for conn in parked:
+            conn.parked = False
+            if self.conns.get(conn.sid) is conn and not self.stopping:
+                self.loop.modify(conn.fd, READ)
+
+    # --- graceful stop ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading clients; exit once everything read is on the queues."""
+        log.info("stopping: no more reads, flushing %d connections' requests", len(self.conns))
+        self.stopping = True
+        for conn in self.conns.values():
+            if conn.timer is not None:
+                conn.timer.cancel()
+            if not conn.parked:
+                self.loop.modify(conn.fd, 0)
+
+    def finish_stop(self) -> None:
+        for conn in list(self.conns.values()):
+            self.publish(conn)
+            self.loop.close_later(conn.sock)   # the sender ends the connections
+        self.conns.clear()
+        self.row.beat()
+        try:
+            fdpass.send(self.ctl, Op.STOPPED)
+        except (BrokenResourceError, WouldBlock):
+            pass
+        self.loop.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="duprep-receiver")
+    p.add_argument("--config", required=True)
+    p.add_argument("--ctl-fd", type=int, required=True)
+    args = p.parse_args(argv)
+    cfg = GatewayConfig.decode(args.config)
+
+    def boot():
+        ctl = socket.socket(fileno=args.ctl_fd)
+        return Receiver(cfg, ctl).serve
+
+    run_child("receiver", cfg.instance, boot)
+
+
+if __name__ == "__main__":
+    main()

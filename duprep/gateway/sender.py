@@ -1,0 +1,334 @@
+"""The sender (seed ``tcp_s2``): takes replies off the reply queue, writes clients.
+
+Owns: its copy of each client socket and the only right to write to it and
+to end it (``shutdown(SHUT_RDWR)``, which reaches every holder), and the S
+part of every slot.
+
+Delivery is by ``(sid, generation)``: an item whose generation is not the one
+of the socket the sender holds for that sid belongs to a connection that is
+gone; it is dropped and counted, so a reply can never reach a client that
+reused the slot.  The acceptor hands a new socket to the sender before the
+receiver, so an item for a generation newer than any known can only mean the
+hand-over is still in the control socket: the sender reads it and looks again.
+
+Writes: every item of a batch is appended to its connection's buffer; before
+sleeping, each touched connection gets one ``send`` of everything it has.
+Only a connection whose kernel buffer is full is watched for EPOLLOUT.  A
+connection that lets more than ``max_outbuf`` bytes pile up, or blocks our
+writes for ``write_timeout`` seconds, is ended (SLOW_CONSUMER, counted); no
+one else waits for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+
+from .. import fdpass, ipcnames
+from ..config import GatewayConfig
+from ..errors import BrokenResourceError, ProtocolError, WouldBlock
+from ..fdpass import Op
+from ..frame import Close, Deliver, Error, ErrorCode, decode_replies, encode_wire
+from ..queues import Queue
+from ..table import COUNTERS, ProcRow, Role, Table
+from .child import EXIT_OK, run_child
+from .loop import ERR, READ, WRITE, EventLoop, Timer
+
+log = logging.getLogger("duprep")
+
+C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES = range(7)
+MAX_MESSAGES_PER_WAKE = 256
+DRAIN_CHECK = 0.05
+
+
+class Conn:
+    """The sender's state for one connection."""
+
+    __slots__ = ("sid", "gen", "sock", "fd", "out", "out_bytes", "out_frames", "frames", "bytes",
+                 "dropped", "last_out", "watching", "closing", "stall", "part")
+
+    def __init__(self, sid: int, gen: int, sock: socket.socket) -> None:
+        self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
+        self.out: list[bytes | memoryview] = []
+        self.out_bytes = 0
+        self.out_frames = 0
+        self.frames = self.bytes = self.dropped = 0
+        self.last_out = 0.0
+        self.watching = False
+        self.closing = False
+        self.stall: Timer | None = None
+        self.part = None
+
+
+class Sender:
+    def __init__(self, cfg: GatewayConfig, ctl: socket.socket) -> None:
+        self.cfg = cfg
+        self.ctl = ctl
+        self.table = Table.attach(ipcnames.table_name(cfg.instance))
+        self.replies = Queue(ipcnames.reply_queue(cfg.instance))
+        self.requests = Queue(ipcnames.request_queue(cfg.instance))  # for its depth while draining
+        self.row = ProcRow(self.table, 2, Role.SENDER)
+        self.c = self.row.counters
+        self.loop = EventLoop()
+        self.conns: dict[int, Conn] = {}
+        self.dirty: dict[int, Conn] = {}
+        self.draining = False
+        self.drain_deadline = 0.0
+
+    def serve(self) -> int:
+        self.ctl.setblocking(False)
+        self.loop.register(self.ctl.fileno(), READ, self.on_ctl)
+        self.loop.register(self.replies.fileno(), READ, self.on_replies)
+        self.loop.before_sleep(self.flush)
+        self.loop.add_signal(15, lambda s: None)
+        self.loop.add_signal(2, lambda s: None)
+        self.beat()
+        fdpass.send(self.ctl, Op.READY)
+        self.loop.run()
+        return EXIT_OK
+
+    def beat(self) -> None:
+        self.row.beat()
+        self.loop.call_later(self.cfg.heartbeat, self.beat)
+
+    # --- control channel --------------------------------------------------------
+
+    def on_ctl(self, _ev: int = 0) -> None:
+        while True:
+            try:
+                rec = fdpass.recv(self.ctl)
+            except WouldBlock:
+                return
+            except BrokenResourceError:
+                log.error("acceptor went away; exiting")
+                os._exit(1)
+            if rec.op == Op.CONN:
+                self.add(rec.sid, rec.generation, rec.fd)
+            elif rec.op == Op.STOP:
+                self.start_drain()
+
+    def add(self, sid: int, gen: int, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        old = self.conns.get(sid)
+        if old is not None:
+            log.warning("slot %d handed over again (gen %d -> %d)", sid, old.gen, gen)
+            self.end(old)
+        conn = Conn(sid, gen, sock)
+        conn.part = self.table.s_part(sid)
+        self.conns[sid] = conn
+        self.publish(conn)
+
+    # --- reply queue ----------------------------------------------------------------
+
+    def on_replies(self, _ev: int) -> None:
+        get = self.replies.get_nowait
+        for _ in range(MAX_MESSAGES_PER_WAKE):
+            try:
+                message = get()
+            except WouldBlock:
+                break
+            self.c[C_QMSGS] += 1
+            try:
+                items = decode_replies(message)
+            except (ValueError, ProtocolError) as e:
+                log.error("dropped an undecodable reply-queue message of %d bytes: %s", len(message), e)
+                continue
+            for item in items:
+                conn = self.lookup(item.sid, item.generation)
+                if type(item) is Deliver:
+                    if conn is None:
+                        self.c[C_STALE] += item.frames
+                        continue
+                    conn.out.append(item.frame)
+                    conn.out_bytes += len(item.frame)
+                    conn.out_frames += item.frames
+                    self.dirty[conn.sid] = conn
+                elif conn is not None:       # Close
+                    conn.closing = True
+                    self.dirty[conn.sid] = conn
+
+    def lookup(self, sid: int, gen: int) -> Conn | None:
+        conn = self.conns.get(sid)
+        if conn is not None and conn.gen == gen:
+            return conn
+        if conn is None or gen > conn.gen:
+            self.on_ctl()                    # the hand-over may still be in the control socket
+            conn = self.conns.get(sid)
+            if conn is not None and conn.gen == gen:
+                return conn
+        return None
+
+    # --- writing ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.dirty:
+            dirty, self.dirty = self.dirty, {}
+            for conn in dirty.values():
+                if self.conns.get(conn.sid) is conn:
+                    self.write(conn)
+
+    def write(self, conn: Conn) -> None:
+        if conn.out:
+            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
+            try:
+                n = conn.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.c[C_WERR] += 1
+                self.end(conn)
+                return
+            now = time.time()
+            if n:
+                conn.last_out = now
+                conn.bytes += n
+                self.c[C_BYTES] += n
+            if n == len(data):
+                conn.out = []
+                conn.frames += conn.out_frames
+                self.c[C_FRAMES] += conn.out_frames
+                conn.out_frames = 0
+                conn.out_bytes = 0
+            else:
+                conn.out = [memoryview(data)[n:]]
+                conn.out_bytes = len(data) - n
+                if conn.out_bytes > self.cfg.max_outbuf:
+                    self.slow(conn, f"{conn.out_bytes} reply bytes not read")
+                    return
+                if n or conn.stall is None:
+                    if conn.stall is not None:
+                        conn.stall.cancel()
+                    conn.stall = self.loop.call_later(self.cfg.write_timeout, lambda: self.on_stall(conn))
+                if not conn.watching:
+                    conn.watching = True
+                    self.loop.register(conn.fd, WRITE, lambda ev: self.on_writable(conn, ev))
+                self.publish(conn)
+                return
+        if conn.watching:
+            conn.watching = False
+            self.loop.unregister(conn.fd)
+        if conn.stall is not None:
+            conn.stall.cancel()
+            conn.stall = None
+        if conn.closing:
+            self.end(conn)
+        else:
+            self.publish(conn)
+
+    def on_writable(self, conn: Conn, ev: int) -> None:
+        if ev & ERR and not ev & WRITE:
+            self.c[C_WERR] += 1
+            self.end(conn)
+            return
+        self.write(conn)
+
+    def on_stall(self, conn: Conn) -> None:
+        conn.stall = None
+        if self.conns.get(conn.sid) is conn and conn.out:
+            self.slow(conn, f"no progress writing for {self.cfg.write_timeout:g} s")
+
+    def slow(self, conn: Conn, why: str) -> None:
+        self.c[C_SLOW] += 1
+        log.warning("sid %d gen %d: slow consumer, disconnecting: %s", conn.sid, conn.gen, why)
+        conn.dropped += conn.out_frames
+        conn.out = []
+        conn.out_frames = 0
+        try:   # best effort: there may be room for a short explanation
+            conn.sock.send(encode_wire(Error(0, 0, ErrorCode.SLOW_CONSUMER, why)))
+        except OSError:
+            pass
+        self.end(conn)
+
+    def end(self, conn: Conn) -> None:
+        """Shut the connection down for every holder and let go of it."""
+        if self.conns.get(conn.sid) is not conn:
+            return
+        del self.conns[conn.sid]
+        self.dirty.pop(conn.sid, None)
+        if conn.stall is not None:
+            conn.stall.cancel()
+        conn.dropped += conn.out_frames
+        conn.out = []
+        self.c[C_CLOSES] += 1
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.watching = False
+        self.loop.close_later(conn.sock)
+        self.publish(conn)
+        try:
+            fdpass.send(self.ctl, Op.RELEASED, conn.sid, conn.gen)
+        except (BrokenResourceError, WouldBlock):
+            log.error("cannot tell the acceptor that slot %d is released", conn.sid)
+
+    def publish(self, conn: Conn) -> None:
+        conn.part.write(conn.gen, 0, 0, conn.last_out, conn.frames, conn.bytes, conn.dropped,
+                        conn.out_bytes)
+
+    # --- graceful stop ----------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        """Deliver what is still coming for the clients, then end them all.
+
+        Quiescent means: every request the receiver queued has been handled
+        by a worker, the reply queue is empty and every buffer is written.
+        Checked on a short deadline while draining only (the receiver has
+        stopped by now, so this is bounded by drain_timeout).
+        """
+        self.draining = True
+        self.drain_deadline = time.monotonic() + self.cfg.drain_timeout
+        log.info("draining replies for %d connections (at most %g s)", len(self.conns), self.cfg.drain_timeout)
+        self.check_drain()
+
+    def quiescent(self) -> bool:
+        if self.replies.depth_now() or self.requests.depth_now():
+            return False
+        if any(conn.out for conn in self.conns.values()):
+            return False
+        queued = handled = 0
+        for proc in self.table.procs():
+            if proc.role == "receiver":
+                queued = proc.counters["requests"]
+            elif proc.role == "worker":
+                handled += proc.counters["requests"]
+        return handled >= queued
+
+    def check_drain(self) -> None:
+        if self.quiescent() or time.monotonic() >= self.drain_deadline:
+            if not self.quiescent():
+                log.warning("drain timeout: ending %d connections with replies outstanding", len(self.conns))
+            for conn in list(self.conns.values()):
+                self.end(conn)
+            self.row.beat()
+            try:
+                fdpass.send(self.ctl, Op.STOPPED)
+            except (BrokenResourceError, WouldBlock):
+                pass
+            self.loop.stop()
+            return
+        self.loop.call_later(DRAIN_CHECK, self.check_drain)
+
+
+assert COUNTERS[Role.SENDER][C_STALE] == "dropped_stale"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="duprep-sender")
+    p.add_argument("--config", required=True)
+    p.add_argument("--ctl-fd", type=int, required=True)
+    args = p.parse_args(argv)
+    cfg = GatewayConfig.decode(args.config)
+
+    def boot():
+        return Sender(cfg, socket.socket(fileno=args.ctl_fd)).serve
+
+    run_child("sender", cfg.instance, boot)
+
+
+if __name__ == "__main__":
+    main()

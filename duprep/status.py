@@ -1,0 +1,101 @@
+"""``duprep status``: the seed's Figure 1, read straight from the shared table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import posix_ipc
+
+from . import ipcnames
+from .table import GatewayState, Table
+
+__all__ = ["snapshot", "render"]
+
+
+def _queue(name: str) -> dict[str, int] | None:
+    try:
+        mq = posix_ipc.MessageQueue(name)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return None
+    try:
+        return {"messages": mq.current_messages, "capacity": mq.max_messages, "message_size": mq.max_message_size}
+    finally:
+        mq.close()
+
+
+def snapshot(instance: str) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data; raises FileNotFoundError if not running."""
+    table = Table.attach(ipcnames.table_name(instance))
+    try:
+        h = table.header()
+        now_mono, now = time.monotonic(), time.time()
+        procs = []
+        for p in table.procs():
+            if p.pid == 0:
+                continue
+            procs.append({"role": p.role, "row": p.row, "pid": p.pid, "started": p.started,
+                          "heartbeat_age": round(now_mono - p.heartbeat, 3), "counters": p.counters})
+        conns = []
+        for s in table.slots():
+            conns.append({
+                "sid": s.sid, "generation": s.generation, "state": s.state, "name": s.name,
+                "ready": s.ready, "addr": s.addr, "port": s.port, "connected_at": s.connected_at,
+                "last_activity": max(s.last_in, s.last_out, s.connected_at),
+                "frames_in": s.frames_in, "bytes_in": s.bytes_in, "frames_out": s.frames_out,
+                "bytes_out": s.bytes_out, "dropped": s.dropped, "queued_bytes": s.queued})
+        totals = {k: sum(c[k] for c in conns) for k in ("frames_in", "bytes_in", "frames_out", "bytes_out", "dropped")}
+        totals["connections"] = len(conns)
+        for p in procs:
+            if p["role"] == "sender":
+                totals["dropped_stale"] = p["counters"].get("dropped_stale", 0)
+                totals["slow_disconnects"] = p["counters"].get("slow_disconnects", 0)
+            if p["role"] == "receiver":
+                totals["protocol_errors"] = p["counters"].get("protocol_errors", 0)
+        return {
+            "instance": instance, "state": GatewayState.names.get(h["state"], str(h["state"])),
+            "host": h["host"], "port": h["port"], "epoch": h["epoch"], "started": h["started"],
+            "uptime": round(now - h["started"], 3), "acceptor_pid": h["acceptor_pid"],
+            "max_clients": h["nslots"], "max_per_ip": h["max_per_ip"], "max_frame": h["max_frame"],
+            "accepted": h["accepted"], "refused": h["refused"],
+            "queues": {"requests": _queue(ipcnames.request_queue(instance)),
+                       "replies": _queue(ipcnames.reply_queue(instance))},
+            "processes": procs, "connections": conns, "totals": totals,
+        }
+    finally:
+        table.close()
+
+
+def _ago(t: float, now: float) -> str:
+    if not t:
+        return "-"
+    d = now - t
+    return f"{d:.1f}s" if d < 120 else f"{d / 60:.0f}m" if d < 7200 else f"{d / 3600:.0f}h"
+
+
+def render(snap: dict[str, Any], *, limit: int = 50) -> str:
+    """Human-readable text: header, processes, queues, connections (the first ``limit``), totals."""
+    now = time.time()
+    out = [f"instance {snap['instance']}: {snap['state']} on {snap['host']}:{snap['port']}, "
+           f"up {_ago(snap['started'], now)}, {snap['totals']['connections']}/{snap['max_clients']} clients, "
+           f"accepted {snap['accepted']}, refused {snap['refused']}"]
+    qs = snap["queues"]
+    out.append("queues: " + ", ".join(
+        f"{k} {v['messages']}/{v['capacity']} x {v['message_size']} B" if v else f"{k} missing"
+        for k, v in qs.items()))
+    out.append(f"{'ROLE':<9}{'PID':>8}{'BEAT':>7}  COUNTERS")
+    for p in snap["processes"]:
+        counters = " ".join(f"{k}={v}" for k, v in p["counters"].items() if v)
+        out.append(f"{p['role']:<9}{p['pid']:>8}{p['heartbeat_age']:>6.1f}s  {counters}")
+    out.append(f"{'SID':>5} {'GEN':>4} {'NAME':<14}{'ADDRESS':<22}{'SINCE':>7}{'IDLE':>7}"
+               f"{'IN':>8}{'IN-B':>10}{'OUT':>8}{'OUT-B':>10}{'DROP':>6}")
+    for c in snap["connections"][:limit]:
+        addr = f"{c['addr']}:{c['port']}" if c["port"] else c["addr"]
+        out.append(f"{c['sid']:>5} {c['generation']:>4} {(c['name'] or '-')[:13]:<14}{addr[:21]:<22}"
+                   f"{_ago(c['connected_at'], now):>7}{_ago(c['last_activity'], now):>7}"
+                   f"{c['frames_in']:>8}{c['bytes_in']:>10}{c['frames_out']:>8}{c['bytes_out']:>10}{c['dropped']:>6}")
+    if len(snap["connections"]) > limit:
+        out.append(f"  ... {len(snap['connections']) - limit} more (use --json for all)")
+    t = snap["totals"]
+    out.append("totals: " + ", ".join(f"{k}={v}" for k, v in t.items()))
+    return "\n".join(out)

@@ -1,0 +1,388 @@
+"""The connection table: the seed's ``s_linkinfo`` in shared memory.
+
+One ``multiprocessing.shared_memory`` segment per instance, created and
+unlinked by the acceptor, read by everyone (``duprep status``, workers)::
+
+    offset 0            HEADER (256 bytes)      written by the acceptor
+    256                 SLOT[0] .. SLOT[n-1]    256 bytes each
+    256 + 256*n         PROC[0] .. PROC[m-1]    128 bytes each
+
+A slot is split into three parts, each with exactly one writer and its own
+seqlock, because multi-field records written by one process tear when read
+by another (pitfalls.md measured 26k torn reads in 1.7M without a protocol)::
+
+    SLOT  +0   A part (acceptor)  seq gen state port connected_at addr
+          +72  R part (receiver)  seq gen flags - last_in frames_in bytes_in name
+          +176 S part (sender)    seq gen - - last_out frames_out bytes_out dropped queued
+
+A part's ``gen`` says which incarnation of the slot its counters belong to;
+a reader ignores R and S parts whose gen differs from the A part's.  The
+acceptor bumps the generation every time it hands a slot to a new
+connection, so ``(sid, generation)`` names one connection for ever.
+
+PROC rows: 0 acceptor, 1 receiver, 2 sender, 3.. business workers.  A worker
+claims a row by taking a POSIX record lock on byte ``ROW_LOCK_BASE + row`` of
+the instance lock file; the kernel drops the lock when the worker dies, so a
+row is free exactly when nobody holds its lock.
+
+Seqlock: the writer makes ``seq`` odd, writes, makes it even; a reader retries
+while ``seq`` is odd or changed under it.  All integers little-endian.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+import _posixshmem
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, Final, Iterator
+
+from .errors import ConfigError, ProtocolError
+
+__all__ = [
+    "MAGIC", "LAYOUT_VERSION", "Table", "SlotState", "Role", "COUNTERS",
+    "SlotInfo", "ProcInfo", "HEADER_SIZE", "SLOT_SIZE", "PROC_SIZE",
+]
+
+MAGIC: Final = b"DUPREP\x00\x01"
+LAYOUT_VERSION: Final = 1
+ROW_LOCK_BASE: Final = 4096
+
+HEADER_FORMAT: Final = "<8sIIQIIIIIIIIdII48sQQ"
+HEADER_FIELDS: Final = (
+    "magic", "layout", "state", "epoch", "nslots", "nprocs", "slot_size", "proc_size",
+    "port", "msgsize", "depth", "max_frame", "started", "acceptor_pid", "max_per_ip",
+    "host", "accepted", "refused",
+)
+HEADER_SIZE: Final = 256
+A_FORMAT: Final = "<IIIId48s"        # seq gen state port connected_at addr
+R_FORMAT: Final = "<IIIIdQQ64s"      # seq gen flags pad last_in frames_in bytes_in name
+S_FORMAT: Final = "<IIIIdQQQQ"       # seq gen pad pad last_out frames_out bytes_out dropped queued
+SLOT_SIZE: Final = 256
+PROC_FORMAT: Final = "<IIIIIIdd8Q"    # seq pid role state index pad started heartbeat counters[8]
+PROC_SIZE: Final = 128
+
+_HEADER = struct.Struct(HEADER_FORMAT)
+_A = struct.Struct(A_FORMAT)
+_R = struct.Struct(R_FORMAT)
+_S = struct.Struct(S_FORMAT)
+_PROC = struct.Struct(PROC_FORMAT)
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+A_OFFSET: Final = 0
+R_OFFSET: Final = 72
+S_OFFSET: Final = 176
+assert _HEADER.size <= HEADER_SIZE and _A.size <= R_OFFSET - A_OFFSET
+assert _R.size <= S_OFFSET - R_OFFSET and S_OFFSET + _S.size <= SLOT_SIZE and _PROC.size <= PROC_SIZE
+
+
+def _fmt_codes() -> list[str]:
+    codes, num = [], ""
+    for ch in HEADER_FORMAT[1:]:
+        if ch.isdigit():
+            num += ch
+        else:
+            codes.append(num + ch)
+            num = ""
+    return codes
+
+
+def _prefix(i: int) -> str:
+    return "<" + "".join(_fmt_codes()[:i])
+
+
+_HEADER_OFFSETS: Final = {name: struct.calcsize(_prefix(i)) for i, name in enumerate(HEADER_FIELDS)}
+_HEADER_FIELD: Final = {name: struct.Struct("<" + code) for name, code in zip(HEADER_FIELDS, _fmt_codes())}
+
+
+class SlotState:
+    """Values of the A part's ``state``."""
+    FREE = 0      # never used or released by every holder
+    OPEN = 1      # accepted; socket handed to receiver and sender
+    CLOSING = 2   # shut down; waiting for receiver and sender to let go
+    names: Final = {0: "free", 1: "open", 2: "closing"}
+
+
+class SlotFlag:
+    """Bits of the R part's ``flags``."""
+    READY = 1     # HELLO accepted, WELCOME queued
+
+
+class GatewayState:
+    """Values of the header's ``state``."""
+    BOOTING = 0
+    READY = 1
+    STOPPING = 2
+    names: Final = {0: "booting", 1: "ready", 2: "stopping"}
+
+
+class Role:
+    """Values of a PROC row's ``role``."""
+    NONE = 0
+    ACCEPTOR = 1
+    RECEIVER = 2
+    SENDER = 3
+    WORKER = 4
+    names: Final = {0: "none", 1: "acceptor", 2: "receiver", 3: "sender", 4: "worker"}
+
+
+# What each role's eight counters mean (unused ones are zero).
+COUNTERS: Final[dict[int, tuple[str, ...]]] = {
+    Role.ACCEPTOR: ("accepted", "refused_full", "refused_per_ip", "released", "restarts"),
+    Role.RECEIVER: ("frames_in", "bytes_in", "queue_messages", "requests", "protocol_errors",
+                    "handshake_timeouts", "backpressure_pauses", "relays"),
+    Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",
+                  "slow_disconnects", "write_errors", "closes"),
+    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    """A consistent snapshot of one open connection (what ``status`` shows)."""
+    sid: int
+    generation: int
+    state: str
+    addr: str
+    port: int
+    connected_at: float
+    name: str
+    ready: bool
+    last_in: float
+    frames_in: int
+    bytes_in: int
+    last_out: float
+    frames_out: int
+    bytes_out: int
+    dropped: int
+    queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcInfo:
+    """A snapshot of one process row."""
+    row: int
+    pid: int
+    role: str
+    state: int
+    index: int
+    started: float
+    heartbeat: float
+    counters: dict[str, int]
+
+
+def _attach(name: str, *, create: bool, size: int = 0) -> shared_memory.SharedMemory:
+    """Open a segment without handing it to the resource tracker.
+
+    On Python < 3.13 every process that merely attaches registers the segment
+    with its resource tracker, which unlinks it when that process exits
+    (CPython gh-82300).  duprep unlinks explicitly, so it opts out.
+    """
+    shm = shared_memory.SharedMemory(name=name, create=create, size=size)
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - tracker absent or already gone
+        pass
+    return shm
+
+
+class _Part:
+    """A seqlock-protected record at a fixed offset with exactly one writer."""
+
+    __slots__ = ("buf", "off", "fmt")
+
+    def __init__(self, buf: memoryview, off: int, fmt: struct.Struct) -> None:
+        self.buf, self.off, self.fmt = buf, off, fmt
+
+    def write(self, *values: Any) -> None:
+        buf, off = self.buf, self.off
+        even = _U32.unpack_from(buf, off)[0] & ~1
+        odd = (even + 1) & 0xFFFFFFFF
+        _U32.pack_into(buf, off, odd)
+        self.fmt.pack_into(buf, off, odd, *values)
+        _U32.pack_into(buf, off, (even + 2) & 0xFFFFFFFF)
+
+    def read(self) -> tuple[Any, ...]:
+        buf, off, fmt = self.buf, self.off, self.fmt
+        for _ in range(10000):
+            s1 = _U32.unpack_from(buf, off)[0]
+            if s1 & 1:
+                continue
+            values = fmt.unpack_from(buf, off)
+            if _U32.unpack_from(buf, off)[0] == s1:
+                return values[1:]
+        raise ProtocolError("table record stayed locked: its writer died mid-write")
+
+
+class Table:
+    """A view of an instance's connection table.
+
+    Create it with :meth:`create` (acceptor only) or :meth:`attach`.
+    Writers use the ``*_part`` helpers for the parts they own; readers use
+    :meth:`slots`, :meth:`procs` and :meth:`header`.
+    """
+
+    def __init__(self, shm: shared_memory.SharedMemory, *, owner: bool) -> None:
+        self._shm = shm
+        self.buf = shm.buf
+        self.owner = owner
+        h = self.header()
+        if h["magic"] != MAGIC or h["layout"] != LAYOUT_VERSION:
+            self.close()
+            raise ProtocolError(
+                f"shared memory {shm.name} is not a duprep table of layout {LAYOUT_VERSION} "
+                f"(magic {h['magic']!r}, layout {h['layout']})")
+        self.nslots: int = h["nslots"]
+        self.nprocs: int = h["nprocs"]
+        self.epoch: int = h["epoch"]
+        self._procs_off = HEADER_SIZE + SLOT_SIZE * self.nslots
+
+    # --- life cycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, *, nslots: int, nprocs: int, epoch: int, **fields: Any) -> "Table":
+        """Create the segment (acceptor only) and write the header."""
+        if nslots < 1 or nprocs < 4:
+            raise ConfigError("a table needs at least one slot and four process rows")
+        size = HEADER_SIZE + SLOT_SIZE * nslots + PROC_SIZE * nprocs
+        shm = _attach(name, create=True, size=size)
+        values = dict.fromkeys(HEADER_FIELDS, 0)
+        values.update(magic=MAGIC, layout=LAYOUT_VERSION, epoch=epoch, nslots=nslots, nprocs=nprocs,
+                      slot_size=SLOT_SIZE, proc_size=PROC_SIZE, started=time.time(), host=b"")
+        values.update(fields)
+        if isinstance(values["host"], str):
+            values["host"] = values["host"].encode()
+        _HEADER.pack_into(shm.buf, 0, *(values[f] for f in HEADER_FIELDS))
+        return cls(shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Table":
+        """Attach to an existing table; raises FileNotFoundError if there is none."""
+        return cls(_attach(name, create=False), owner=False)
+
+    def close(self) -> None:
+        """Detach (does not unlink)."""
+        self.buf = None  # type: ignore[assignment]
+        try:
+            self._shm.close()
+        except BufferError:  # a memoryview is still alive somewhere; the mapping dies with us
+            pass
+
+    def unlink(self) -> None:
+        """Remove the segment's name (acceptor only, at shutdown)."""
+        # Not SharedMemory.unlink(): it would also unregister from the resource
+        # tracker, which never knew the segment (see _attach).
+        try:
+            _posixshmem.shm_unlink(self._shm._name)  # type: ignore[attr-defined]
+        except FileNotFoundError:
+            pass
+
+    # --- header -----------------------------------------------------------
+
+    def header(self) -> dict[str, Any]:
+        h = dict(zip(HEADER_FIELDS, _HEADER.unpack_from(self.buf, 0)))
+        h["host"] = h["host"].rstrip(b"\0").decode()
+        return h
+
+    def get(self, field: str) -> Any:
+        return _HEADER_FIELD[field].unpack_from(self.buf, _HEADER_OFFSETS[field])[0]
+
+    def set(self, field: str, value: Any) -> None:
+        """Write one header field (acceptor only; single aligned values)."""
+        _HEADER_FIELD[field].pack_into(self.buf, _HEADER_OFFSETS[field], value)
+
+    # --- slot parts ---------------------------------------------------------
+
+    def a_part(self, sid: int) -> _Part:
+        return _Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + A_OFFSET, _A)
+
+    def r_part(self, sid: int) -> _Part:
+        return _Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + R_OFFSET, _R)
+
+    def s_part(self, sid: int) -> _Part:
+        return _Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + S_OFFSET, _S)
+
+    def slot(self, sid: int) -> SlotInfo | None:
+        """A snapshot of slot ``sid``, or None if it is free."""
+        gen, state, port, connected_at, addr = self.a_part(sid).read()
+        if state == SlotState.FREE:
+            return None
+        rgen, flags, _, last_in, frames_in, bytes_in, name = self.r_part(sid).read()
+        if rgen != gen:
+            flags, last_in, frames_in, bytes_in, name = 0, 0.0, 0, 0, b""
+        sgen, _, _, last_out, frames_out, bytes_out, dropped, queued = self.s_part(sid).read()
+        if sgen != gen:
+            last_out, frames_out, bytes_out, dropped, queued = 0.0, 0, 0, 0, 0
+        return SlotInfo(
+            sid=sid, generation=gen, state=SlotState.names.get(state, str(state)),
+            addr=addr.rstrip(b"\0").decode(), port=port, connected_at=connected_at,
+            name=name.rstrip(b"\0").decode(errors="replace"), ready=bool(flags & SlotFlag.READY),
+            last_in=last_in, frames_in=frames_in, bytes_in=bytes_in, last_out=last_out,
+            frames_out=frames_out, bytes_out=bytes_out, dropped=dropped, queued=queued)
+
+    def slots(self) -> Iterator[SlotInfo]:
+        """Snapshots of every non-free slot, in sid order."""
+        for sid in range(self.nslots):
+            info = self.slot(sid)
+            if info is not None:
+                yield info
+
+    def generation(self, sid: int) -> int:
+        """The slot's current generation (0 if never used)."""
+        return self.a_part(sid).read()[0]
+
+    def find_name(self, name: str) -> tuple[int, int] | None:
+        """(sid, generation) of the open, ready connection called ``name``."""
+        raw = name.encode()
+        for sid in range(self.nslots):
+            gen, state, *_ = self.a_part(sid).read()
+            if state != SlotState.OPEN:
+                continue
+            rgen, flags, _, _, _, _, rname = self.r_part(sid).read()
+            if rgen == gen and flags & SlotFlag.READY and rname.rstrip(b"\0") == raw:
+                return sid, gen
+        return None
+
+    # --- process rows ---------------------------------------------------------
+
+    def proc_part(self, row: int) -> _Part:
+        if not 0 <= row < self.nprocs:
+            raise IndexError(row)
+        return _Part(self.buf, self._procs_off + PROC_SIZE * row, _PROC)
+
+    def procs(self) -> Iterator[ProcInfo]:
+        """Snapshots of every row that has ever been used."""
+        for row in range(self.nprocs):
+            pid, role, state, index, _, started, heartbeat, *counters = self.proc_part(row).read()
+            if pid == 0 and role == Role.NONE:
+                continue
+            names = COUNTERS.get(role, ())
+            yield ProcInfo(row=row, pid=pid, role=Role.names.get(role, str(role)), state=state,
+                           index=index, started=started, heartbeat=heartbeat,
+                           counters={n: counters[i] for i, n in enumerate(names)})
+
+
+class ProcRow:
+    """The calling process's own row: heartbeat and counters, one writer."""
+
+    __slots__ = ("part", "pid", "role", "index", "started", "state", "counters")
+
+    def __init__(self, table: Table, row: int, role: int, index: int = 0) -> None:
+        self.part = table.proc_part(row)
+        self.pid = os.getpid()
+        self.role = role
+        self.index = index
+        self.started = time.time()
+        self.state = 0
+        self.counters = [0] * 8
+        self.beat()
+
+    def beat(self) -> None:
+        """Publish heartbeat (monotonic clock, system-wide on Linux) and counters."""
+        self.part.write(self.pid, self.role, self.state, self.index, 0, self.started,
+                        time.monotonic(), *self.counters)
+
+    def clear(self) -> None:
+        self.part.write(0, 0, 0, 0, 0, 0.0, 0.0, *([0] * 8))
