@@ -44,9 +44,17 @@ from .lock import InstanceLock
 from .queues import Queue
 from .table import ProcRow, Role, SlotInfo, SlotState, Table
 
-__all__ = ["Request", "Worker", "WorkerStatistics", "serve", "Handler"]
+__all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
 
 log = logging.getLogger("duprep")
+
+class _Deferred:
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+#: A handler returns this to send DEFERRED now and answer later (from anywhere) with reply().
+DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
 FIRST_WORKER_ROW = 3
@@ -62,14 +70,16 @@ class WorkerStatistics(msgspec.Struct, frozen=True):
     held: int           #: requests taken from the queue but not yet returned by receive()
 
 
-class Worker:
-    """A business process's handle on a gateway instance.
+class Replier:
+    """A handle that can answer, defer, fail and push, but takes no requests.
 
-    Not thread-safe: use one Worker per thread.  Close it (or use ``with``)
-    to release its row in the table.
+    For the process that finishes deferred work (the seed's "process the
+    request when conditions are ripe"): it gets a :class:`Request` from a
+    worker (e.g. msgpack-encoded through a file, pipe or database) and calls
+    :meth:`reply`.  :class:`Worker` is a Replier that also receives.
 
     Raises :class:`~duprep.errors.BrokenResourceError` if the instance has
-    no running gateway, or when the gateway stops while waiting.
+    no running gateway.
     """
 
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
@@ -86,119 +96,16 @@ class Worker:
                         f"{instance}')") from None
                 time.sleep(0.1)    # waiting for a gateway that is not there yet: nothing to block on
         self._lock = InstanceLock(instance)
-        self._ep = select.epoll()
-        self._pidfd = -1
+        self._closed = False
+        self._batch: deque[Request] = deque()
+        self._c = [0] * 8
         try:
             self._lock.attach()
-            row = self._lock.claim_row(FIRST_WORKER_ROW, self._table.nprocs)
-            previous = list(self._table.proc_part(row).read()[7:])
-            self._row = ProcRow(self._table, row, Role.WORKER, index=row - FIRST_WORKER_ROW)
-            self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
-            self._c = self._row.counters
-            self._requests = Queue(ipcnames.request_queue(instance))
             self._replies = Queue(ipcnames.reply_queue(instance))
-            try:
-                self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
-            except ProcessLookupError:
-                raise BrokenResourceError(f"the gateway of instance {instance!r} is gone") from None
-            self._ep.register(self._requests.fileno(), select.EPOLLIN)
-            self._ep.register(self._pidfd, select.EPOLLIN)
         except BaseException:
             self._release()
             raise
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._batch: deque[Request] = deque()
         self._out = BatchPacker(self._replies.msgsize)
-        self._holding = False        # a request returned by receive() is being handled
-        self._closed = False
-        self._interrupted = False
-        self._row.beat()
-
-    # --- receiving ---------------------------------------------------------
-
-    def receive(self, *, timeout: float | None = None) -> Request:
-        """The next request, waiting up to ``timeout`` seconds (None: for ever).
-
-        Raises Timeout, BrokenResourceError (gateway gone), or
-        ClosedResourceError (closed, or interrupted by :meth:`interrupt`).
-        """
-        self._check()
-        self._done_one()
-        if self._batch:
-            return self._hand(self._batch.popleft())
-        self.flush()
-        if self._interrupted:
-            raise ClosedResourceError("worker interrupted")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        heartbeat = 2.0
-        while True:
-            try:
-                message = self._requests.get_nowait()
-            except WouldBlock:
-                self._row.beat()
-                wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
-                if wait <= 0:
-                    raise Timeout(f"no request within {timeout:g} s") from None
-                for fd, _ in self._ep.poll(wait):
-                    if fd == self._pidfd:
-                        raise BrokenResourceError(f"the gateway of instance {self.instance!r} stopped")
-                    if fd == self._wake_r.fileno():
-                        self._drain_wake()
-                        if self._interrupted:
-                            raise ClosedResourceError("worker interrupted") from None
-                continue
-            self._c[C_QMSGS] += 1
-            try:
-                items = decode_requests(message)
-            except (msgspec.DecodeError, ValueError) as e:
-                log.error("dropped an undecodable request-queue message: %s", e)
-                continue
-            self._batch.extend(items)
-            if self._batch:
-                return self._hand(self._batch.popleft())
-
-    def receive_nowait(self) -> Request:
-        """The next request if one is already there, else raise WouldBlock."""
-        self._check()
-        self._done_one()
-        if not self._batch:
-            self.flush()
-            self._c[C_QMSGS] += 1
-            self._batch.extend(decode_requests(self._requests.get_nowait()))
-        if not self._batch:
-            raise WouldBlock("no request")
-        return self._hand(self._batch.popleft())
-
-    def _hand(self, request: Request) -> Request:
-        self._holding = True
-        return request
-
-    def _done_one(self) -> None:
-        if self._holding:
-            self._holding = False
-            self._c[C_REQUESTS] += 1
-
-    def interrupt(self) -> None:
-        """Make a blocked :meth:`receive` raise ClosedResourceError (safe from a signal handler's flag)."""
-        self._interrupted = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(256):
-                pass
-        except BlockingIOError:
-            pass
-
-    def wakeup_fd(self) -> int:
-        """A descriptor for ``signal.set_wakeup_fd``: a signal then wakes a blocked receive()."""
-        return self._wake_w.fileno()
 
     # --- answering -------------------------------------------------------------
 
@@ -252,12 +159,163 @@ class Worker:
             except WouldBlock:
                 raise Timeout(f"reply queue stayed full for {timeout} s: is the gateway's sender stuck?") from None
 
-    # --- looking around -----------------------------------------------------------
-
     def clients(self) -> list[SlotInfo]:
         """Every open connection of the instance, from the shared table."""
         self._check()
         return list(self._table.slots())
+
+    # --- closing ----------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"this {type(self).__name__} is closed")
+
+    def close(self) -> None:
+        """Send what is pending and let go of the instance."""
+        if self._closed:
+            return
+        try:
+            self.flush(timeout=5.0)
+        except DuprepError as e:
+            log.error("closing: %s", e)
+        finally:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        if hasattr(self, "_replies"):
+            self._replies.close()
+        self._table.close()
+        self._lock.close()
+
+    def __enter__(self) -> "Replier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Worker(Replier):
+    """A business process's handle on a gateway instance: receive requests, answer them.
+
+    Not thread-safe: use one Worker per thread.  Close it (or use ``with``)
+    to release its row in the table.
+
+    Raises :class:`~duprep.errors.BrokenResourceError` if the instance has
+    no running gateway, or when the gateway stops while waiting.
+    """
+
+    def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
+        self._ep = select.epoll()
+        self._pidfd = -1
+        super().__init__(instance, wait=wait)
+        try:
+            row = self._lock.claim_row(FIRST_WORKER_ROW, self._table.nprocs)
+            previous = list(self._table.proc_part(row).read()[7:])
+            self._row = ProcRow(self._table, row, Role.WORKER, index=row - FIRST_WORKER_ROW)
+            self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
+            self._c = self._row.counters
+            self._requests = Queue(ipcnames.request_queue(instance))
+            try:
+                self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
+            except ProcessLookupError:
+                raise BrokenResourceError(f"the gateway of instance {instance!r} is gone") from None
+            self._ep.register(self._requests.fileno(), select.EPOLLIN)
+            self._ep.register(self._pidfd, select.EPOLLIN)
+        except BaseException:
+            self._release()
+            raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._holding = False        # a request returned by receive() is being handled
+        self._interrupted = False
+        self._row.beat()
+
+    # --- receiving ---------------------------------------------------------
+
+    def receive(self, *, timeout: float | None = None) -> Request:
+        """The next request, waiting up to ``timeout`` seconds (None: for ever).
+
+        Raises Timeout, BrokenResourceError (gateway gone), or
+        ClosedResourceError (closed, or interrupted by :meth:`interrupt`).
+        """
+        self._check()
+        self._done_one()
+        if self._batch:
+            return self._hand(self._batch.popleft())
+        self.flush()
+        if self._interrupted:
+            raise ClosedResourceError("worker interrupted")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        heartbeat = 2.0
+        while True:
+            try:
+                message = self._requests.get_nowait()
+            except WouldBlock:
+                self._row.beat()
+                wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
+                if wait <= 0:
+                    raise Timeout(f"no request within {timeout:g} s") from None
+                for fd, _ in self._ep.poll(wait):
+                    if fd == self._pidfd:
+                        raise BrokenResourceError(f"the gateway of instance {self.instance!r} stopped")
+                    if fd == self._wake_r.fileno():
+                        self._drain_wake()
+                        if self._interrupted:
+                            raise ClosedResourceError("worker interrupted") from None
+                continue
+            self._c[C_QMSGS] += 1
+            try:
+                items = decode_requests(message)
+            except (msgspec.DecodeError, ValueError) as e:
+                log.error("dropped an undecodable request-queue message: %s", e)
+                continue
+            self._batch.extend(items)
+            self._row.beat()          # status shows what this worker holds
+            if self._batch:
+                return self._hand(self._batch.popleft())
+
+    def receive_nowait(self) -> Request:
+        """The next request if one is already there, else raise WouldBlock."""
+        self._check()
+        self._done_one()
+        if not self._batch:
+            self.flush()
+            self._batch.extend(decode_requests(self._requests.get_nowait()))
+            self._c[C_QMSGS] += 1
+        if not self._batch:
+            raise WouldBlock("no request")
+        return self._hand(self._batch.popleft())
+
+    def _hand(self, request: Request) -> Request:
+        self._holding = True
+        return request
+
+    def _done_one(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._c[C_REQUESTS] += 1
+
+    def interrupt(self) -> None:
+        """Make a blocked :meth:`receive` raise ClosedResourceError once held requests are done."""
+        self._interrupted = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wakeup_fd(self) -> int:
+        """A descriptor for ``signal.set_wakeup_fd``: a signal then wakes a blocked receive()."""
+        return self._wake_w.fileno()
 
     def statistics(self) -> WorkerStatistics:
         c = self._c
@@ -267,33 +325,21 @@ class Worker:
         """The request queue's descriptor, readable while requests wait (for your own selector)."""
         return self._requests.fileno()
 
-    # --- closing ----------------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("this Worker is closed")
-
     def close(self) -> None:
-        """Send what is pending and let go of the instance.  Held requests are
-        handed back to nobody: finish them first (``serve`` does)."""
+        """Send what is pending and let go of the instance.  Requests still
+        held are logged as unanswered: finish them first (``serve`` does)."""
         if self._closed:
             return
-        try:
-            self._done_one()
-            self.flush(timeout=5.0)
-        except DuprepError as e:
-            log.error("closing worker: %s", e)
-        finally:
-            if self._batch:
-                log.error("worker closed holding %d unanswered requests", len(self._batch))
-            self._closed = True
-            self._row.beat()
-            self._release()
+        self._done_one()
+        if self._batch:
+            log.error("worker closed holding %d unanswered requests", len(self._batch))
+        super().close()
 
     def _release(self) -> None:
-        for q in ("_requests", "_replies"):
-            if hasattr(self, q):
-                getattr(self, q).close()
+        if hasattr(self, "_row"):
+            self._row.beat()
+        if hasattr(self, "_requests"):
+            self._requests.close()
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
@@ -301,14 +347,10 @@ class Worker:
         for s in ("_wake_r", "_wake_w"):
             if hasattr(self, s):
                 getattr(self, s).close()
-        self._table.close()
-        self._lock.close()
+        super()._release()
 
     def __enter__(self) -> "Worker":
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = lambda: False) -> None:
@@ -331,7 +373,10 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
             if not request.oneway:
                 worker.fail(request, f"{type(e).__name__}: {e}")
             continue
-        if result is not None and not request.oneway:
+        if result is DEFERRED:
+            if not request.oneway:
+                worker.defer(request)
+        elif result is not None and not request.oneway:
             worker.reply(request, result)
         if stop() and not worker._batch:
             return

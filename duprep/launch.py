@@ -55,8 +55,13 @@ class GatewayProcess:
 
 
 def start_gateway(instance: str, *, args: Sequence[str] = (), timeout: float = 30.0,
-                  env: dict[str, str] | None = None, stderr: int | None = None) -> GatewayProcess:
-    """Run ``duprep serve --instance INSTANCE --port 0 ARGS...`` and wait until it is ready."""
+                  env: dict[str, str] | None = None, stderr: int | None = None,
+                  new_session: bool = False) -> GatewayProcess:
+    """Run ``duprep serve --instance INSTANCE --port 0 ARGS...`` and wait until it is ready.
+
+    ``new_session`` puts the gateway in its own session and process group, so
+    that ``os.killpg(gw.pid, ...)`` reaches every process of it.
+    """
     ipcnames.check_instance(instance)
     path = os.path.join(tempfile.mkdtemp(prefix="duprep-notify-"), "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -66,7 +71,8 @@ def start_gateway(instance: str, *, args: Sequence[str] = (), timeout: float = 3
         child_env = dict(os.environ if env is None else env)
         child_env["NOTIFY_SOCKET"] = path
         argv = [sys.executable, "-m", "duprep", "serve", "--instance", instance, "--port", "0", *args]
-        proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=new_session)
         pidfd = os.pidfd_open(proc.pid)
         try:
             deadline = time.monotonic() + timeout

@@ -36,7 +36,9 @@ import struct
 import time
 from dataclasses import dataclass
 import _posixshmem
-from multiprocessing import resource_tracker, shared_memory
+import mmap
+import sys
+from multiprocessing import shared_memory
 from typing import Any, Final, Iterator
 
 from .errors import ConfigError, ProtocolError
@@ -173,19 +175,43 @@ class ProcInfo:
     counters: dict[str, int]
 
 
-def _attach(name: str, *, create: bool, size: int = 0) -> shared_memory.SharedMemory:
-    """Open a segment without handing it to the resource tracker.
+class Segment(shared_memory.SharedMemory):
+    """``SharedMemory`` that never involves the resource tracker.
 
-    On Python < 3.13 every process that merely attaches registers the segment
-    with its resource tracker, which unlinks it when that process exits
-    (CPython gh-82300).  duprep unlinks explicitly, so it opts out.
+    On Python < 3.13 every process that creates *or merely attaches* a
+    segment registers it with a resource-tracker process of its own, which
+    unlinks the segment when that process exits (CPython gh-82300) and costs
+    one extra process per duprep process.  duprep creates and unlinks its
+    segments explicitly, so it opts out: ``track=False`` on 3.13+, the same
+    steps without the registration before.
     """
-    shm = shared_memory.SharedMemory(name=name, create=create, size=size)
-    try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - tracker absent or already gone
-        pass
-    return shm
+
+    def __init__(self, name: str, create: bool = False, size: int = 0) -> None:
+        if sys.version_info >= (3, 13):
+            super().__init__(name, create, size, track=False)  # type: ignore[call-arg]
+            return
+        self._name = "/" + name
+        self._flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        self._mode = 0o600
+        self._fd = _posixshmem.shm_open(self._name, self._flags, mode=self._mode)
+        try:
+            if create:
+                os.ftruncate(self._fd, size)
+            self._size = os.fstat(self._fd).st_size
+            self._mmap = mmap.mmap(self._fd, self._size)
+        except BaseException:
+            os.close(self._fd)
+            if create:
+                _posixshmem.shm_unlink(self._name)
+            raise
+        self._buf = memoryview(self._mmap)
+
+    def unlink(self) -> None:
+        _posixshmem.shm_unlink(self._name)
+
+
+def _attach(name: str, *, create: bool, size: int = 0) -> shared_memory.SharedMemory:
+    return Segment(name, create=create, size=size)
 
 
 class _Part:
@@ -272,10 +298,8 @@ class Table:
 
     def unlink(self) -> None:
         """Remove the segment's name (acceptor only, at shutdown)."""
-        # Not SharedMemory.unlink(): it would also unregister from the resource
-        # tracker, which never knew the segment (see _attach).
         try:
-            _posixshmem.shm_unlink(self._shm._name)  # type: ignore[attr-defined]
+            self._shm.unlink()
         except FileNotFoundError:
             pass
 

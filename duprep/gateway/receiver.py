@@ -320,6 +320,7 @@ class Receiver:
         if not self.paused:
             self.paused = True
             self.c[C_PAUSES] += 1
+            self.row.beat()
         if not self.loop.registered(q.fileno()):
             self.loop.register(q.fileno(), WRITE, lambda ev: None)   # wake us; flush() retries
 

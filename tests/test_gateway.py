@@ -1,0 +1,440 @@
+"""The gateway end to end: real processes, sockets on 127.0.0.1, queues, shared memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import tempfile
+import threading
+import time
+
+import msgspec
+import pytest
+
+import duprep
+from duprep import bus, frame
+from duprep.frame import Call, ErrorCode, Hello, encode_wire
+from duprep.gateway.child import EXIT_BUSY, EXIT_LIMIT
+from duprep.status import snapshot
+from duprep.wire import FrameReader
+
+from .conftest import alive, comm, descendants, duprep_cli, ipc_leftovers, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def gateway_processes(gw) -> dict[str, list[int]]:
+    roles: dict[str, list[int]] = {}
+    for pid in [gw.pid, *descendants(gw.pid)]:
+        roles.setdefault(comm(pid), []).append(pid)
+    return roles
+
+
+def read_error(sock: socket.socket, timeout: float = 10.0) -> frame.Error:
+    """Read frames until the gateway closes; return the ERROR frame it sent."""
+    sock.settimeout(timeout)
+    reader, dec, errors = FrameReader(1 << 20), frame.server_decoder(), []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        errors += [f for f in map(dec.decode, reader.feed(data)) if isinstance(f, frame.Error)]
+    assert errors, "connection closed without an ERROR frame"
+    return errors[-1]
+
+
+def test_300_clients_50_requests_each(gateway, instance):
+    gw = gateway("--max-clients", "400")
+    clients = [duprep.Client("127.0.0.1", gw.port, name=f"c{i}", timeout=60) for i in range(300)]
+    try:
+        out = duprep_cli("status", "--instance", instance, "--json")
+        snap = json.loads(out.stdout)
+        assert {c["name"] for c in snap["connections"]} == {f"c{i}" for i in range(300)}
+        assert snap["state"] == "ready"
+        roles = gateway_processes(gw)
+        assert len(roles["duprep-receiver"]) == 1 and len(roles["duprep-sender"]) == 1
+        assert len(roles["duprep-worker"]) == 2
+
+        failures: list[str] = []
+
+        def run(i: int, client: duprep.Client) -> None:
+            rng = random.Random(i)
+            for n in range(50):
+                payload = f"{i}:{n}:".encode() + rng.randbytes(rng.randrange(0, 3000))
+                try:
+                    reply = client.request(payload)
+                except Exception as e:        # reported below with its client
+                    failures.append(f"client {i} request {n}: {e!r}")
+                    return
+                if reply != payload:
+                    failures.append(f"client {i} request {n}: wrong reply {reply[:20]!r}")
+                    return
+
+        threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not failures, failures[:5]
+        roles = gateway_processes(gw)
+        gateway_only = [p for r, ps in roles.items() if r != "duprep-worker" for p in ps]
+        assert len(gateway_only) == 3, roles
+        totals = snapshot(instance)["totals"]
+        assert totals["frames_in"] == totals["frames_out"] - 0 and totals["frames_in"] >= 15000
+        assert totals["dropped"] == 0 and totals["dropped_stale"] == 0
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_timeout_then_late_reply_surfaces_through_receive(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        with pytest.raises(duprep.Timeout) as info:
+            c.request(b"sleep:0.5", timeout=0.1)
+        assert isinstance(info.value, TimeoutError)
+        assert c.request(b"fresh", timeout=10) == b"fresh"      # its own reply, not the late one
+        late = c.receive(timeout=10)
+        assert (late.kind, late.msgid, late.data) == ("late", info.value.msgid, b"sleep:0.5")
+
+
+def test_reply_for_a_gone_client_never_reaches_the_slot_reuser(gateway, instance):
+    gw = gateway("--max-clients", "1")
+    old = duprep.Client("127.0.0.1", gw.port, name="old")
+    old_sid, old_gen = old.sid, old.generation
+    old._write(Call(99, 1, 0, b"sleep:0.6|for-old"))     # in flight when the client vanishes
+    wait_until(lambda: snapshot(instance)["processes"] and any(
+        p["role"] == "worker" and p["counters"].get("queue_messages") for p in snapshot(instance)["processes"]),
+        what="the worker to take the request")
+    old.close()
+    wait_until(lambda: not snapshot(instance)["connections"], what="the slot to be freed")
+    with duprep.Client("127.0.0.1", gw.port, name="new") as new:
+        assert new.sid == old_sid and new.generation != old_gen
+        wait_until(lambda: snapshot(instance)["totals"]["dropped_stale"] == 1, what="the stale reply to be dropped")
+        assert new.request(b"mine") == b"mine"
+        with pytest.raises(duprep.Timeout):
+            new.receive(timeout=0.3)        # nothing of the old client's arrived
+
+
+def test_relay_between_named_clients_and_to_unknown(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, name="alice") as alice, \
+            duprep.Client("127.0.0.1", gw.port, name="bob") as bob:
+        alice.relay("bob", b"hello bob")
+        msg = bob.receive(timeout=10)
+        assert (msg.kind, msg.source, msg.data) == ("relay", "alice", b"hello bob")
+        with pytest.raises(duprep.UnknownTarget):
+            alice.relay("nobody", b"?")
+        assert alice.request(b"still fine") == b"still fine"
+
+
+def test_deferred_reply_from_another_process(gateway, instance):
+    gw = gateway()
+    with tempfile.TemporaryDirectory() as tmp, duprep.Client("127.0.0.1", gw.port) as c:
+        with pytest.raises(duprep.Deferred) as info:
+            c.request(f"defer:{tmp}".encode(), timeout=10)
+        [name] = os.listdir(tmp)
+        with open(os.path.join(tmp, name), "rb") as f:
+            request = msgspec.msgpack.decode(f.read(), type=bus.Request)
+        assert request.msgid == info.value.msgid
+        with bus.Replier(instance) as replier:      # this test process, not the worker
+            replier.reply(request, b"answer after all")
+        msg = c.receive(timeout=10)
+        assert (msg.kind, msg.msgid, msg.data) == ("deferred", info.value.msgid, b"answer after all")
+
+
+def test_push_reaches_only_the_addressed_client(gateway, instance):
+    gw = gateway()
+    names = ["alice", "bob", "carol"]
+    clients = {n: duprep.Client("127.0.0.1", gw.port, name=n) for n in names}
+    try:
+        with bus.Replier(instance) as r:
+            sid, gen = r.push("bob", b"for bob only")
+            assert (sid, gen) == (clients["bob"].sid, clients["bob"].generation)
+            with pytest.raises(duprep.UnknownTarget):
+                r.push("dave", b"x")
+        msg = clients["bob"].receive(timeout=10)
+        assert (msg.kind, msg.data) == ("push", b"for bob only")
+        for n in ("alice", "carol"):
+            with pytest.raises(duprep.Timeout):
+                clients[n].receive(timeout=0.2)
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+def test_handler_error_is_reported_and_worker_survives(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        with pytest.raises(duprep.RemoteError) as info:
+            c.request(b"fail")
+        assert info.value.code == ErrorCode.APP_ERROR and "on purpose" in str(info.value)
+        assert c.request(b"ok") == b"ok"
+
+
+def _raw(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def test_bad_input_ends_only_the_offending_connection(gateway, instance):
+    gw = gateway("--handshake-timeout", "1")
+    good = [duprep.Client("127.0.0.1", gw.port, name=f"good{i}") for i in range(50)]
+    stop = threading.Event()
+    failures: list[str] = []
+    counts = [0] * len(good)
+
+    def behave(i: int) -> None:
+        while not stop.is_set():
+            try:
+                data = os.urandom(64)
+                if good[i].request(data, timeout=20) != data:
+                    failures.append(f"good{i}: wrong reply")
+                counts[i] += 1
+            except Exception as e:
+                failures.append(f"good{i}: {e!r}")
+                return
+
+    threads = [threading.Thread(target=behave, args=(i,)) for i in range(len(good))]
+    for t in threads:
+        t.start()
+    try:
+        hello = encode_wire(Hello(1, ""))
+        cases = {
+            "garbage": (random.Random(1).randbytes(300), ErrorCode.FRAME_TOO_LARGE),
+            "bad msgpack": (struct.pack(">I", 3) + b"\xc1\xc1\xc1", ErrorCode.BAD_FRAME),
+            "oversized": (hello + struct.pack(">I", 10_000_000), ErrorCode.FRAME_TOO_LARGE),
+            "request before hello": (encode_wire(Call(1, 1, 0, b"x")), ErrorCode.BAD_HELLO),
+            "second hello": (hello + hello, ErrorCode.BAD_HELLO),
+            "bad utf-8 name": (struct.pack(">I", 5) + b"\x93\x01\x01\xa1\xff", ErrorCode.BAD_FRAME),
+            "wrong version": (encode_wire(Hello(9, "")), ErrorCode.BAD_VERSION),
+            "silence": (b"", ErrorCode.HANDSHAKE_TIMEOUT),
+            "name taken": (encode_wire(Hello(1, "good0")), ErrorCode.NAME_TAKEN),
+        }
+        for what, (data, code) in cases.items():
+            s = _raw(gw.port)
+            try:
+                s.sendall(data)
+                err = read_error(s)
+                assert err.code == code, f"{what}: got {ErrorCode.names.get(err.code)} {err.message}"
+            finally:
+                s.close()
+        # truncated: half a frame, then the client vanishes
+        s = _raw(gw.port)
+        s.sendall(hello + encode_wire(Call(1, 1, 0, b"x" * 100))[:50])
+        s.close()
+        wait_until(lambda: len(snapshot(instance)["connections"]) == len(good), what="bad connections to go")
+        assert all(counts), "a well-behaved client made no progress"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for c in good:
+            c.close()
+    assert not failures, failures[:5]
+
+
+def test_client_that_never_reads_does_not_stall_others(gateway, instance):
+    gw = gateway("--max-outbuf", "65536")
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", gw.port))
+    hog.sendall(encode_wire(Hello(1, "hog")))
+    payload = b"z" * 4000
+    burst = b"".join(encode_wire(Call(i, 1, 0, payload)) for i in range(1, 1001))   # 4 MB of replies
+    sender = threading.Thread(target=lambda: _send_quietly(hog, burst))
+    sender.start()
+    try:
+        with duprep.Client("127.0.0.1", gw.port, name="polite") as polite:
+            for i in range(50):
+                assert polite.request(b"%d" % i, timeout=10) == b"%d" % i
+            wait_until(lambda: snapshot(instance)["totals"]["slow_disconnects"] >= 1, timeout=20,
+                       what="the hog to be disconnected")
+            assert polite.request(b"after", timeout=10) == b"after"
+            assert [c["name"] for c in snapshot(instance)["connections"]] == ["polite"]
+    finally:
+        hog.close()
+        sender.join(30)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.settimeout(30)
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_backpressure_loses_nothing(gateway, instance):
+    """Far more pipelined requests than the queues hold: the receiver pauses, nothing is lost."""
+    gw = gateway(workers=1)
+    s = _raw(gw.port)
+    try:
+        s.sendall(encode_wire(Hello(1, "")))
+        n = 3000
+        payloads = {i: os.urandom(random.Random(i).randrange(1, 2000)) for i in range(1, n + 1)}
+        s.sendall(b"".join(encode_wire(Call(i, 7, 0, p)) for i, p in payloads.items()))
+        reader, dec, got = FrameReader(1 << 20), frame.server_decoder(), {}
+        while len(got) < n:
+            data = s.recv(65536)
+            assert data, "gateway closed the connection"
+            for f in map(dec.decode, reader.feed(data)):
+                if isinstance(f, frame.Reply):
+                    got[f.msgid] = f.data
+        assert got == payloads
+        procs = {p["role"]: p for p in snapshot(instance)["processes"]}
+        assert procs["receiver"]["counters"]["backpressure_pauses"] >= 1
+    finally:
+        s.close()
+
+
+def _hello_from(port: int, source: str) -> socket.socket | frame.Error:
+    """Connect from ``source`` (any 127/8 address), say HELLO; the socket if welcomed, else the ERROR."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(encode_wire(Hello(1, "")))
+    reader, dec = FrameReader(1 << 20), frame.server_decoder()
+    while True:
+        data = s.recv(65536)
+        frames = [dec.decode(b) for b in reader.feed(data)] if data else []
+        if not data or frames:
+            break
+    if frames and isinstance(frames[0], frame.Welcome):
+        return s
+    s.close()
+    assert frames, "closed without an ERROR frame"
+    return frames[0]
+
+
+def test_limits_max_clients_and_max_per_ip(gateway, instance):
+    gw = gateway("--max-clients", "3", "--max-per-ip", "2")
+    socks = [_hello_from(gw.port, "127.0.0.1"), _hello_from(gw.port, "127.0.0.1")]
+    try:
+        refused = _hello_from(gw.port, "127.0.0.1")
+        assert isinstance(refused, frame.Error) and refused.code == ErrorCode.TOO_MANY_FROM_IP
+        socks.append(_hello_from(gw.port, "127.0.0.2"))          # another address still gets in
+        full = _hello_from(gw.port, "127.0.0.3")
+        assert isinstance(full, frame.Error) and full.code == ErrorCode.SERVER_FULL
+        assert all(isinstance(s, socket.socket) for s in socks)
+        with pytest.raises(duprep.RefusedError) as info:
+            duprep.Client("127.0.0.1", gw.port)
+        assert info.value.code in (ErrorCode.TOO_MANY_FROM_IP, ErrorCode.SERVER_FULL)
+        assert snapshot(instance)["refused"] == 3
+    finally:
+        for s in socks:
+            if isinstance(s, socket.socket):
+                s.close()
+
+
+def test_sigterm_leaves_nothing_behind(gateway, instance):
+    gw = gateway()
+    family = [gw.pid, *descendants(gw.pid)]
+    assert len(family) == 5
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        assert c.request(b"x") == b"x"
+        assert gw.stop() == 0
+        with pytest.raises(duprep.BrokenResourceError):
+            c.request(b"after stop", timeout=5)
+    wait_until(lambda: not any(alive(p) for p in family), what="every gateway process to exit")
+    assert ipc_leftovers(instance) == []
+
+
+def test_graceful_stop_delivers_replies_already_in_flight(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        result: list[object] = []
+        t = threading.Thread(target=lambda: result.append(c.request(b"sleep:0.5|last", timeout=10)))
+        t.start()
+        wait_until(lambda: any(comm(p) == "duprep-worker" for p in descendants(gw.pid)), what="workers")
+        time.sleep(0.1)   # not synchronisation: gives the request time to be on its way; the assert holds either way
+        assert gw.stop() == 0
+        t.join(10)
+        assert result == [b"sleep:0.5|last"]
+
+
+def test_restart_after_kill_9_of_everything(gateway, instance):
+    gw = gateway(new_session=True)
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        assert c.request(b"x") == b"x"
+    family = [gw.pid, *descendants(gw.pid)]
+    os.killpg(gw.pid, signal.SIGKILL)
+    gw.proc.wait()
+    wait_until(lambda: not any(alive(p) for p in family), what="the killed processes to die")
+    assert ipc_leftovers(instance), "kill -9 should have left objects to recover from"
+    gw2 = gateway()
+    with duprep.Client("127.0.0.1", gw2.port) as c:
+        assert c.request(b"after restart") == b"after restart"
+    assert gw2.stop() == 0
+
+
+def test_restart_after_kill_9_of_the_acceptor_only(gateway, instance):
+    gw = gateway()
+    family = descendants(gw.pid)
+    os.kill(gw.pid, signal.SIGKILL)
+    gw.proc.wait()
+    wait_until(lambda: not any(alive(p) for p in family), what="orphaned children to exit by themselves")
+    gw2 = gateway()
+    with duprep.Client("127.0.0.1", gw2.port) as c:
+        assert c.request(b"y") == b"y"
+
+
+def test_second_gateway_with_the_same_instance_refuses(gateway, instance):
+    gw = gateway()
+    out = duprep_cli("serve", "--instance", instance, "--port", "0", "--workers", "0")
+    assert out.returncode == EXIT_BUSY
+    assert "already served by a running gateway" in out.stderr
+    with duprep.Client("127.0.0.1", gw.port) as c:          # the first one is untouched
+        assert c.request(b"z") == b"z"
+
+
+def test_queue_limit_error_names_the_limit(instance):
+    out = duprep_cli("serve", "--instance", instance, "--port", "0", "--workers", "0", "--queue-depth", "100000")
+    assert out.returncode == EXIT_LIMIT
+    assert "fs.mqueue.msg_max" in out.stderr and "Invalid parameter" in out.stderr
+    assert ipc_leftovers(instance) == []
+
+
+def test_idle_gateway_uses_no_cpu(gateway):
+    gw = gateway()
+    clients = [duprep.Client("127.0.0.1", gw.port) for _ in range(20)]
+    try:
+        for c in clients:
+            c.request(b"warm")
+        pids = [gw.pid, *descendants(gw.pid)]
+
+        def cpu() -> float:
+            total = 0
+            for p in pids:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
+
+        before, t0 = cpu(), time.monotonic()
+        time.sleep(3)                     # measuring an interval, not synchronising
+        used = cpu() - before
+        elapsed = time.monotonic() - t0
+        assert used / elapsed < 0.02, f"idle gateway used {used:.3f} s CPU in {elapsed:.1f} s"
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_status_text_and_json(gateway, instance):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, name="watched") as c:
+        c.request(b"abc")
+        text = duprep_cli("status", "--instance", instance)
+        assert text.returncode == 0 and "watched" in text.stdout and "receiver" in text.stdout
+        snap = json.loads(duprep_cli("status", "--instance", instance, "--json").stdout)
+        [conn] = snap["connections"]
+        assert conn["name"] == "watched" and conn["frames_in"] >= 1 and conn["frames_out"] >= 2
+        assert {p["role"] for p in snap["processes"]} == {"acceptor", "receiver", "sender", "worker"}
+    missing = duprep_cli("status", "--instance", instance + "-nope")
+    assert missing.returncode == 3 and "not running" in missing.stderr

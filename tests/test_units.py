@@ -1,0 +1,308 @@
+"""Unit tests of the pieces: frames, framing, table, queues, fd passing, config, loop, locks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import msgspec
+import posix_ipc
+import pytest
+
+from duprep import fdpass, frame, ipcnames, queues
+from duprep.config import GatewayConfig, resolve_port
+from duprep.errors import ConfigError, InstanceBusyError, LimitError, ProtocolError, WouldBlock
+from duprep.gateway.loop import READ, EventLoop
+from duprep.lock import InstanceLock
+from duprep.table import SLOT_SIZE, ProcRow, Role, SlotState, Table
+from duprep.wire import FrameReader, FrameTooLarge
+
+from .conftest import ROOT
+
+
+# --- frames ---------------------------------------------------------------------
+
+def test_wire_frames_round_trip_with_length_prefix():
+    dec = frame.client_decoder()
+    for f in (frame.Hello(1, "alice"), frame.Call(1, 42, 20000, b"hi"), frame.Send(2, 3, b""),
+              frame.Relay(5, 6, "bob", b"\x00\xff")):
+        data = frame.encode_wire(f)
+        assert struct.unpack(">I", data[:4])[0] == len(data) - 4
+        assert dec.decode(data[4:]) == f
+    sdec = frame.server_decoder()
+    for f in (frame.Welcome(1, 3, 4, "n", 8000), frame.Reply(1, 2, b"x"), frame.Defer(1, 2),
+              frame.Push(0, "alice", b"y"), frame.Error(0, 0, 5, "taken")):
+        assert sdec.decode(frame.encode_wire(f)[4:]) == f
+
+
+def test_known_encoding_of_a_request_is_stable():
+    # [2, 1, 42, 20000, b"hi"]: fixarray 5, tag, fixint, fixint, uint16, bin8
+    assert frame.encode_wire(frame.Call(1, 42, 20000, b"hi")).hex() == "0000000b9502012acd4e20c4026869"
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\xc1", b"\x95\x02\x01", b"\x95\x63\x01\x01\x01\xc4\x00",       # empty, reserved byte, short, bad tag
+    b"\x92\x01\xff", b"\x93\x01\x01\xa1\xff",                               # wrong type, invalid UTF-8
+    b"\x95\x02\xff\x01\x01\xc4\x00", b"\x94\x02\x01\x01\x01",            # negative id, missing field
+    b"\x91" * 2000,                                                           # deep nesting
+])
+def test_client_decoder_rejects_bad_bodies(body):
+    with pytest.raises((msgspec.DecodeError, ValueError, RecursionError)):
+        frame.client_decoder().decode(body)
+
+
+def test_extra_trailing_fields_are_ignored_for_forward_compatibility():
+    assert frame.client_decoder().decode(b"\x96\x02\x01\x01\x01\xc4\x00\x07") == frame.Call(1, 1, 1, b"")
+
+
+def test_names_longer_than_64_are_rejected():
+    with pytest.raises(msgspec.ValidationError):
+        frame.client_decoder().decode(frame.encode_wire(frame.Hello(1, "x" * 65))[4:])
+
+
+def test_batch_packer_respects_the_message_size():
+    packer = frame.BatchPacker(1024)
+    items = [frame.Request(i, 1, i, 2, "c", os.urandom(100)) for i in range(50)]
+    for it in items:
+        packer.add(it)
+    messages = packer.take()
+    assert len(messages) > 1 and all(len(m) <= 1024 for m in messages)
+    assert [r for m in messages for r in frame.decode_requests(m)] == items
+    assert not packer and packer.take() == []
+    with pytest.raises(ValueError):
+        packer.add(frame.Request(1, 1, 1, 1, "", b"x" * 2000))
+
+
+def test_batch_packer_large_counts_use_array16():
+    packer = frame.BatchPacker(1 << 20)
+    for i in range(40):
+        packer.add(frame.Close(i, 1))
+    [m] = packer.take()
+    assert m[0] == 0xDC and len(frame.decode_replies(m)) == 40
+
+
+# --- framing ----------------------------------------------------------------------
+
+def test_frame_reader_splits_any_chunking():
+    frames = [frame.encode_wire(frame.Call(i, 1, 0, os.urandom(i * 7))) for i in range(20)]
+    stream = b"".join(frames)
+    for step in (1, 3, 7, 64, len(stream)):
+        reader, out = FrameReader(10_000), []
+        for i in range(0, len(stream), step):
+            out += [bytes(b) for b in reader.feed(stream[i:i + step])]
+        assert out == [f[4:] for f in frames]
+        assert reader.buffered == 0
+
+
+def test_frame_reader_refuses_oversized_before_reading_the_body():
+    reader = FrameReader(100)
+    with pytest.raises(FrameTooLarge):
+        reader.feed(struct.pack(">I", 101))
+    assert isinstance(FrameTooLarge("x"), ProtocolError)
+
+
+# --- table ---------------------------------------------------------------------------
+
+@pytest.fixture
+def table(instance):
+    t = Table.create(ipcnames.table_name(instance), nslots=8, nprocs=8, epoch=7, host="127.0.0.1", port=5)
+    yield t
+    t.close()
+    t.unlink()
+
+
+def test_table_header_and_slot_parts(table, instance):
+    assert table.header()["epoch"] == 7 and table.get("port") == 5 and table.header()["host"] == "127.0.0.1"
+    table.set("port", 4242)
+    assert table.get("port") == 4242
+    assert list(table.slots()) == []
+    table.a_part(3).write(2, SlotState.OPEN, 999, 1.0, b"10.0.0.1")
+    table.r_part(3).write(2, 1, 0, 2.0, 5, 50, b"alice")
+    table.s_part(3).write(1, 0, 0, 3.0, 9, 90, 0, 0)            # stale generation: ignored
+    [info] = table.slots()
+    assert (info.sid, info.generation, info.name, info.addr, info.frames_in) == (3, 2, "alice", "10.0.0.1", 5)
+    assert info.frames_out == 0
+    assert table.find_name("alice") == (3, 2) and table.find_name("bob") is None
+    other = Table.attach(ipcnames.table_name(instance))
+    assert other.slot(3) == info
+    other.close()
+
+
+def test_table_slot_size_is_fixed():
+    assert SLOT_SIZE == 256
+
+
+def test_attaching_process_exit_does_not_unlink(table, instance):
+    code = ("import sys; sys.path.insert(0, %r); from duprep.table import Table; "
+            "t = Table.attach(%r); t.close()") % (ROOT, ipcnames.table_name(instance))
+    subprocess.run([sys.executable, "-c", code], check=True)
+    Table.attach(ipcnames.table_name(instance)).close()     # still there
+
+
+def test_proc_rows(table):
+    row = ProcRow(table, 1, Role.RECEIVER)
+    row.counters[0] = 11
+    row.beat()
+    [p] = table.procs()
+    assert p.role == "receiver" and p.pid == os.getpid() and p.counters["frames_in"] == 11
+
+
+def test_attach_rejects_foreign_segments(instance):
+    from multiprocessing import shared_memory
+    name = ipcnames.table_name(instance)
+    shm = shared_memory.SharedMemory(name=name, create=True, size=4096)
+    try:
+        with pytest.raises(ProtocolError):
+            Table.attach(name)
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+# --- queues --------------------------------------------------------------------------
+
+def test_plan_fits_the_stock_kernel():
+    lim = queues.KernelLimits(msg_max=10, msgsize_max=8192, queues_max=256, rlimit_msgqueue=819200)
+    p = queues.plan(limits=lim)
+    assert (p.depth, p.msgsize) == (10, 8192) and "msg_max" in p.clamped
+    big = queues.KernelLimits(msg_max=1000, msgsize_max=1 << 20, queues_max=256, rlimit_msgqueue=819200)
+    p = queues.plan(limits=big)
+    assert 2 * p.bytes <= 819200 // 2 and p.msgsize >= 8192
+    assert queues.plan(depth=3, msgsize=4096, limits=lim) == queues.QueuePlan(3, 4096)
+
+
+def test_create_over_msg_max_names_the_limit(instance):
+    name = ipcnames.request_queue(instance)
+    with pytest.raises(LimitError, match="fs.mqueue.msg_max"):
+        queues.create(name, queues.QueuePlan(queues.kernel_limits().msg_max + 1, 8192))
+
+
+def test_create_over_rlimit_names_the_limit(instance):
+    made = []
+    try:
+        with pytest.raises(LimitError, match="RLIMIT_MSGQUEUE"):
+            for i in range(200):
+                name = f"/duprep.{instance}.fill{i}"
+                queues.create(name, queues.QueuePlan(10, 8192))
+                made.append(name)
+    finally:
+        for name in made:
+            queues.unlink(name)
+
+
+def test_queue_nonblocking_and_timeouts(instance):
+    name = ipcnames.request_queue(instance)
+    q = queues.Queue(name, queues.create(name, queues.QueuePlan(2, 1024)))
+    try:
+        with pytest.raises(WouldBlock):
+            q.get_nowait()
+        q.put_nowait(b"a")
+        q.put(b"b", timeout=0.1)
+        with pytest.raises(WouldBlock):
+            q.put(b"c", timeout=0.05)
+        assert q.depth_now() == 2 and q.get() == b"a" and q.get_nowait() == b"b"
+        with pytest.raises(WouldBlock):
+            q.get(timeout=0.05)
+    finally:
+        q.close()
+        queues.unlink(name)
+
+
+# --- fd passing ----------------------------------------------------------------------
+
+def test_fd_passing_round_trip():
+    a, b = fdpass.pair()
+    x, y = socket.socketpair()
+    try:
+        fdpass.send(a, fdpass.Op.CONN, 5, 6, x.fileno())
+        rec = fdpass.recv(b)
+        assert (rec.op, rec.sid, rec.generation) == (fdpass.Op.CONN, 5, 6)
+        got = socket.socket(fileno=rec.fd)
+        got.sendall(b"ping")
+        assert y.recv(4) == b"ping"
+        got.close()
+        fdpass.send(a, fdpass.Op.RELEASED, 1, 2)
+        assert fdpass.recv(b) == fdpass.Record(fdpass.Op.RELEASED, 1, 2, -1)
+        b.setblocking(False)
+        with pytest.raises(WouldBlock):
+            fdpass.recv(b)
+    finally:
+        for s in (a, b, x, y):
+            s.close()
+
+
+def test_fd_passing_rejects_a_conn_without_fd_and_closes_stray_fds():
+    a, b = fdpass.pair()
+    x, y = socket.socketpair()
+    try:
+        a.send(fdpass.RECORD.pack(fdpass.Op.CONN, 1, 1))
+        with pytest.raises(ProtocolError):
+            fdpass.recv(b)
+        before = len(os.listdir("/proc/self/fd"))
+        socket.send_fds(a, [fdpass.RECORD.pack(fdpass.Op.READY, 0, 0)], [x.fileno()])
+        with pytest.raises(ProtocolError):
+            fdpass.recv(b)
+        assert len(os.listdir("/proc/self/fd")) == before     # the stray fd was closed
+    finally:
+        for s in (a, b, x, y):
+            s.close()
+
+
+# --- config, names, locks, loop --------------------------------------------------------
+
+def test_config_validation_and_round_trip():
+    cfg = GatewayConfig(instance="x", port=0, workers=3)
+    assert GatewayConfig.decode(cfg.encode()) == cfg
+    for bad in ({"instance": "../etc"}, {"port": 70000}, {"workers": -1}, {"max_clients": 0},
+                {"handshake_timeout": 0}):
+        with pytest.raises(ConfigError):
+            GatewayConfig(**bad)
+    assert resolve_port("2000") == 2000
+    with pytest.raises(ConfigError):
+        resolve_port("no-such-service-anywhere")
+
+
+def test_ipc_names_come_from_one_place():
+    assert ipcnames.all_names("a.b") == {
+        "table": "duprep.a.b.table", "requests": "/duprep.a.b.req", "replies": "/duprep.a.b.rep",
+        "lock": os.path.join(ipcnames.LOCK_DIR, "duprep.a.b.lock")}
+    for bad in ("", ".x", "a/b", "a b", "x" * 49):
+        with pytest.raises(ConfigError):
+            ipcnames.check_instance(bad)
+
+
+def test_gateway_lock_refuses_a_second_holder(instance):
+    first = InstanceLock(instance)
+    first.acquire_gateway()
+    try:
+        code = ("import sys; sys.path.insert(0, %r)\nfrom duprep.lock import InstanceLock\n"
+                "from duprep.errors import InstanceBusyError\n"
+                "try:\n    InstanceLock(%r).acquire_gateway(wait_attached=0)\nexcept InstanceBusyError:\n"
+                "    sys.exit(7)\n") % (ROOT, instance)
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 7
+    finally:
+        first.unlink()
+        first.close()
+
+
+def test_event_loop_timers_and_deferred_close():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    seen = []
+    loop.register(a.fileno(), READ, lambda ev: (seen.append(a.recv(10)), loop.close_later(a)))
+    loop.call_later(0.01, lambda: b.send(b"x"))
+    loop.call_later(0.05, loop.stop)
+    cancelled = loop.call_later(0.02, lambda: seen.append("never"))
+    cancelled.cancel()
+    loop.run()
+    assert seen == [b"x"] and a.fileno() == -1 and not loop.registered(3)
+    b.close()
+    loop.close()
+
+
+def test_busy_error_type():
+    assert issubclass(InstanceBusyError, Exception)
+    assert posix_ipc.BusyError is not WouldBlock
