@@ -438,3 +438,26 @@ def test_status_text_and_json(gateway, instance):
         assert {p["role"] for p in snap["processes"]} == {"acceptor", "receiver", "sender", "worker"}
     missing = duprep_cli("status", "--instance", instance + "-nope")
     assert missing.returncode == 3 and "not running" in missing.stderr
+
+
+@pytest.mark.parametrize("role", ["duprep-receiver", "duprep-sender", "duprep-worker"])
+def test_a_crashed_child_is_restarted_and_clients_carry_on(gateway, instance, role):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, name="survivor") as c:
+        assert c.request(b"before") == b"before"
+        [victim, *_] = [p for p in descendants(gw.pid) if comm(p) == role]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not alive(victim), what="the victim to die")
+        wait_until(lambda: any(comm(p) == role and p != victim for p in descendants(gw.pid)),
+                   what=f"a new {role}")
+        wait_until(lambda: [p for p in snapshot(instance)["processes"]
+                            if p["pid"] != victim and comm(p["pid"]) == role], what="the new one to be up")
+        deadline = time.monotonic() + 20
+        while True:                # a request racing the restart may be lost; a later one must work
+            try:
+                assert c.request(b"after", timeout=2) == b"after"
+                break
+            except duprep.Timeout:
+                assert time.monotonic() < deadline, "no reply after the restart"
+        restarts = {p["role"]: p for p in snapshot(instance)["processes"]}["acceptor"]["counters"]["restarts"]
+        assert restarts == 1

@@ -408,6 +408,7 @@ class Acceptor:
             self.halt(EXIT_BOOT_ERROR if code not in NO_RESPAWN else code)
             return
         self.row.counters[C_RESTARTS] += 1     # type: ignore[union-attr]
+        self.row.beat()                         # type: ignore[union-attr]
         if time.monotonic() - child.started > 10:
             child.failures = 0
         delay = min(30.0, 0.25 * 2 ** child.failures)

@@ -133,9 +133,20 @@ class Receiver:
             self.release(old, notify=True)
         conn = Conn(sid, gen, sock, self.max_frame)
         conn.part = self.table.r_part(sid)
-        conn.part.write(gen, 0, 0, 0.0, 0, 0, b"")
         self.conns[sid] = conn
-        conn.timer = self.loop.call_later(self.cfg.handshake_timeout, lambda: self.on_handshake_timeout(conn))
+        rgen, flags, _, last_in, frames, nbytes, name = conn.part.read()
+        if rgen == gen and flags & SlotFlag.READY:
+            # A receiver before us (which crashed) already took this client's HELLO.
+            conn.ready = True
+            conn.name = name.rstrip(b"\0").decode()
+            conn.last_in, conn.frames, conn.bytes = last_in, frames, nbytes
+            if conn.name:
+                self.names[conn.name] = conn
+            log.info("took over sid %d gen %d (%s)", sid, gen, conn.name or "-")
+        else:
+            conn.part.write(gen, 0, 0, 0.0, 0, 0, b"")
+            conn.timer = self.loop.call_later(self.cfg.handshake_timeout,
+                                              lambda: self.on_handshake_timeout(conn))
         if self.paused:
             conn.parked = True
             self.parked.append(conn)
