@@ -36,10 +36,10 @@ from typing import Callable, Iterable
 import msgspec
 
 from . import ipcnames
-from .errors import (BrokenResourceError, ClosedResourceError, DuprepError, Timeout, UnknownTarget,
-                     WouldBlock)
-from .frame import (BatchPacker, Defer, Deliver, Error, ErrorCode, Push, Reply, Request, decode_requests,
-                    encode_wire)
+from .errors import (BrokenResourceError, ClosedResourceError, DuprepError, ProtocolError, Timeout,
+                     UnknownTarget, WouldBlock)
+from .frame import (DELIVER_OVERHEAD, LENGTH, BatchPacker, Call, Close, Defer, Deliver, Error, ErrorCode, Push, Reply, Request,
+                    chunk_decoder, decode_requests, encode_wire)
 from .lock import InstanceLock
 from .queues import Queue
 from .table import ProcRow, Role, SlotInfo, SlotState, Table
@@ -106,6 +106,10 @@ class Replier:
             self._release()
             raise
         self._out = BatchPacker(self._replies.msgsize)
+        self._room = self._replies.msgsize - 3 - DELIVER_OVERHEAD     # wire bytes one Deliver can carry
+        self._open_key: tuple[int, int] | None = None   # the connection the frames below are for
+        self._open_frames: list[bytes | bytearray] = []
+        self._open_size = 0
 
     # --- answering -------------------------------------------------------------
 
@@ -143,14 +147,36 @@ class Replier:
         return sid, gen
 
     def _send(self, sid: int, gen: int, frame: msgspec.Struct) -> None:
+        """Queue one frame for (sid, gen); consecutive frames for one connection share a Deliver."""
         self._check()
-        self._out.add(Deliver(sid, gen, encode_wire(frame)))
+        wire = encode_wire(frame)
+        if len(wire) > self._room:
+            raise ProtocolError(f"a {type(frame).__name__} frame of {len(wire)} bytes exceeds the largest frame "
+                                f"this instance carries ({self._room} bytes; see --queue-size)")
+        if self._open_key == (sid, gen) and self._open_size + len(wire) <= self._room:
+            self._open_frames.append(wire)
+            self._open_size += len(wire)
+        else:
+            self._seal()
+            self._open_key = (sid, gen)
+            self._open_frames = [wire]
+            self._open_size = len(wire)
         self._c[C_REPLIES] += 1
         if not self._batch:
             self.flush()
 
+    def _seal(self) -> None:
+        frames = self._open_frames
+        if frames:
+            sid, gen = self._open_key  # type: ignore[misc]
+            self._out.add(Deliver(sid, gen, frames[0] if len(frames) == 1 else b"".join(frames), len(frames)),
+                          DELIVER_OVERHEAD + self._open_size)
+            self._open_frames = []
+            self._open_key = None
+
     def flush(self, *, timeout: float | None = 30.0) -> None:
         """Send every reply collected so far (blocks while the reply queue is full)."""
+        self._seal()
         if not self._out:
             return
         for message in self._out.take():
@@ -216,6 +242,7 @@ class Worker(Replier):
             self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
             self._c = self._row.counters
             self._requests = Queue(ipcnames.request_queue(instance))
+            self._decode = chunk_decoder().decode
             try:
                 self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
             except ProcessLookupError:
@@ -267,12 +294,7 @@ class Worker(Replier):
                             raise ClosedResourceError("worker interrupted") from None
                 continue
             self._c[C_QMSGS] += 1
-            try:
-                items = decode_requests(message)
-            except (msgspec.DecodeError, ValueError) as e:
-                log.error("dropped an undecodable request-queue message: %s", e)
-                continue
-            self._batch.extend(items)
+            self._expand(message)
             self._row.beat()          # status shows what this worker holds
             if self._batch:
                 return self._hand(self._batch.popleft())
@@ -281,13 +303,45 @@ class Worker(Replier):
         """The next request if one is already there, else raise WouldBlock."""
         self._check()
         self._done_one()
-        if not self._batch:
+        while not self._batch:
             self.flush()
-            self._batch.extend(decode_requests(self._requests.get_nowait()))
+            self._expand(self._requests.get_nowait())
             self._c[C_QMSGS] += 1
-        if not self._batch:
-            raise WouldBlock("no request")
         return self._hand(self._batch.popleft())
+
+    def _expand(self, message: bytes) -> None:
+        """Turn one request-queue message into Requests (the frames come undecoded from the receiver)."""
+        try:
+            chunks = decode_requests(message)
+        except (msgspec.DecodeError, ValueError) as e:
+            log.error("dropped an undecodable request-queue message: %s", e)
+            return
+        decode, append, unpack = self._decode, self._batch.append, LENGTH.unpack_from
+        for chunk in chunks:
+            sid, gen, client, received, data = chunk.sid, chunk.generation, chunk.client, chunk.received, chunk.frames
+            view = memoryview(data)
+            off, n = 0, len(data)
+            while off < n:
+                end = off + 4 + unpack(data, off)[0]
+                try:
+                    f = decode(view[off + 4:end])
+                except (msgspec.DecodeError, ValueError, RecursionError) as e:
+                    self._bad_frame(sid, gen, str(e))
+                    break
+                if type(f) is Call:
+                    append(Request(sid, gen, f.msgid, f.cpid, client, f.data,
+                                   received + f.timeout_ms / 1000 if f.timeout_ms else 0.0))
+                else:
+                    append(Request(sid, gen, f.msgid, f.cpid, client, f.data, 0.0, True))
+                off = end
+
+    def _bad_frame(self, sid: int, gen: int, why: str) -> None:
+        """A REQUEST/SEND the receiver passed on unchecked is malformed: tell the client, end it."""
+        log.info("sid %d gen %d: malformed frame: %s", sid, gen, why)
+        self._c[C_ERRORS] += 1
+        self._send(sid, gen, Error(0, 0, ErrorCode.BAD_FRAME, f"malformed frame: {why}"[:200]))
+        self._seal()
+        self._out.add(Close(sid, gen, ErrorCode.BAD_FRAME))
 
     def _hand(self, request: Request) -> Request:
         self._holding = True

@@ -5,6 +5,8 @@ worker  run business workers that join a running gateway
 status  show the connection table, processes and queues of an instance
 demo    start a gateway with the sample app, drive it with simulated clients, stop it
 cleanup remove the IPC objects of an instance whose processes are all dead
+client-daemon  hold a client host's link to a gateway for its local processes
+client-status  show a client daemon's link, local processes and queues
 """
 
 from __future__ import annotations
@@ -116,6 +118,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(clients=args.clients, seconds=args.seconds, workers=args.workers)
 
 
+def cmd_client_daemon(args: argparse.Namespace) -> int:
+    from .clienthost.config import DaemonConfig, default_sizes, parse_server
+    from .clienthost.daemon import serve as serve_client_daemon
+    host, port = parse_server(args.server)
+    sizes = default_sizes()
+    cfg = DaemonConfig(
+        instance=args.instance, server_host=host, server_port=port, name=args.name or "", links=args.links,
+        callback_host=args.callback_host or "", max_backoff=args.max_backoff,
+        **{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()})
+    return serve_client_daemon(cfg)
+
+
+def cmd_client_status(args: argparse.Namespace) -> int:
+    from .clienthost.control import fetch, render
+    try:
+        snap = fetch(args.instance)
+    except DuprepError as e:
+        if args.json:
+            print(json.dumps({"instance": args.instance, "state": "stopped", "error": str(e)}))
+        else:
+            print(f"duprep client-status: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(snap, indent=1) if args.json else render(snap))
+    return 0
+
+
+def _add_clienthost_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    cd = sub.add_parser("client-daemon", help="carry a client host's local processes over one gateway link")
+    cd.add_argument("--server", required=True, help="the gateway, HOST:PORT (PORT may be an /etc/services name)")
+    cd.add_argument("--instance", default="default", help="names the client host's queues (default: default)")
+    cd.add_argument("--name", default=None, help="client name at the gateway (default: anonymous)")
+    cd.add_argument("--links", choices=("direct", "callback"), default="direct",
+                    help="direct: one connection; callback: the seed's L0 + connect-back L1/L2")
+    cd.add_argument("--callback-host", default=None, help="address to take callbacks on (default: L0's local address)")
+    cd.add_argument("--uplink-depth", type=int, default=None, help="messages in the shared uplink queue")
+    cd.add_argument("--uplink-size", type=int, default=None, help="bytes per uplink message")
+    cd.add_argument("--reply-depth", type=int, default=None, help="messages per local reply queue (default 2)")
+    cd.add_argument("--reply-size", type=int, default=None, help="bytes per reply message (default 8192)")
+    cd.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnect attempts")
+    cd.set_defaults(func=cmd_client_daemon)
+
+    cs = sub.add_parser("client-status", help="show a client daemon's link, local processes and queues")
+    cs.add_argument("--instance", default="default")
+    cs.add_argument("--json", action="store_true")
+    cs.set_defaults(func=cmd_client_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duprep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="remove IPC objects left by a crashed instance")
     c.add_argument("--instance", default="default")
     c.set_defaults(func=cmd_cleanup)
+    _add_clienthost_commands(sub)
     return p
 
 

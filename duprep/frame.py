@@ -31,9 +31,9 @@ __all__ = [
     "Hello", "Call", "Send", "Relay",
     "Welcome", "Reply", "Defer", "Push", "Error",
     "ClientFrame", "ServerFrame",
-    "Request", "Deliver", "Close",
+    "Request", "Chunk", "Deliver", "Close", "chunk_decoder",
     "encode_wire", "client_decoder", "server_decoder",
-    "BatchPacker", "decode_requests", "decode_replies",
+    "BatchPacker", "bound", "decode_requests", "decode_replies", "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -148,12 +148,12 @@ ServerFrame = Union[Welcome, Reply, Defer, Push, Error]
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode_wire(frame: Struct) -> bytes:
-    """Encode one wire frame with its 4-byte length prefix."""
+def encode_wire(frame: Struct) -> bytearray:
+    """Encode one wire frame with its 4-byte length prefix (one buffer, no copy)."""
     buf = bytearray(LENGTH.size)
     _encoder.encode_into(frame, buf, LENGTH.size)
     LENGTH.pack_into(buf, 0, len(buf) - LENGTH.size)
-    return bytes(buf)
+    return buf
 
 
 def client_decoder() -> msgspec.msgpack.Decoder:
@@ -174,7 +174,7 @@ class Request(Struct, tag=1, array_like=True):
     ``(sid, generation)`` names the connection; the pair is what makes a late
     answer harmless after the slot has been reused.  A Request is a plain
     Struct: keep it, ``msgspec.msgpack.encode`` it, and answer it later from
-    any process with ``duprep.bus.Worker.reply``.
+    any process with ``duprep.bus.Replier.reply``.
     """
     sid: int
     generation: int
@@ -186,6 +186,20 @@ class Request(Struct, tag=1, array_like=True):
     oneway: bool = False    # SEND: no reply expected
 
 
+class Chunk(Struct, tag=2, array_like=True):
+    """What the receiver puts on the request queue: one connection's frames, as read.
+
+    ``frames`` holds complete, length-prefixed REQUEST and SEND frames exactly
+    as the client sent them.  The receiver only finds their boundaries and
+    checks their tag; the worker decodes them (in parallel across workers),
+    and answers a malformed one with ERROR BAD_FRAME and a Close.  This keeps
+    the single receiver process cheap: no decode and re-encode per frame.
+    """
+    sid: int
+    generation: int
+    client: str
+    received: float         # time.time() of the read; REQUEST deadlines count from it
+    frames: bytes
 class Deliver(Struct, tag=1, array_like=True):
     """Bytes for one connection: one or more complete, prefixed wire frames."""
     sid: int
@@ -201,11 +215,11 @@ class Close(Struct, tag=2, array_like=True):
     reason: int = 0
 
 
-_request_batch = msgspec.msgpack.Decoder(list[Request])
+_request_batch = msgspec.msgpack.Decoder(list[Chunk])
 _reply_batch = msgspec.msgpack.Decoder(list[Union[Deliver, Close]])
 
 
-def decode_requests(message: bytes) -> list[Request]:
+def decode_requests(message: bytes) -> list[Chunk]:
     """Decode one request-queue message."""
     return _request_batch.decode(message)
 
@@ -215,34 +229,58 @@ def decode_replies(message: bytes) -> list[Deliver | Close]:
     return _reply_batch.decode(message)
 
 
-class BatchPacker:
-    """Packs encoded bus items into queue messages of at most ``limit`` bytes.
+def bound(item: Struct) -> int:
+    """An upper bound of ``item``'s encoded size, without encoding it."""
+    if type(item) is Deliver:
+        return DELIVER_OVERHEAD + len(item.frame)
+    if type(item) is Chunk:
+        return CHUNK_OVERHEAD + 4 * len(item.client) + len(item.frames)
+    return 32
 
-    Items are encoded once, as they arrive; ``messages()`` joins them behind a
-    msgpack array header, so packing costs one copy and no re-encoding.
+
+def chunk_decoder() -> msgspec.msgpack.Decoder:
+    """A decoder for the frames inside a Chunk (REQUEST or SEND only)."""
+    return msgspec.msgpack.Decoder(Union[Call, Send])
+
+
+# Worst-case msgpack bytes of a bus item beside its variable fields: array
+# header, tag, four integers of up to 9 bytes, a float64, a bool, str/bin headers.
+CHUNK_OVERHEAD: Final = 1 + 1 + 2 * 9 + 9 + 5 + 5
+DELIVER_OVERHEAD: Final = 1 + 1 + 3 * 9 + 5
+
+
+class BatchPacker:
+    """Packs bus items into queue messages of at most ``limit`` bytes.
+
+    Items are collected as objects and each queue message is encoded with a
+    single msgspec call (one pass in C, not one encoder call per item); an
+    upper bound of every item's size decides where a message ends, so a
+    message never exceeds the limit.
     """
 
-    __slots__ = ("limit", "_items", "_size", "_done", "_enc")
+    __slots__ = ("limit", "_items", "_size", "_done", "_encode")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: list[bytes] = []
+        self._items: list[Struct] = []
         self._size = 3          # worst-case array header (array 16)
         self._done: list[bytes] = []
-        self._enc = msgspec.msgpack.Encoder()
+        self._encode = msgspec.msgpack.Encoder().encode
 
-    def add(self, item: Struct) -> None:
-        data = self._enc.encode(item)
-        if len(data) + 3 > self.limit:
-            raise ValueError(f"bus item of {len(data)} bytes exceeds the queue message size {self.limit}")
-        if self._size + len(data) > self.limit or len(self._items) == 65535:
+    def add(self, item: Struct, size: int = -1) -> None:
+        """Queue ``item``; ``size`` is its :func:`bound` if the caller knows it already."""
+        if size < 0:
+            size = bound(item)
+        if size + 3 > self.limit:
+            raise ValueError(f"bus item of up to {size} bytes exceeds the queue message size {self.limit}")
+        if self._size + size > self.limit or len(self._items) == 65535:
             self._seal()
-        self._items.append(data)
-        self._size += len(data)
+        self._items.append(item)
+        self._size += size
 
     def _seal(self) -> None:
         if self._items:
-            self._done.append(_array_header(len(self._items)) + b"".join(self._items))
+            self._done.append(self._encode(self._items))
             self._items = []
             self._size = 3
 
@@ -254,9 +292,3 @@ class BatchPacker:
         self._seal()
         done, self._done = self._done, []
         return done
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    return b"\xdc" + n.to_bytes(2, "big")

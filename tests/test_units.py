@@ -65,7 +65,7 @@ def test_names_longer_than_64_are_rejected():
 
 def test_batch_packer_respects_the_message_size():
     packer = frame.BatchPacker(1024)
-    items = [frame.Request(i, 1, i, 2, "c", os.urandom(100)) for i in range(50)]
+    items = [frame.Chunk(i, 1, "c", 1.5, os.urandom(100)) for i in range(50)]
     for it in items:
         packer.add(it)
     messages = packer.take()
@@ -73,7 +73,7 @@ def test_batch_packer_respects_the_message_size():
     assert [r for m in messages for r in frame.decode_requests(m)] == items
     assert not packer and packer.take() == []
     with pytest.raises(ValueError):
-        packer.add(frame.Request(1, 1, 1, 1, "", b"x" * 2000))
+        packer.add(frame.Chunk(1, 1, "", 0.0, b"x" * 2000))
 
 
 def test_batch_packer_large_counts_use_array16():

@@ -39,7 +39,7 @@ from .. import fdpass, ipcnames, queues
 from ..config import GatewayConfig
 from ..errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError, LimitError, WouldBlock
 from ..fdpass import Op
-from ..frame import Error, ErrorCode, MAX_NAME, encode_wire
+from ..frame import CHUNK_OVERHEAD, MAX_NAME, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock
 from ..table import GatewayState, ProcRow, Role, SlotState, Table
 from . import net, systemd
@@ -53,8 +53,9 @@ NPROCS = 128                   # 3 gateway rows + up to 125 worker rows
 ACCEPTS_PER_WAKE = 64
 STEP_TIMEOUT = 10.0            # seconds each stop step may take beyond drain_timeout
 C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS = range(5)
-# Room a request item needs on the queue beside its payload: tag, ids, name, deadline.
-BUS_OVERHEAD = 48 + MAX_NAME * 2
+# Queue-message bytes a frame needs beside itself: the batch header, a Chunk's
+# fields with the longest possible name (UTF-8), the frame's length prefix.
+BUS_OVERHEAD = 3 + CHUNK_OVERHEAD + 4 * MAX_NAME + 4
 
 
 class Child:

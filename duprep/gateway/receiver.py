@@ -33,28 +33,29 @@ from ..errors import BrokenResourceError, WouldBlock
 from ..fdpass import Op
 from .. import fdpass
 from ..frame import (PROTOCOL_VERSION, BatchPacker, Call, Close, Deliver, Error, ErrorCode, Hello,
-                     Push, Relay, Reply, Request, Send, Welcome, client_decoder, encode_wire)
+                     LENGTH, CHUNK_OVERHEAD, Chunk, Push, Relay, Reply, Send, Welcome, client_decoder,
+                     encode_wire)
 from ..queues import Queue
 from ..table import ProcRow, Role, SlotFlag, Table
-from ..wire import FrameReader, FrameTooLarge
 from .child import EXIT_OK, run_child
 from .loop import ERR, READ, WRITE, EventLoop
 
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
+STATS_INTERVAL = 1.0     # seconds: per-connection counters reach the table at most this late
 C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
 
 
 class Conn:
     """The receiver's state for one connection."""
 
-    __slots__ = ("sid", "gen", "sock", "fd", "reader", "name", "ready", "timer",
+    __slots__ = ("sid", "gen", "sock", "fd", "pending", "name", "ready", "timer",
                  "frames", "bytes", "last_in", "parked", "part")
 
-    def __init__(self, sid: int, gen: int, sock: socket.socket, max_frame: int) -> None:
+    def __init__(self, sid: int, gen: int, sock: socket.socket) -> None:
         self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
-        self.reader = FrameReader(max_frame)
+        self.pending = bytearray()      # the start of an incomplete frame
         self.name = ""
         self.ready = False
         self.timer = None
@@ -72,6 +73,7 @@ class Receiver:
         self.requests = Queue(ipcnames.request_queue(cfg.instance))
         self.replies = Queue(ipcnames.reply_queue(cfg.instance))
         self.max_frame = self.table.get("max_frame")
+        self.chunk_room = self.requests.msgsize - 3 - CHUNK_OVERHEAD   # frame bytes one Chunk can carry
         self.row = ProcRow(self.table, 1, Role.RECEIVER)
         self.c = self.row.counters
         self.loop = EventLoop()
@@ -86,7 +88,8 @@ class Receiver:
         self.paused = False
         self.parked: list[Conn] = []
         self.stopping = False
-        self.dirty: set[Conn] = set()
+        self.dirty: set[Conn] = set()            # stats not yet in the table
+        self.stats_timer = None
 
     # --- boot -------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class Receiver:
         if old is not None:      # cannot happen unless the acceptor lost track; keep the table right
             log.warning("slot %d handed over again (gen %d -> %d)", sid, old.gen, gen)
             self.release(old, notify=True)
-        conn = Conn(sid, gen, sock, self.max_frame)
+        conn = Conn(sid, gen, sock)
         conn.part = self.table.r_part(sid)
         self.conns[sid] = conn
         rgen, flags, _, last_in, frames, nbytes, name = conn.part.read()
@@ -174,26 +177,69 @@ class Receiver:
             self.end(conn)
             return
         conn.bytes += n
-        conn.last_in = time.time()
+        conn.last_in = time.time()   # one clock read per recv, also the base of request deadlines
         self.c[C_BYTES] += n
-        self.dirty.add(conn)
-        try:
-            bodies = conn.reader.feed(self.rview[:n])
-        except FrameTooLarge as e:
-            self.fail(conn, ErrorCode.FRAME_TOO_LARGE, str(e))
-            return
-        decode = self.decoder.decode
-        for body in bodies:
-            try:
-                frame = decode(body)
-            except (msgspec.DecodeError, ValueError, RecursionError) as e:
-                # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8
-                self.fail(conn, ErrorCode.BAD_FRAME, f"malformed frame: {e}")
+        self.touch(conn)
+        if conn.pending:
+            conn.pending += self.rview[:n]
+            buf = memoryview(bytes(conn.pending))
+            conn.pending.clear()
+        else:
+            buf = self.rview[:n]
+        self.split(conn, buf)
+
+    def split(self, conn: Conn, buf: memoryview) -> None:
+        """Find the frames in ``buf``: REQUEST/SEND go on as Chunks, undecoded; the rest is handled here.
+
+        Only the length prefix and the tag byte of a REQUEST or SEND are looked
+        at (a fixarray of 4+ elements whose first is 2 or 3); whatever else a
+        client sends is decoded and validated here.
+        """
+        n = len(buf)
+        off = run = 0
+        frames = calls = 0
+        limit = self.max_frame
+        room = self.chunk_room - 4 * len(conn.name)
+        unpack = LENGTH.unpack_from
+        while n - off >= 4:
+            size = unpack(buf, off)[0]
+            if size > limit:
+                self.forward(conn, buf[run:off])
+                self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
                 return
-            conn.frames += 1
-            if not self.handle(conn, frame):
-                return
-        self.c[C_FRAMES] += len(bodies)
+            end = off + 4 + size
+            if end > n:
+                break
+            frames += 1
+            if conn.ready and size > 1 and 0x94 <= buf[off + 4] <= 0x9F and 2 <= buf[off + 5] <= 3:
+                if end - run > room:
+                    self.forward(conn, buf[run:off])
+                    run = off
+                calls += 1
+            else:
+                self.forward(conn, buf[run:off])
+                run = end
+                try:
+                    f = self.decoder.decode(buf[off + 4:end])
+                except (msgspec.DecodeError, ValueError, RecursionError) as e:
+                    # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8
+                    self.fail(conn, ErrorCode.BAD_FRAME, f"malformed frame: {e}")
+                    return
+                if not self.handle(conn, f):
+                    return
+                room = self.chunk_room - 4 * len(conn.name)
+            off = end
+        self.forward(conn, buf[run:off])
+        if off < n:
+            conn.pending += buf[off:]
+        conn.frames += frames
+        self.c[C_FRAMES] += frames
+        self.c[C_REQUESTS] += calls
+
+    def forward(self, conn: Conn, frames: memoryview) -> None:
+        if frames:
+            self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, bytes(frames)),
+                             CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
 
     def handle(self, conn: Conn, frame: object) -> bool:
         """Act on one frame; False if the connection was ended."""
@@ -202,14 +248,9 @@ class Receiver:
             if kind is Hello:
                 return self.hello(conn, frame)  # type: ignore[arg-type]
             return self.not_ready(conn)
-        if kind is Call:
-            self.req_out.add(Request(
-                conn.sid, conn.gen, frame.msgid, frame.cpid, conn.name, frame.data,  # type: ignore[attr-defined]
-                time.time() + frame.timeout_ms / 1000 if frame.timeout_ms else 0.0))  # type: ignore[attr-defined]
-            self.c[C_REQUESTS] += 1
-        elif kind is Send:
-            self.req_out.add(Request(conn.sid, conn.gen, frame.msgid, frame.cpid, conn.name,  # type: ignore[attr-defined]
-                                     frame.data, 0.0, True))  # type: ignore[attr-defined]
+        if kind is Call or kind is Send:
+            # A REQUEST/SEND the fast path did not recognise (e.g. an array16 header): forward it re-encoded.
+            self.forward(conn, memoryview(encode_wire(frame)))  # type: ignore[arg-type]
             self.c[C_REQUESTS] += 1
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
@@ -243,7 +284,7 @@ class Receiver:
             conn.timer = None
         self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(
             Welcome(PROTOCOL_VERSION, conn.sid, conn.gen, name, self.max_frame))))
-        self.dirty.add(conn)
+        self.publish(conn)          # now: push by name and relays look the name up in the table
         return True
 
     def relay(self, conn: Conn, frame: Relay) -> None:
@@ -295,6 +336,19 @@ class Receiver:
             except (BrokenResourceError, WouldBlock):
                 log.error("cannot tell the acceptor that slot %d is released", conn.sid)
 
+    def touch(self, conn: Conn) -> None:
+        """Note that ``conn``'s counters changed; they reach the table within STATS_INTERVAL."""
+        self.dirty.add(conn)
+        if self.stats_timer is None:
+            self.stats_timer = self.loop.call_later(STATS_INTERVAL, self.publish_dirty)
+
+    def publish_dirty(self) -> None:
+        self.stats_timer = None
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            if self.conns.get(conn.sid) is conn:
+                self.publish(conn)
+
     def publish(self, conn: Conn) -> None:
         conn.part.write(conn.gen, SlotFlag.READY if conn.ready else 0, 0, conn.last_in,
                         conn.frames, conn.bytes, conn.name.encode())
@@ -302,11 +356,7 @@ class Receiver:
     # --- flushing and backpressure ------------------------------------------------
 
     def flush(self) -> None:
-        """Before sleeping: publish stats, send what this batch produced."""
-        if self.dirty:
-            for conn in self.dirty:
-                self.publish(conn)
-            self.dirty.clear()
+        """Before sleeping: send what this batch produced."""
         if self.rep_out:
             self.backlog.append((self.replies, self.rep_out.take()))
         if self.req_out:

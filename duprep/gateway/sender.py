@@ -42,6 +42,7 @@ log = logging.getLogger("duprep")
 C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES = range(7)
 MAX_MESSAGES_PER_WAKE = 256
 DRAIN_CHECK = 0.05
+STATS_INTERVAL = 1.0     # seconds: per-connection counters reach the table at most this late
 
 
 class Conn:
@@ -74,9 +75,12 @@ class Sender:
         self.c = self.row.counters
         self.loop = EventLoop()
         self.conns: dict[int, Conn] = {}
-        self.dirty: dict[int, Conn] = {}
+        self.dirty: dict[int, Conn] = {}         # connections with new output this batch
+        self.stale_stats: set[Conn] = set()      # counters not yet in the table
+        self.stats_timer = None
         self.draining = False
         self.drain_deadline = 0.0
+        self.now = time.time()
 
     def serve(self) -> int:
         self.ctl.setblocking(False)
@@ -165,6 +169,7 @@ class Sender:
     # --- writing ------------------------------------------------------------------------
 
     def flush(self) -> None:
+        self.now = time.time()
         if self.dirty:
             dirty, self.dirty = self.dirty, {}
             for conn in dirty.values():
@@ -182,9 +187,8 @@ class Sender:
                 self.c[C_WERR] += 1
                 self.end(conn)
                 return
-            now = time.time()
             if n:
-                conn.last_out = now
+                conn.last_out = self.now
                 conn.bytes += n
                 self.c[C_BYTES] += n
             if n == len(data):
@@ -206,7 +210,7 @@ class Sender:
                 if not conn.watching:
                     conn.watching = True
                     self.loop.register(conn.fd, WRITE, lambda ev: self.on_writable(conn, ev))
-                self.publish(conn)
+                self.touch(conn)
                 return
         if conn.watching:
             conn.watching = False
@@ -217,7 +221,7 @@ class Sender:
         if conn.closing:
             self.end(conn)
         else:
-            self.publish(conn)
+            self.touch(conn)
 
     def on_writable(self, conn: Conn, ev: int) -> None:
         if ev & ERR and not ev & WRITE:
@@ -265,6 +269,19 @@ class Sender:
             fdpass.send(self.ctl, Op.RELEASED, conn.sid, conn.gen)
         except (BrokenResourceError, WouldBlock):
             log.error("cannot tell the acceptor that slot %d is released", conn.sid)
+
+    def touch(self, conn: Conn) -> None:
+        """Note that ``conn``'s counters changed; they reach the table within STATS_INTERVAL."""
+        self.stale_stats.add(conn)
+        if self.stats_timer is None:
+            self.stats_timer = self.loop.call_later(STATS_INTERVAL, self.publish_stale)
+
+    def publish_stale(self) -> None:
+        self.stats_timer = None
+        stale, self.stale_stats = self.stale_stats, set()
+        for conn in stale:
+            if self.conns.get(conn.sid) is conn:
+                self.publish(conn)
 
     def publish(self, conn: Conn) -> None:
         conn.part.write(conn.gen, 0, 0, conn.last_out, conn.frames, conn.bytes, conn.dropped,

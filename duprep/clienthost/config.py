@@ -1,0 +1,97 @@
+"""The client daemon's settings: one frozen Struct, validated once.
+
+Queue sizes default to what the kernel offers, but small: every local
+endpoint costs ``reply_depth * (reply_size + 96)`` bytes of the user's
+RLIMIT_MSGQUEUE (819200 bytes unless raised), which a gateway on the same
+machine shares.  Depth 2 of 8 KiB is ~16.6 KB per endpoint: 20 endpoints,
+the uplink and one gateway fit together with room to spare.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from ..config import resolve_port
+from ..errors import ConfigError
+from ..ipcnames import check_instance
+from ..queues import OVERHEAD, kernel_limits
+
+__all__ = ["DaemonConfig", "parse_server", "default_sizes"]
+
+Links = Literal["direct", "callback"]
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of one client daemon (``duprep client-daemon --help``)."""
+
+    instance: str = "default"
+    server_host: str = "127.0.0.1"
+    server_port: int = 2000
+    name: str = ""                    # client name at the gateway ("": anonymous)
+    links: Links = "direct"           # "callback": the seed's L0 + connect-back L1/L2
+    callback_host: str = ""           # address to listen on for callbacks ("": L0's local address)
+    uplink_depth: int = 10
+    uplink_size: int = 8192
+    reply_depth: int = 2
+    reply_size: int = 8192
+    connect_timeout: float = 5.0      # seconds for TCP connect (and, callback mode, the callbacks)
+    handshake_timeout: float = 5.0    # seconds from connected to WELCOME
+    min_backoff: float = 0.1          # first reconnect delay; doubles up to max_backoff
+    max_backoff: float = 5.0
+    max_outbuf: int = 1 << 20         # request bytes buffered for the gateway before the uplink pauses
+    max_pending: int = 256            # replies buffered per endpoint whose queue is full
+    drain_timeout: float = 5.0        # SIGTERM: seconds to wait for answers already asked for
+    orphan_memory: int = 100_000      # msgids of dead processes remembered to count late replies
+
+    def __post_init__(self) -> None:
+        check_instance(self.instance)
+        if not 0 < self.server_port <= 65535:
+            raise ConfigError(f"server port {self.server_port} is out of range")
+        if len(self.name.encode()) > 64 or not self.name.isprintable():
+            raise ConfigError("--name must be printable and at most 64 bytes")
+        for field in ("uplink_depth", "reply_depth", "max_pending", "orphan_memory"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"{field} must be >= 1")
+        for field in ("uplink_size", "reply_size"):
+            if getattr(self, field) < 1024:
+                raise ConfigError(f"{field} must be >= 1024 bytes")
+        for field in ("connect_timeout", "handshake_timeout", "min_backoff", "max_backoff", "drain_timeout"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be > 0")
+        if self.max_backoff < self.min_backoff:
+            raise ConfigError("max_backoff must be >= min_backoff")
+
+    @property
+    def server(self) -> str:
+        host = f"[{self.server_host}]" if ":" in self.server_host else self.server_host
+        return f"{host}:{self.server_port}"
+
+
+def parse_server(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``; PORT may be an /etc/services name) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port:
+        raise ConfigError(f"--server must be HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, resolve_port(port)
+
+
+def default_sizes() -> dict[str, int]:
+    """Queue sizes for this kernel.
+
+    The uplink takes the largest message the kernel allows (up to 64 KiB, a
+    gateway's largest frame) and a depth that keeps it within 1/8 of
+    RLIMIT_MSGQUEUE; reply queues are 2 x 8 KiB, because there is one per
+    local endpoint.  Replies larger than ``reply_size`` reach the caller as
+    an ERROR FRAME_TOO_LARGE; raise ``--reply-size`` if the app sends them.
+    """
+    lim = kernel_limits()
+    size = min(65536, lim.msgsize_max)
+    depth = min(10, lim.msg_max)
+    while depth > 2 and depth * (size + OVERHEAD) > lim.rlimit_msgqueue // 8:
+        depth -= 1
+    return {"uplink_depth": depth, "uplink_size": size,
+            "reply_depth": min(2, lim.msg_max), "reply_size": min(8192, lim.msgsize_max)}

@@ -1,0 +1,117 @@
+"""The daemon's msgid map: which local request a gateway answer belongs to.
+
+Every local process numbers its own requests from 1, so their msgids
+collide on the shared link.  The daemon gives each request it forwards a
+daemon-wide msgid (never reused while the daemon lives) and remembers
+``wire msgid -> (endpoint, local msgid)``; the answer is mapped back and
+the entry forgotten on the final answer (REPLY or ERROR; a DEFERRED keeps
+it until the final REPLY).
+
+When an endpoint goes away its entries become *orphans*: the answers may
+still come, and must be discarded and counted rather than delivered to
+anyone.  Orphans are remembered up to ``orphan_memory`` msgids (oldest
+forgotten first) and all forgotten when the link is lost, because answers
+never come on a dead connection.
+
+Owns no descriptors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+
+__all__ = ["Route", "Routes"]
+
+
+class Route:
+    """One forwarded request waiting for its answer."""
+
+    __slots__ = ("ep", "msgid", "deferred")
+
+    def __init__(self, ep: int, msgid: int) -> None:
+        self.ep = ep                 # endpoint id that asked
+        self.msgid = msgid           # its own msgid
+        self.deferred = False        # a DEFERRED came; the final REPLY is still due
+
+
+class Routes:
+    """wire msgid -> Route, indexed by endpoint as well."""
+
+    def __init__(self, *, orphan_memory: int = 100_000) -> None:
+        self._ids = itertools.count(1)
+        self._live: dict[int, Route] = {}
+        self._by_ep: dict[int, set[int]] = {}
+        self._orphans: OrderedDict[int, int] = OrderedDict()   # wire msgid -> endpoint id
+        self.orphan_memory = orphan_memory
+
+    def next_id(self) -> int:
+        """A fresh daemon-wide msgid (also for SENDs, which need no route)."""
+        return next(self._ids)
+
+    def add(self, ep: int, msgid: int) -> int:
+        """Remember a request of endpoint ``ep``; return its wire msgid."""
+        wire = next(self._ids)
+        self._live[wire] = Route(ep, msgid)
+        self._by_ep.setdefault(ep, set()).add(wire)
+        return wire
+
+    def resolve(self, wire: int, *, final: bool) -> Route | None:
+        """The route of an answer; forgotten if ``final``.  None if unknown or orphaned."""
+        route = self._live.get(wire)
+        if route is None:
+            return None
+        if final:
+            del self._live[wire]
+            ids = self._by_ep.get(route.ep)
+            if ids is not None:
+                ids.discard(wire)
+                if not ids:
+                    del self._by_ep[route.ep]
+        else:
+            route.deferred = True
+        return route
+
+    def take_orphan(self, wire: int, *, final: bool) -> bool:
+        """True if ``wire`` belonged to an endpoint that is gone (forgotten if ``final``)."""
+        if wire not in self._orphans:
+            return False
+        if final:
+            del self._orphans[wire]
+        return True
+
+    def in_flight(self, ep: int) -> tuple[int, int]:
+        """``(waiting, deferred)`` request counts of endpoint ``ep``."""
+        ids = self._by_ep.get(ep, ())
+        deferred = sum(1 for w in ids if self._live[w].deferred)
+        return len(ids) - deferred, deferred
+
+    def orphan(self, ep: int) -> int:
+        """Endpoint ``ep`` is gone: its routes become orphans; return how many."""
+        ids = self._by_ep.pop(ep, set())
+        for wire in ids:
+            del self._live[wire]
+            self._orphans[wire] = ep
+        while len(self._orphans) > self.orphan_memory:
+            self._orphans.popitem(last=False)
+        return len(ids)
+
+    def fail_all(self) -> dict[int, list[int]]:
+        """The link is gone: forget everything; return ``{ep: [local msgids]}`` to fail."""
+        failed: dict[int, list[int]] = {}
+        for route in self._live.values():
+            failed.setdefault(route.ep, []).append(route.msgid)
+        self._live.clear()
+        self._by_ep.clear()
+        self._orphans.clear()
+        return failed
+
+    def waiting(self, *, include_deferred: bool = True) -> int:
+        """Requests still expecting an answer (for the graceful stop)."""
+        if include_deferred:
+            return len(self._live)
+        return sum(1 for r in self._live.values() if not r.deferred)
+
+    @property
+    def orphans(self) -> int:
+        return len(self._orphans)
