@@ -327,6 +327,9 @@ class Worker(Replier):
                     f = decode(view[off + 4:end])
                 except (msgspec.DecodeError, ValueError, RecursionError) as e:
                     self._bad_frame(sid, gen, str(e))
+                    while off < n:          # the rest of the chunk is dropped with the connection
+                        off += 4 + unpack(data, off)[0]
+                        self._c[C_REQUESTS] += 1
                     break
                 if type(f) is Call:
                     append(Request(sid, gen, f.msgid, f.cpid, client, f.data,

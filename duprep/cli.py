@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -43,6 +44,20 @@ def load_app(spec: str) -> Callable:
     return obj  # type: ignore[return-value]
 
 
+def check_app(spec: str) -> None:
+    """Check that ``MODULE:CALLABLE`` names an importable module, without importing it here
+    (the acceptor should not carry the business code; workers import it)."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"cannot find module {module!r} for --app: {e}") from None
+    if found is None:
+        raise ConfigError(f"cannot find module {module!r} for --app (is it on PYTHONPATH?)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .gateway.acceptor import serve
     cfg = GatewayConfig(
@@ -52,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handshake_timeout=args.handshake_timeout, max_outbuf=args.max_outbuf,
         write_timeout=args.write_timeout, drain_timeout=args.drain_timeout)
     if cfg.app:
-        load_app(cfg.app)     # fail here, clearly, rather than in every worker
+        check_app(cfg.app)    # fail here, clearly, rather than in every worker
     return serve(cfg)
 
 

@@ -486,3 +486,13 @@ def test_request_with_an_unusual_array_header_is_served(gateway):
         assert [f for f in got if isinstance(f, frame.Reply)] == [frame.Reply(7, 1, b"abc")]
     finally:
         s.close()
+
+
+def test_an_app_that_cannot_boot_halts_the_gateway(instance):
+    out = duprep_cli("serve", "--instance", instance, "--port", "0", "--app", "duprep.apps.echo:no_such_handler")
+    assert out.returncode == 3
+    assert "no attribute 'no_such_handler'" in out.stderr and "cannot start" in out.stderr
+    assert out.stderr.count("spawned") == 0 and "restarting" not in out.stderr
+    assert ipc_leftovers(instance) == []
+    out = duprep_cli("serve", "--instance", instance, "--port", "0", "--app", "no.such.module:handle")
+    assert out.returncode == 4 and "cannot find module 'no.such.module'" in out.stderr
