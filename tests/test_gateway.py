@@ -496,3 +496,47 @@ def test_an_app_that_cannot_boot_halts_the_gateway(instance):
     assert ipc_leftovers(instance) == []
     out = duprep_cli("serve", "--instance", instance, "--port", "0", "--app", "no.such.module:handle")
     assert out.returncode == 4 and "cannot find module 'no.such.module'" in out.stderr
+
+
+def test_one_client_many_threads_replies_matched_out_of_order(gateway):
+    gw = gateway(workers=3)
+    with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
+        failures: list[str] = []
+
+        def run(t: int) -> None:
+            rng = random.Random(t)
+            for n in range(30):
+                # sleeps of different lengths make replies overtake each other
+                payload = b"sleep:%.3f|%d:%d:" % (rng.choice((0, 0, 0.002, 0.01)), t, n) + rng.randbytes(20)
+                if c.request(payload) != payload:
+                    failures.append(f"thread {t} request {n}")
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures
+
+
+def test_external_workers_join_a_gateway_started_without_an_app(gateway, instance):
+    gw = gateway("--app", "none", workers=0)
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        with pytest.raises(duprep.Timeout):
+            c.request(b"nobody home", timeout=0.2)          # queued; no worker yet
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import subprocess
+        import sys
+        worker = subprocess.Popen([sys.executable, "-m", "duprep", "worker", "--instance", instance,
+                                   "--app", "tests.apps:handle", "-n", "2"], env=env)
+        try:
+            late = c.receive(timeout=20)                     # the queued one is served once a worker joins
+            assert (late.kind, late.data) == ("late", b"nobody home")
+            pids = {c.request(b"pid") for _ in range(20)}
+            assert len(pids) >= 1 and all(p.isdigit() for p in pids)
+            assert gw.stop() == 0
+            assert worker.wait(20) == 0                      # workers leave when their gateway does
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
