@@ -212,6 +212,9 @@ class Client:
     def _write(self, frame: msgspec.Struct) -> None:
         self._check()
         data = encode_wire(frame)
+        if len(data) - 4 > self.max_frame:
+            raise ProtocolError(f"a frame of {len(data) - 4} bytes exceeds this gateway's max_frame "
+                                f"{self.max_frame} (its queue message size limits it)")
         try:
             with self._send_lock:
                 self._sock.sendall(data)

@@ -540,3 +540,13 @@ def test_external_workers_join_a_gateway_started_without_an_app(gateway, instanc
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
+
+
+def test_oversized_payloads_get_a_clear_error_on_both_sides(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        fits = b"x" * (c.max_frame - 20)
+        assert c.request(fits) == fits
+        with pytest.raises(duprep.ProtocolError, match="max_frame"):
+            c.request(b"x" * (c.max_frame + 1))
+        assert c.request(b"still usable") == b"still usable"

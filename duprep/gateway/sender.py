@@ -141,8 +141,11 @@ class Sender:
             except (ValueError, ProtocolError) as e:
                 log.error("dropped an undecodable reply-queue message of %d bytes: %s", len(message), e)
                 continue
+            conns, dirty = self.conns, self.dirty
             for item in items:
-                conn = self.lookup(item.sid, item.generation)
+                conn = conns.get(item.sid)
+                if conn is None or conn.gen != item.generation:
+                    conn = self.lookup(item.sid, item.generation)
                 if type(item) is Deliver:
                     if conn is None:
                         self.c[C_STALE] += item.frames
@@ -150,10 +153,10 @@ class Sender:
                     conn.out.append(item.frame)
                     conn.out_bytes += len(item.frame)
                     conn.out_frames += item.frames
-                    self.dirty[conn.sid] = conn
+                    dirty[conn.sid] = conn
                 elif conn is not None:       # Close
                     conn.closing = True
-                    self.dirty[conn.sid] = conn
+                    dirty[conn.sid] = conn
 
     def lookup(self, sid: int, gen: int) -> Conn | None:
         conn = self.conns.get(sid)
