@@ -345,6 +345,7 @@ class Worker(Replier):
         self._send(sid, gen, Error(0, 0, ErrorCode.BAD_FRAME, f"malformed frame: {why}"[:200]))
         self._seal()
         self._out.add(Close(sid, gen, ErrorCode.BAD_FRAME))
+        self.flush()
 
     def _hand(self, request: Request) -> Request:
         self._holding = True
@@ -430,11 +431,15 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
             if not request.oneway:
                 worker.fail(request, f"{type(e).__name__}: {e}")
             continue
-        if result is DEFERRED:
-            if not request.oneway:
-                worker.defer(request)
-        elif result is not None and not request.oneway:
-            worker.reply(request, result)
+        try:
+            if result is DEFERRED:
+                if not request.oneway:
+                    worker.defer(request)
+            elif result is not None and not request.oneway:
+                worker.reply(request, result)
+        except ProtocolError as e:        # e.g. a reply larger than the largest frame
+            log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
+            worker.fail(request, str(e))
         if stop() and not worker._batch:
             return
 
@@ -456,6 +461,8 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
             code = 1
             try:
                 code = _serve_one(handler, instance, wait)
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
             finally:
                 os._exit(code)
         pids.append(pid)

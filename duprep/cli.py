@@ -33,8 +33,8 @@ def load_app(spec: str) -> Callable:
         raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
     try:
         obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"cannot import {module!r} for --app: {e}") from None
+    except Exception as e:           # any failure at import time means this app cannot boot
+        raise ConfigError(f"cannot import {module!r} for --app: {type(e).__name__}: {e}") from None
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -169,8 +169,9 @@ def _add_clienthost_commands(sub: "argparse._SubParsersAction[argparse.ArgumentP
     cd.add_argument("--callback-host", default=None, help="address to take callbacks on (default: L0's local address)")
     cd.add_argument("--uplink-depth", type=int, default=None, help="messages in the shared uplink queue")
     cd.add_argument("--uplink-size", type=int, default=None, help="bytes per uplink message")
-    cd.add_argument("--reply-depth", type=int, default=None, help="messages per local reply queue (default 2)")
-    cd.add_argument("--reply-size", type=int, default=None, help="bytes per reply message (default 8192)")
+    cd.add_argument("--reply-depth", type=int, default=None, help="messages per local reply queue (default 4)")
+    cd.add_argument("--reply-size", type=int, default=None,
+                    help="bytes per reply-queue message; larger replies come in pieces (default 1024)")
     cd.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnect attempts")
     cd.set_defaults(func=cmd_client_daemon)
 

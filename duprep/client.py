@@ -60,6 +60,13 @@ class _Waiter:
 
 
 _CLOSED = object()
+REMEMBER = 100_000      # late or deferred msgids a Client keeps track of
+
+
+def _remember(ids: dict[int, None], msgid: int) -> None:
+    ids[msgid] = None
+    if len(ids) > REMEMBER:
+        del ids[next(iter(ids))]
 
 
 class Client:
@@ -83,8 +90,9 @@ class Client:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._waiting: dict[int, _Waiter] = {}
-        self._late: set[int] = set()
-        self._deferred: set[int] = set()
+        # msgids whose answer may still come later; bounded, oldest forgotten first
+        self._late: dict[int, None] = {}
+        self._deferred: dict[int, None] = {}
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._broken: BaseException | None = None
         self._closed = False
@@ -199,7 +207,14 @@ class Client:
         if self._closed:
             raise ClosedResourceError("this Client is closed")
         if self._broken is not None:
-            raise BrokenResourceError(f"connection lost: {self._broken}")
+            raise self._broken_error()
+
+    def _broken_error(self) -> BrokenResourceError:
+        """Why the connection is gone: the gateway's own ERROR (RefusedError, with its code) if it sent one."""
+        b = self._broken
+        if isinstance(b, RefusedError):
+            return RefusedError(str(b), code=b.code)
+        return BrokenResourceError(f"connection lost: {b}")
 
     def _register(self) -> tuple[int, _Waiter]:
         self._check()
@@ -225,7 +240,7 @@ class Client:
         if not waiter.event.wait(timeout):
             with self._lock:
                 if self._waiting.pop(msgid, None) is not None:
-                    self._late.add(msgid)
+                    _remember(self._late, msgid)
                     raise Timeout(f"no reply to msgid {msgid} within {timeout:g} s", msgid=msgid)
             waiter.event.wait()   # the reader filled it in while we were timing out
         frame = waiter.frame
@@ -240,7 +255,7 @@ class Client:
             raise RemoteError(text, code=frame.code, msgid=msgid)  # type: ignore[attr-defined]
         if self._closed:
             raise ClosedResourceError("this Client was closed while waiting")
-        raise BrokenResourceError(f"connection lost while waiting: {self._broken}")
+        raise self._broken_error()
 
     def _read_loop(self) -> None:
         sock, reader, decode = self._sock, self._reader, self._decoder.decode
@@ -252,7 +267,8 @@ class Client:
                 for body in reader.feed(data):
                     self._dispatch(decode(body))
         except BaseException as e:     # noqa: BLE001 - the reader thread must record every end
-            self._broken = e
+            if self._broken is None:   # an ERROR with msgid 0 before the EOF says why: keep it
+                self._broken = e
         finally:
             with self._lock:
                 waiting, self._waiting = self._waiting, {}
@@ -273,13 +289,13 @@ class Client:
                 late = msgid in self._late
                 deferred = msgid in self._deferred
                 if kind is not Defer:
-                    self._late.discard(msgid)
-                    self._deferred.discard(msgid)
+                    self._late.pop(msgid, None)
+                    self._deferred.pop(msgid, None)
                 elif late:
-                    self._late.discard(msgid)
-                    self._deferred.add(msgid)
+                    self._late.pop(msgid, None)
+                    _remember(self._deferred, msgid)
             elif kind is Defer:
-                self._deferred.add(msgid)
+                _remember(self._deferred, msgid)
         if waiter is not None:
             waiter.frame = frame
             waiter.event.set()

@@ -38,7 +38,7 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 LENGTH: Final = struct.Struct(">I")  # the wire frame's length prefix
-MAX_NAME: Final = 64                 # bytes of a client name, UTF-8
+MAX_NAME: Final = 64                 # a client name: at most 64 characters and 64 bytes of UTF-8
 
 U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]

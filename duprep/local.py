@@ -58,10 +58,31 @@ from . import ipcnames, queues
 from .client import Message
 from .clienthost import procid
 from .clienthost.instance import DaemonInfo, read_info
-from .clienthost.protocol import (LINK_LOST, LOCAL_VERSION, Attach, Attached, Broken, Detach, LCall,
-                                  LRelay, LSend, Refused, down_decoder, encode)
-from .errors import (BrokenResourceError, ClosedResourceError, Deferred, LimitError, RemoteError,
-                     Timeout, UnknownTarget, WouldBlock)
+from .clienthost.protocol import (
+    LINK_LOST,
+    LOCAL_VERSION,
+    Attach,
+    Attached,
+    Broken,
+    Detach,
+    LCall,
+    LRelay,
+    LSend,
+    Reassembler,
+    Refused,
+    down_decoder,
+    encode,
+)
+from .errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    Deferred,
+    LimitError,
+    RemoteError,
+    Timeout,
+    UnknownTarget,
+    WouldBlock,
+)
 from .frame import Defer, Error, ErrorCode, Push, Reply
 
 __all__ = ["Client", "Message", "LINK_LOST"]
@@ -70,6 +91,12 @@ __all__ = ["Client", "Message", "LINK_LOST"]
 # lives, so a name this process unlinks can only ever be its own (a second
 # Client created meanwhile gets the next number, not the freed one).
 _queue_numbers = itertools.count(1)
+
+
+def _unlink_own(name: str, owner: int) -> None:
+    """Exit-time cleanup of a Client never closed; a forked child must not remove its parent's queue."""
+    if os.getpid() == owner:
+        queues.unlink(name)
 
 
 class _Failed:
@@ -98,6 +125,7 @@ class _Session:
         self.pidfd = pidfd
         self.name = name
         self.reply = reply
+        self.pieces = Reassembler()
         self.uplink: queues.Queue | None = None
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -111,6 +139,7 @@ class _Session:
 
 
 _CLOSED = object()
+DETACH_TIMEOUT = 1.0      # seconds close() waits for room on the uplink to say goodbye
 
 
 class Client:
@@ -297,7 +326,7 @@ class Client:
             os.close(pidfd)
             raise
         s = _Session(info, pidfd, name, queues.Queue(name, mq))
-        s.finalizer = weakref.finalize(self, queues.unlink, name)    # at exit if never closed
+        s.finalizer = weakref.finalize(self, _unlink_own, name, self._pid)    # at exit if never closed
         try:
             s.uplink = queues.Queue(info.uplink)
             s.thread = threading.Thread(target=self._read_loop, args=(s,), daemon=True,
@@ -322,8 +351,8 @@ class Client:
         queues.unlink(s.name)          # first: never a moment with a name but no endpoint
         if detach and s.ep and s.broken is None and s.uplink is not None:
             try:
-                s.uplink.put_nowait(encode(Detach(s.ep, self._pid)))
-            except (WouldBlock, OSError, posix_ipc.Error):
+                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT)
+            except (Timeout, BrokenResourceError, OSError, posix_ipc.Error):
                 pass                   # the daemon learns it from our pidfd instead
         try:
             s.wake_w.send(b"x")
@@ -434,6 +463,7 @@ class Client:
                     self._drain(s)             # what the daemon said before it went
                     s.broken = BrokenResourceError(
                         f"the client daemon of instance {self.instance!r} (pid {s.info.pid}) exited")
+                    self._lose_outstanding(str(s.broken))
                     break
         except BaseException as e:             # noqa: BLE001 - record every end of the reader
             s.broken = BrokenResourceError(f"the local client's reader failed: {e!r}")
@@ -441,13 +471,24 @@ class Client:
         self._fail_waiters(s, s.broken)
         self._inbox.put(s)                     # wakes a blocked receive()
 
+    def _lose_outstanding(self, reason: str) -> None:
+        """The daemon is gone: late and deferred answers will never come; say so through receive()."""
+        with self._lock:
+            lost = sorted(self._late | self._deferred)
+            self._late.clear()
+            self._deferred.clear()
+        for msgid in lost:
+            self._inbox.put(Message("error", msgid, reason.encode(), "", self._pid, LINK_LOST))
+
     def _drain(self, s: _Session) -> None:
-        decode = self._decoder.decode
+        decode, feed = self._decoder.decode, s.pieces.feed
         while True:
             try:
-                data = s.reply.get_nowait()
+                data = feed(s.reply.get_nowait())
             except WouldBlock:
                 return
+            if data is None:
+                continue                       # a piece of a larger message
             try:
                 msg = decode(data)
             except (msgspec.DecodeError, ValueError, RecursionError):

@@ -91,12 +91,13 @@ def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 
     if depth is None and d < 64:
         why.append(f"depth {d} (fs.mqueue.msg_max={lim.msg_max})")
     budget = lim.rlimit_msgqueue // 2
+    asked = (d, s)
     while depth is None and d > 2 and queues * charge(d, s) > budget:
         d -= 1
     while msgsize is None and s > 8192 and queues * charge(d, s) > budget:
         s //= 2
-    if queues * charge(d, s) > budget and (depth is None or msgsize is None):
-        why.append(f"RLIMIT_MSGQUEUE={lim.rlimit_msgqueue} bytes")
+    if (d, s) != asked:
+        why.append(f"half of RLIMIT_MSGQUEUE={lim.rlimit_msgqueue} bytes")
     return QueuePlan(depth=d, msgsize=s, clamped=", ".join(why))
 
 

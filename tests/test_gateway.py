@@ -363,11 +363,12 @@ def test_graceful_stop_delivers_replies_already_in_flight(gateway):
 
 
 def test_restart_after_kill_9_of_everything(gateway, instance):
-    gw = gateway(new_session=True)
+    gw = gateway()
     with duprep.Client("127.0.0.1", gw.port) as c:
         assert c.request(b"x") == b"x"
     family = [gw.pid, *descendants(gw.pid)]
-    os.killpg(gw.pid, signal.SIGKILL)
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
     gw.proc.wait()
     wait_until(lambda: not any(alive(p) for p in family), what="the killed processes to die")
     assert ipc_leftovers(instance), "kill -9 should have left objects to recover from"
@@ -550,3 +551,29 @@ def test_oversized_payloads_get_a_clear_error_on_both_sides(gateway):
         with pytest.raises(duprep.ProtocolError, match="max_frame"):
             c.request(b"x" * (c.max_frame + 1))
         assert c.request(b"still usable") == b"still usable"
+
+
+def test_connection_level_errors_reach_waiting_requests_with_their_code(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        c._sock.sendall(struct.pack(">I", 7) + b"\x95\x02\xff\x01\x01\xc4\x00")   # a REQUEST with a bad field
+        with pytest.raises(duprep.RefusedError) as info:
+            c.request(b"x", timeout=10)
+        assert info.value.code == ErrorCode.BAD_FRAME
+
+
+def test_relay_from_an_anonymous_client_names_its_sid(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as anon, duprep.Client("127.0.0.1", gw.port, name="bob") as bob:
+        anon.relay("bob", b"psst")
+        msg = bob.receive(timeout=10)
+        assert (msg.kind, msg.source, msg.data) == ("relay", f"#{anon.sid}", b"psst")
+
+
+def test_names_are_limited_to_64_bytes_of_utf8(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, name="\u20ac" * 21) as ok:     # 63 bytes
+        assert ok.request(b"x") == b"x"
+    with pytest.raises(duprep.RefusedError) as info:
+        duprep.Client("127.0.0.1", gw.port, name="\u20ac" * 22)               # 66 bytes
+    assert info.value.code == ErrorCode.BAD_HELLO

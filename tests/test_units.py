@@ -306,3 +306,28 @@ def test_event_loop_timers_and_deferred_close():
 def test_busy_error_type():
     assert issubclass(InstanceBusyError, Exception)
     assert posix_ipc.BusyError is not WouldBlock
+
+
+def test_control_channel_queues_what_would_block_and_keeps_order():
+    from duprep.gateway.control import Control
+    a, b = fdpass.pair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop_a, loop_b = EventLoop(), EventLoop()
+    got: list[int] = []
+    ca = Control(a, loop_a, lambda rec: None, lambda: None)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)        # small again: force the outbox
+    cb = Control(b, loop_b, lambda rec: got.append(rec.sid), lambda: None)
+    for i in range(5000):
+        ca.send(fdpass.Op.RELEASED, i, 1)
+    assert ca.outbox, "the test needs the socket buffer to fill up"
+    for _ in range(10000):
+        if len(got) == 5000:
+            break
+        loop_a._ep.poll(0)
+        ca._flush()
+        cb.poll()
+    assert got == list(range(5000)) and not ca.outbox
+    for loop in (loop_a, loop_b):
+        loop.close()
+    a.close()
+    b.close()

@@ -1,10 +1,12 @@
 """The client daemon's settings: one frozen Struct, validated once.
 
-Queue sizes default to what the kernel offers, but small: every local
-endpoint costs ``reply_depth * (reply_size + 96)`` bytes of the user's
-RLIMIT_MSGQUEUE (819200 bytes unless raised), which a gateway on the same
-machine shares.  Depth 2 of 8 KiB is ~16.6 KB per endpoint: 20 endpoints,
-the uplink and one gateway fit together with room to spare.
+Queue sizes are small on purpose: every local endpoint costs
+``reply_depth * (reply_size + 96)`` bytes of the user's RLIMIT_MSGQUEUE
+(819200 bytes unless raised), which every gateway and client daemon of the
+user shares.  Replies larger than ``reply_size`` travel in pieces, so the
+size limits no reply; 4 x 1 KiB is 4480 bytes per endpoint: 20 endpoints
+cost 90 KB, and they, the uplink (83 KB) and a default gateway (166 KB) fit
+together with room for more.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     callback_host: str = ""           # address to listen on for callbacks ("": L0's local address)
     uplink_depth: int = 10
     uplink_size: int = 8192
-    reply_depth: int = 2
-    reply_size: int = 8192
+    reply_depth: int = 4
+    reply_size: int = 1024
     connect_timeout: float = 5.0      # seconds for TCP connect (and, callback mode, the callbacks)
     handshake_timeout: float = 5.0    # seconds from connected to WELCOME
     min_backoff: float = 0.1          # first reconnect delay; doubles up to max_backoff
     max_backoff: float = 5.0
     max_outbuf: int = 1 << 20         # request bytes buffered for the gateway before the uplink pauses
-    max_pending: int = 256            # replies buffered per endpoint whose queue is full
+    max_pending: int = 1024           # reply pieces buffered per endpoint whose queue is full
     drain_timeout: float = 5.0        # SIGTERM: seconds to wait for answers already asked for
     orphan_memory: int = 100_000      # msgids of dead processes remembered to count late replies
 
@@ -82,11 +84,10 @@ def parse_server(value: str) -> tuple[str, int]:
 def default_sizes() -> dict[str, int]:
     """Queue sizes for this kernel.
 
-    The uplink takes the largest message the kernel allows (up to 64 KiB, a
-    gateway's largest frame) and a depth that keeps it within 1/8 of
-    RLIMIT_MSGQUEUE; reply queues are 2 x 8 KiB, because there is one per
-    local endpoint.  Replies larger than ``reply_size`` reach the caller as
-    an ERROR FRAME_TOO_LARGE; raise ``--reply-size`` if the app sends them.
+    The uplink takes the largest message the kernel allows (up to 64 KiB: a
+    request is never split, so this bounds its size) and a depth that keeps
+    it within 1/8 of RLIMIT_MSGQUEUE; reply queues, one per local endpoint,
+    are 4 x 1 KiB (larger replies come in pieces).
     """
     lim = kernel_limits()
     size = min(65536, lim.msgsize_max)
@@ -94,4 +95,4 @@ def default_sizes() -> dict[str, int]:
     while depth > 2 and depth * (size + OVERHEAD) > lim.rlimit_msgqueue // 8:
         depth -= 1
     return {"uplink_depth": depth, "uplink_size": size,
-            "reply_depth": min(2, lim.msg_max), "reply_size": min(8192, lim.msgsize_max)}
+            "reply_depth": min(4, lim.msg_max), "reply_size": min(1024, lim.msgsize_max)}

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .. import ipcnames
 from ..errors import BrokenResourceError, ConfigError, Timeout
-from ..gateway.loop import WRITE, EventLoop, Timer
+from ..gateway.loop import READ, WRITE, EventLoop, Timer
 
 __all__ = ["StatusServer", "fetch", "render"]
 
@@ -61,7 +61,7 @@ class StatusServer:
             raise ConfigError(f"cannot bind the status socket @{self.address[1:]}: {e.strerror}") from None
         sock.setblocking(False)
         self.sock = sock
-        self.loop.register(sock.fileno(), 1, self._on_accept)
+        self.loop.register(sock.fileno(), READ, self._on_accept)
 
     def _on_accept(self, _ev: int) -> None:
         assert self.sock is not None
@@ -145,7 +145,7 @@ def render(snap: dict[str, Any]) -> str:
                f"reply queues {snap['reply_depth']} x {snap['reply_size']} B")
     out.append("counters: " + ", ".join(f"{k}={v}" for k, v in snap["counters"].items()))
     out.append(f"{'PID':>8} {'EP':>5} {'QUEUE':<40}{'INFL':>6}{'DEFER':>6}{'QMSG':>6}{'PEND':>6}"
-               f"{'REQ':>8}{'REP':>8}{'DROP':>6}")
+               f"{'REQ':>8}{'MSGS':>8}{'DROP':>6}")
     for p in snap["processes"]:
         for e in p["endpoints"]:
             out.append(f"{p['pid']:>8} {e['ep']:>5} {e['queue'][-39:]:<40}{e['in_flight']:>6}{e['deferred']:>6}"

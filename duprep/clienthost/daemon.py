@@ -51,17 +51,37 @@ from .. import ipcnames, queues
 from ..errors import ConfigError, InstanceBusyError, LimitError, WouldBlock
 from ..frame import Call, Defer, Error, ErrorCode, Push, Relay, Reply, Send, Welcome, encode_wire
 from ..gateway import systemd
-from ..gateway.child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CONFIG_ERROR, EXIT_LIMIT, EXIT_OK,
-                             reset_signals, set_title, setup_logging)
+from ..gateway.child import (
+    EXIT_BOOT_ERROR,
+    EXIT_BUSY,
+    EXIT_CONFIG_ERROR,
+    EXIT_LIMIT,
+    EXIT_OK,
+    reset_signals,
+    set_title,
+    setup_logging,
+)
 from ..gateway.loop import READ, EventLoop, Timer
 from . import procid
 from .config import DaemonConfig
+from .control import StatusServer
 from .endpoints import AttachError, Endpoint, Endpoints, LocalProcess
 from .instance import DaemonInfo, DaemonLock, publish_info, remove_stale, write_registry
 from .link import Link
-from .protocol import (LOCAL_VERSION, Attach, Attached, Broken, Detach, LCall, LRelay, LSend, Refused,
-                       encode, up_decoder)
-from .control import StatusServer
+from .protocol import (
+    LOCAL_VERSION,
+    Attach,
+    Attached,
+    Broken,
+    Detach,
+    LCall,
+    LRelay,
+    LSend,
+    Refused,
+    encode,
+    split_down,
+    up_decoder,
+)
 from .routes import Routes
 
 __all__ = ["ClientDaemon", "serve", "COUNTERS"]
@@ -85,7 +105,7 @@ COUNTERS = (
     "orphan_replies",      # answers for a dead or closed endpoint: discarded
     "failed_link_down",    # requests refused at once because the link was down
     "failed_link_lost",    # requests failed because the link broke under them
-    "too_large",           # requests or replies refused for size
+    "too_large",           # requests refused: larger than the gateway's max_frame
     "unknown_endpoint",    # uplink messages naming no attached endpoint
     "unmatched",           # answers with a msgid the daemon never sent
     "bad_messages",        # undecodable uplink messages
@@ -200,15 +220,15 @@ class ClientDaemon:
                 continue
             kind = type(msg)
             if kind is LCall:
-                self.on_call(msg)      # type: ignore[arg-type]
+                self.on_call(msg)
             elif kind is LSend:
-                self.on_send(msg)      # type: ignore[arg-type]
+                self.on_send(msg)
             elif kind is LRelay:
-                self.on_relay(msg)     # type: ignore[arg-type]
+                self.on_relay(msg)
             elif kind is Attach:
-                self.on_attach(msg)    # type: ignore[arg-type]
+                self.on_attach(msg)
             elif kind is Detach:
-                self.on_detach(msg)    # type: ignore[arg-type]
+                self.on_detach(msg)
             if self.link.out_bytes > self.cfg.max_outbuf:
                 return                 # before_sleep pauses the uplink until the link drains
 
@@ -220,7 +240,7 @@ class ClientDaemon:
             log.warning("refused attach of pid %d: %s", msg.pid, e)
             if e.queue is not None:
                 try:
-                    e.queue.put_nowait(encode(Refused(str(e))))
+                    e.queue.put_nowait(split_down(encode(Refused(str(e))), e.queue.msgsize)[0])
                 except (WouldBlock, OSError, ValueError):
                     pass
                 e.queue.close()
@@ -335,16 +355,10 @@ class ClientDaemon:
             out = Defer(route.msgid, frame.cpid)                               # type: ignore[attr-defined]
         else:
             out = Error(route.msgid, frame.cpid, frame.code, frame.message)    # type: ignore[attr-defined]
-        self._deliver(ep, out, route.msgid)
+        self._deliver(ep, out)
 
-    def _deliver(self, ep: Endpoint, out: msgspec.Struct, msgid: int) -> None:
-        data = encode(out)
-        if len(data) > ep.queue.msgsize:
-            self.c["too_large"] += 1
-            data = encode(Error(msgid, ep.pid, ErrorCode.FRAME_TOO_LARGE,
-                                f"an answer of {len(data)} bytes does not fit the local reply queue "
-                                f"({ep.queue.msgsize} bytes; raise the client daemon's --reply-size)"))
-        if self.endpoints.deliver(ep, data):
+    def _deliver(self, ep: Endpoint, out: msgspec.Struct) -> None:
+        if self.endpoints.deliver(ep, encode(out)):
             self.c["pushes" if type(out) is Push else "replies"] += 1
         else:
             self.c["dropped_slow"] += 1
@@ -361,7 +375,7 @@ class ClientDaemon:
             self.c["pushes_unrouted"] += 1
             return
         for ep in targets:
-            self._deliver(ep, push, 0)
+            self._deliver(ep, push)
 
     def on_link_down(self, reason: str) -> None:
         """Fail every request the lost link was carrying, at once."""

@@ -13,8 +13,8 @@ caller now owns -- the same socket twice for a direct link -- or
   replies).  An incoming connection is taken only from the address L0 is
   connected to and only if its first 16 bytes are the nonce sent on L0;
   anything else is closed and the listener keeps waiting, until the
-  deadline.  L0 is closed once both links stand; an ERROR or EOF on L0
-  before that is the gateway's refusal.
+  deadline.  L0 is closed once both links stand (or when the gateway
+  closes it); an ERROR frame on L0 is the gateway's refusal.
 
 Name resolution uses the blocking ``getaddrinfo``: a numeric address or
 /etc/hosts entry costs nothing, a slow DNS server stalls the loop for its
@@ -24,6 +24,7 @@ timeout (documented in docs/clienthost.md).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import secrets
 import socket
@@ -170,7 +171,7 @@ class CallbackDial:
                 lsock.listen(4)
                 lsock.setblocking(False)
                 ports[link] = lsock.getsockname()[1]
-                self.loop.register(lsock.fileno(), READ, lambda _ev, link=link: self._on_listener(link))
+                self.loop.register(lsock.fileno(), READ, functools.partial(self._on_listener, link))
             self.l0.send(encode_wire(CallMe(PROTOCOL_VERSION, ports["up"], ports["down"], self.nonce)))
         except OSError as e:
             self._fail(f"cannot set up callback links on {bind_ip}: {e.strerror or e}")
@@ -181,30 +182,36 @@ class CallbackDial:
                  self.host, self.port, ports["up"], ports["down"])
 
     def _on_l0_readable(self, _ev: int) -> None:
+        """An ERROR on L0 is the gateway's refusal; EOF only means it is done with L0.
+
+        The gateway may close L0 as soon as it has connected back -- before
+        we have read the nonces -- so EOF is no failure: the deadline covers
+        a gateway that closes L0 and never calls.
+        """
         assert self.l0 is not None
         try:
             data = self.l0.recv(65536)
         except BlockingIOError:
             return
-        except OSError as e:
-            data, why = b"", str(e)
-        else:
-            why = "the gateway closed L0 before calling back (is it running with --links callback?)"
-        if data:
-            try:
-                decoder = server_decoder()
-                for body in self.l0_reader.feed(data):
-                    frame = decoder.decode(body)
-                    if isinstance(frame, Error):
-                        name = ErrorCode.names.get(frame.code, str(frame.code))
-                        self._fail(f"gateway refused the callback: {name}: {frame.message}")
-                        return
-            except (msgspec.DecodeError, ValueError) as e:
-                self._fail(f"unexpected bytes on L0: {e}")
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.close_later(self.l0)
+            self.l0 = None
             return
-        self._fail(why)
+        try:
+            decoder = server_decoder()
+            for body in self.l0_reader.feed(data):
+                frame = decoder.decode(body)
+                if isinstance(frame, Error):
+                    name = ErrorCode.names.get(frame.code, str(frame.code))
+                    self._fail(f"gateway refused the callback: {name}: {frame.message} "
+                               f"(is it running with --links callback?)")
+                    return
+        except (msgspec.DecodeError, ValueError) as e:
+            self._fail(f"unexpected bytes on L0: {e}")
 
-    def _on_listener(self, link: str) -> None:
+    def _on_listener(self, link: str, _ev: int = 0) -> None:
         lsock = self.listeners.get(link)
         if lsock is None:
             return

@@ -13,10 +13,12 @@ the reply queue (closed on detach, exit or daemon stop) and the right to
 a live owner unlinks its own queue when it closes, so a name is never
 removed under a process that may create it again.
 
-Delivery never blocks the daemon: a reply for a queue that is full waits in
-the endpoint's ``pending`` deque, and the queue's descriptor is watched for
-EPOLLOUT until it has drained.  At most ``max_pending`` replies wait per
-endpoint; more are dropped and counted (that endpoint does not read).
+Delivery never blocks the daemon: a reply is cut into pieces that fit the
+queue (protocol.split_down); pieces for a queue that is full wait in the
+endpoint's ``pending`` deque, and the queue's descriptor is watched for
+EPOLLOUT until it has drained.  At most ``max_pending`` pieces wait per
+endpoint; a reply that would exceed it is dropped whole and counted (that
+endpoint does not read).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ import posix_ipc
 
 from .. import ipcnames, queues
 from ..errors import BrokenResourceError, ConfigError, WouldBlock
-from ..gateway.loop import WRITE, EventLoop
+from ..gateway.loop import READ, WRITE, EventLoop
 from . import procid
 from .instance import LiveLeftover
-from .protocol import LOCAL_VERSION, Attach
+from .protocol import LOCAL_VERSION, Attach, split_down
 
 __all__ = ["AttachError", "Endpoint", "LocalProcess", "Endpoints"]
 
@@ -66,8 +68,8 @@ class Endpoint:
         self.pending: deque[bytes] = deque()
         self.watching = False         # queue fd registered for EPOLLOUT
         self.requests = 0             # requests, sends and relays forwarded
-        self.replies = 0              # messages put on its reply queue
-        self.dropped = 0              # replies dropped: more than max_pending waiting
+        self.replies = 0              # messages for its reply queue (sent or pending)
+        self.dropped = 0              # replies dropped: max_pending pieces waiting
         self.attached_at = time.time()
 
     @property
@@ -185,7 +187,7 @@ class Endpoints:
     def _add_process(self, pid: int, start: int, pidfd: int) -> LocalProcess:
         proc = LocalProcess(pid, start, pidfd)
         self._procs[(pid, start)] = proc
-        self.loop.register(pidfd, 1, lambda _ev: self._exited(proc))   # EPOLLIN: it exited
+        self.loop.register(pidfd, READ, lambda _ev: self._exited(proc))   # readable: it exited
         return proc
 
     def detach(self, ep: Endpoint) -> None:
@@ -235,25 +237,28 @@ class Endpoints:
     # --- delivering ---------------------------------------------------------------------------
 
     def deliver(self, ep: Endpoint, data: bytes) -> bool:
-        """Put ``data`` on the endpoint's reply queue, or keep it until there is room.
+        """Put one message on the endpoint's reply queue, or keep it until there is room.
 
-        False if it was dropped (``max_pending`` already waiting).
+        False if it was dropped whole (``max_pending`` pieces would be waiting).
         """
-        if ep.pending:
-            if len(ep.pending) >= self.max_pending:
-                ep.dropped += 1
-                return False
-            ep.pending.append(data)
-            return True
-        try:
-            ep.queue.put_nowait(data)
-        except WouldBlock:
-            ep.pending.append(data)
-            if not ep.watching:
-                ep.watching = True
-                self.loop.register(ep.queue.fileno(), WRITE, lambda _ev: self._on_writable(ep))
-            return True
+        parts = split_down(data, ep.queue.msgsize)
+        if ep.pending and len(ep.pending) + len(parts) > self.max_pending:
+            ep.dropped += 1
+            return False
         ep.replies += 1
+        if not ep.pending:
+            for i, part in enumerate(parts):
+                try:
+                    ep.queue.put_nowait(part)
+                except WouldBlock:
+                    parts = parts[i:]
+                    break
+            else:
+                return True
+        ep.pending.extend(parts)
+        if not ep.watching:
+            ep.watching = True
+            self.loop.register(ep.queue.fileno(), WRITE, lambda _ev: self._on_writable(ep))
         return True
 
     def _on_writable(self, ep: Endpoint) -> None:
@@ -263,7 +268,6 @@ class Endpoints:
             except WouldBlock:
                 return
             ep.pending.popleft()
-            ep.replies += 1
         ep.watching = False
         self.loop.unregister(ep.queue.fileno())
 

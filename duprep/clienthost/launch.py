@@ -104,8 +104,8 @@ def start_daemon(instance: str, server: str, *, args: Sequence[str] = (), timeou
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Timeout(f"client daemon {instance} not ready within {timeout:g} s")
-                ready, _, _ = select.select([sock, pidfd], [], [], left)
-                if sock in ready:
+                ready, _, _ = select.select([sock.fileno(), pidfd], [], [], left)
+                if sock.fileno() in ready:
                     if "READY=1" in sock.recv(4096).decode().split("\n"):
                         break
                 elif pidfd in ready:

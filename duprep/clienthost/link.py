@@ -46,7 +46,7 @@ KEEPALIVE = (10, 5, 3)     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
 
 def backoff_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
     """Seconds before reconnect attempt ``attempts`` (0-based): equal jitter on a doubling base."""
-    base = min(hi, lo * 2 ** min(attempts, 30))
+    base = min(hi, lo * float(2 ** min(attempts, 30)))
     return base / 2 + rng.uniform(0, base / 2)
 
 
@@ -85,7 +85,7 @@ class Link:
         self.decoder = server_decoder()
         self.rbuf = bytearray(READ_SIZE)
         self.rview = memoryview(self.rbuf)
-        self.out: list[bytes | memoryview] = []
+        self.out: list[bytes | bytearray | memoryview] = []
         self.out_bytes = 0
         self.writing = False
         self.welcome: Welcome | None = None
@@ -187,10 +187,10 @@ class Link:
             self._handle(frame)
 
     def _handle(self, frame: object) -> None:
-        if type(frame) is Error and frame.msgid == 0:   # type: ignore[attr-defined]
-            name = ErrorCode.names.get(frame.code, str(frame.code))   # type: ignore[attr-defined]
+        if type(frame) is Error and frame.msgid == 0:
+            name = ErrorCode.names.get(frame.code, str(frame.code))
             verb = "refused the connection" if self.state == "handshake" else "ended the connection"
-            self.fail(f"gateway {self.cfg.server} {verb}: {name}: {frame.message}")  # type: ignore[attr-defined]
+            self.fail(f"gateway {self.cfg.server} {verb}: {name}: {frame.message}")
             return
         if self.state == "handshake":
             if type(frame) is not Welcome:
@@ -199,15 +199,15 @@ class Link:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-            self.welcome = frame  # type: ignore[assignment]
+            self.welcome = frame
             self.state = "up"
             self.attempts = 0
             self.connects += 1
             self.up_since = time.time()
             self.last_error = ""
-            log.info("link up: %s as sid %d gen %d%s", self.cfg.server, frame.sid, frame.generation,  # type: ignore[attr-defined]
-                     f" named {frame.name!r}" if frame.name else "")  # type: ignore[attr-defined]
-            self.on_up(frame)  # type: ignore[arg-type]
+            log.info("link up: %s as sid %d gen %d%s", self.cfg.server, frame.sid, frame.generation,
+                     f" named {frame.name!r}" if frame.name else "")
+            self.on_up(frame)
             return
         if type(frame) is Welcome:
             self.fail("WELCOME received twice")
@@ -216,7 +216,7 @@ class Link:
 
     # --- writing ---------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray) -> None:
         """Queue one encoded wire frame; it leaves at the next :meth:`flush`."""
         self.out.append(data)
         self.out_bytes += len(data)

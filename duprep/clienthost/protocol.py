@@ -10,7 +10,19 @@ every local endpoint its own small reply queue (qid2 split by cpid)::
     local process --Attach/Call/Send/Relay/Detach--> /duprep-ch.<i>.up   (one queue, all processes)
     local process <--Attached/Reply/Defer/Error/Push/Broken-- /duprep-ch.<i>.p<pid>.<start>.<n>
 
-One queue message is one msgpack array whose first element is the tag.
+An uplink queue message is one msgpack array whose first element is the
+tag.  A reply-queue message starts with one more byte, so that reply
+queues can be tiny (the kernel charges every queue ``depth * (size + 96)``
+bytes of one per-user budget) and still carry any reply::
+
+    0x00 WHOLE  the rest is one complete message
+    0x01 MORE   the rest is a piece; more pieces follow
+    0x02 LAST   the rest is the last piece: join and decode
+
+Only the daemon writes a reply queue and only its owner's reader thread
+reads it, both in order, so pieces never interleave.  (The uplink has many
+writers; its messages are never split.)
+
 Down the reply queue the daemon reuses the gateway's own REPLY, DEFERRED,
 ERROR and PUSH structs (:mod:`duprep.frame`, tags 16-20) with the msgid
 mapped back to the local one, so a local client decodes exactly what a
@@ -24,7 +36,7 @@ back a daemon-wide endpoint id ``ep`` that every later uplink message names.
 
 from __future__ import annotations
 
-from typing import Final, Union
+from typing import Any, Final, Union
 
 import msgspec
 from msgspec import Struct
@@ -35,7 +47,7 @@ __all__ = [
     "LOCAL_VERSION", "LINK_LOST",
     "Attach", "Detach", "LCall", "LSend", "LRelay", "UpMessage",
     "Attached", "Refused", "Broken", "DownMessage",
-    "encode", "up_decoder", "down_decoder",
+    "encode", "up_decoder", "down_decoder", "split_down", "Reassembler",
 ]
 
 LOCAL_VERSION: Final = 1
@@ -128,11 +140,50 @@ def encode(message: Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def up_decoder() -> msgspec.msgpack.Decoder:
+def up_decoder() -> "msgspec.msgpack.Decoder[Any]":
     """Decoder for uplink messages (used by the daemon)."""
     return msgspec.msgpack.Decoder(UpMessage)
 
 
-def down_decoder() -> msgspec.msgpack.Decoder:
+def down_decoder() -> "msgspec.msgpack.Decoder[Any]":
     """Decoder for reply-queue messages (used by :class:`duprep.local.Client`)."""
     return msgspec.msgpack.Decoder(DownMessage)
+
+
+# --- reply-queue pieces -------------------------------------------------------------------
+
+WHOLE: Final = 0
+MORE: Final = 1
+LAST: Final = 2
+_WHOLE, _MORE, _LAST = bytes((WHOLE,)), bytes((MORE,)), bytes((LAST,))
+
+
+def split_down(data: bytes, msgsize: int) -> list[bytes]:
+    """``data`` as reply-queue messages of at most ``msgsize`` bytes each."""
+    if len(data) < msgsize:
+        return [_WHOLE + data]
+    step = msgsize - 1
+    parts = [_MORE + data[i:i + step] for i in range(0, len(data), step)]
+    parts[-1] = _LAST + parts[-1][1:]
+    return parts
+
+
+class Reassembler:
+    """Joins reply-queue pieces; ``feed()`` returns a complete message or None."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[memoryview] = []
+
+    def feed(self, message: bytes) -> bytes | memoryview | None:
+        kind, body = message[0], memoryview(message)[1:]
+        if kind == WHOLE:
+            self._parts.clear()          # a piece without its LAST cannot happen; never glue it on
+            return body
+        self._parts.append(body)
+        if kind != LAST:
+            return None
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
+import resource
 import secrets
 import signal
 import socket
@@ -43,7 +45,8 @@ from ..frame import CHUNK_OVERHEAD, MAX_NAME, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock
 from ..table import GatewayState, ProcRow, Role, SlotState, Table
 from . import net, systemd
-from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CONFIG_ERROR, EXIT_LIMIT, EXIT_OK, NO_RESPAWN,
+from .control import Control
+from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CONFIG_ERROR, EXIT_CRASH, EXIT_LIMIT, EXIT_OK, NO_RESPAWN,
                     setup_logging, set_title)
 from .loop import READ, EventLoop
 
@@ -66,7 +69,7 @@ class Child:
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
-        self.ctl: socket.socket | None = None
+        self.control: Control | None = None
         self.ready = False
         self.started = 0.0
         self.failures = 0
@@ -101,7 +104,10 @@ class Acceptor:
         self.children: dict[str, Child] = {}
         self.conns: dict[int, Conn] = {}
         self.free: deque[int] = deque(range(cfg.max_clients))
-        self.gens = [0] * cfg.max_clients
+        # Generations start at random values each run, so that a Request kept across a
+        # restart of the gateway cannot match a new connection that got the same slot.
+        rng = random.Random(secrets.randbits(64))
+        self.gens = [rng.getrandbits(32) for _ in range(cfg.max_clients)]
         self.per_ip: dict[str, int] = {}
         self.state = "booting"
         self.exit_code = EXIT_OK
@@ -142,6 +148,7 @@ class Acceptor:
 
     def boot(self) -> None:
         cfg = self.cfg
+        self.check_fd_limit()
         self.lock.acquire_gateway()
         self.remove_stale()
         limits = queues.kernel_limits()
@@ -178,6 +185,20 @@ class Acceptor:
         self.boot_timer = loop.call_later(STEP_TIMEOUT + 20, self.on_boot_timeout)
         self.beat()
         log.info("instance %s booting on %s:%d (max %d clients)", self.instance, cfg.host, port, cfg.max_clients)
+
+    def check_fd_limit(self) -> None:
+        """Each gateway process holds one descriptor per client: make sure max_clients fits."""
+        need = self.cfg.max_clients + 64
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < need:
+            target = need if hard == resource.RLIM_INFINITY else min(hard, max(need, soft))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))     # children inherit it
+            soft = target
+        if soft < need:
+            raise LimitError(
+                f"--max-clients {self.cfg.max_clients} needs {need} open files per gateway process, but "
+                f"RLIMIT_NOFILE allows {soft} (hard limit {hard}). Fix: LimitNOFILE= in the systemd unit, "
+                f"'ulimit -n' as root, or a smaller --max-clients")
 
     def make_listener(self) -> socket.socket:
         if systemd.listen_fds():
@@ -281,12 +302,8 @@ class Acceptor:
             self.hand_over(self.children[role], conn)
 
     def hand_over(self, child: Child, conn: Conn) -> None:
-        if not child.ready or child.ctl is None:
-            return                       # it gets every open connection when it is (re)started
-        try:
-            fdpass.send(child.ctl, Op.CONN, conn.sid, conn.gen, conn.sock.fileno())
-        except (BrokenResourceError, WouldBlock) as e:
-            log.error("cannot hand slot %d to the %s: %s", conn.sid, child.role, e)
+        if child.ready and child.control is not None:    # else it gets every connection when it is ready
+            child.control.send(Op.CONN, conn.sid, conn.gen, conn.sock.fileno())
 
     def refuse(self, sock: socket.socket, code: int, message: str) -> None:
         log.info("refused a connection: %s", message)
@@ -303,27 +320,13 @@ class Acceptor:
             pass
         sock.close()
 
-    def on_ctl(self, child: Child) -> Callable[[int], None]:
-        def handler(_ev: int) -> None:
-            while child.ctl is not None:
-                try:
-                    rec = fdpass.recv(child.ctl)
-                except WouldBlock:
-                    return
-                except BrokenResourceError:
-                    self.loop.close_later(child.ctl)
-                    child.ctl = None       # the pidfd tells us why
-                    return
-                except DuprepError as e:
-                    log.error("bad control record from the %s: %s", child.role, e)
-                    continue
-                if rec.op == Op.RELEASED:
-                    self.released(child.role, rec.sid, rec.generation)
-                elif rec.op == Op.READY:
-                    self.child_ready(child)
-                elif rec.op == Op.STOPPED:
-                    self.child_stopped(child)
-        return handler
+    def on_record(self, child: Child, rec: fdpass.Record) -> None:
+        if rec.op == Op.RELEASED:
+            self.released(child.role, rec.sid, rec.generation)
+        elif rec.op == Op.READY:
+            self.child_ready(child)
+        elif rec.op == Op.STOPPED:
+            log.debug("%s finished its graceful stop", child.role)
 
     def released(self, role: str, sid: int, gen: int) -> None:
         conn = self.conns.get(sid)
@@ -360,13 +363,14 @@ class Acceptor:
                     "--app", cfg.app or "", "-n", "1", "--supervised"]
         else:
             parent_end, child_end = fdpass.pair()
-            child.ctl = parent_end
-            child.ctl.setblocking(False)
             argv = [sys.executable, "-m", f"duprep.gateway.{child.role}", "--config", cfg.encode(),
                     "--ctl-fd", str(child_end.fileno())]
             pass_fds = (child_end.fileno(),)
         try:
-            child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL)
+            # Own process group: a Ctrl-C or hang-up for the terminal's group reaches the acceptor
+            # only, which stops the others in order (workers last, after the replies are out).
+            child.proc = subprocess.Popen(argv, pass_fds=pass_fds, env=env, stdin=subprocess.DEVNULL,
+                                          process_group=0)
         finally:
             if pass_fds:
                 child_end.close()
@@ -374,8 +378,9 @@ class Acceptor:
         child.ready = child.role == "worker"
         child.pidfd = os.pidfd_open(child.proc.pid)
         self.loop.register(child.pidfd, READ, lambda ev: self.on_child_exit(child))
-        if child.ctl is not None:
-            self.loop.register(child.ctl.fileno(), READ, self.on_ctl(child))
+        if pass_fds:
+            child.control = Control(parent_end, self.loop, lambda rec: self.on_record(child, rec),
+                                    lambda: None)   # the pidfd tells us why it went
         log.debug("spawned %r", child)
 
     def child_ready(self, child: Child) -> None:
@@ -393,11 +398,11 @@ class Acceptor:
         self.loop.unregister(child.pidfd)
         os.close(child.pidfd)
         child.pidfd = -1
-        if child.ctl is not None:
-            self.on_ctl(child)(0)                    # read what it said before dying
-            if child.ctl is not None:
-                self.loop.close_later(child.ctl)
-                child.ctl = None
+        if child.control is not None:
+            child.control.poll()                     # read what it said before dying
+            if not child.control.closed:
+                self.loop.close_later(child.control.sock)
+            child.control = None
         was_ready, child.ready = child.ready, False
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         if self.state in ("stopping", "halting"):
@@ -426,7 +431,8 @@ class Acceptor:
 
     def handle_term(self, signum: int) -> None:
         if self.state in ("stopping", "halting"):
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            log.warning("second %s: stopping now, without draining", signal.Signals(signum).name)
+            self.exit_code = EXIT_CRASH
             self.kill_all()
             self.loop.stop()
             return
@@ -472,13 +478,10 @@ class Acceptor:
             if not getattr(self, "step_asked", False):
                 self.step_asked = True
                 for c in alive:
-                    if c.ctl is not None and c.ready:
-                        try:
-                            fdpass.send(c.ctl, Op.STOP)
-                            continue
-                        except (BrokenResourceError, WouldBlock):
-                            pass
-                    c.proc.send_signal(signal.SIGTERM)   # type: ignore[union-attr]
+                    if c.control is not None and c.ready and not c.control.closed:
+                        c.control.send(Op.STOP)
+                    else:
+                        c.proc.send_signal(signal.SIGTERM)   # type: ignore[union-attr]
                 limit = STEP_TIMEOUT + (self.cfg.drain_timeout if self.step == "sender" else 0)
                 if self.stop_timer is not None:
                     self.stop_timer.cancel()
@@ -489,9 +492,6 @@ class Acceptor:
     @staticmethod
     def matches(child: Child, step: str) -> bool:
         return child.role == step or (step == "workers" and child.role == "worker")
-
-    def child_stopped(self, child: Child) -> None:
-        log.debug("%s finished its graceful stop", child.role)
 
     def on_step_timeout(self) -> None:
         self.stop_timer = None

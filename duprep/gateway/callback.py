@@ -41,6 +41,7 @@ ERROR BAD_HELLO and closes L0.
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 from typing import Annotated, Callable, Final
 
@@ -122,7 +123,7 @@ class CallbackDialer:
             if err not in (0, errno.EINPROGRESS):
                 self._fail(f"connect back to {self.host}:{port}: {errno.errorcode.get(err, err)}")
                 return
-            self.loop.register(sock.fileno(), WRITE, lambda ev, link=link: self._on_writable(link, ev))
+            self.loop.register(sock.fileno(), WRITE, functools.partial(self._on_writable, link))
 
     def _on_writable(self, link: str, ev: int) -> None:
         sock = self.socks[link]

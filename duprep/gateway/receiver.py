@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import signal
 import socket
 import time
 
@@ -33,11 +33,12 @@ from ..errors import BrokenResourceError, WouldBlock
 from ..fdpass import Op
 from .. import fdpass
 from ..frame import (PROTOCOL_VERSION, BatchPacker, Call, Close, Deliver, Error, ErrorCode, Hello,
-                     LENGTH, CHUNK_OVERHEAD, Chunk, Push, Relay, Reply, Send, Welcome, client_decoder,
+                     LENGTH, MAX_NAME, CHUNK_OVERHEAD, Chunk, Push, Relay, Reply, Send, Welcome, client_decoder,
                      encode_wire)
 from ..queues import Queue
 from ..table import ProcRow, Role, SlotFlag, Table
-from .child import EXIT_OK, run_child
+from .child import EXIT_CRASH, EXIT_OK, run_child
+from .control import Control
 from .loop import ERR, READ, WRITE, EventLoop
 
 log = logging.getLogger("duprep")
@@ -74,7 +75,9 @@ class Receiver:
         self.replies = Queue(ipcnames.reply_queue(cfg.instance))
         self.max_frame = self.table.get("max_frame")
         self.chunk_room = self.requests.msgsize - 3 - CHUNK_OVERHEAD   # frame bytes one Chunk can carry
+        previous = list(self.table.proc_part(1).read()[7:])
         self.row = ProcRow(self.table, 1, Role.RECEIVER)
+        self.row.counters[:] = previous        # a restarted receiver continues its predecessor's counts
         self.c = self.row.counters
         self.loop = EventLoop()
         self.conns: dict[int, Conn] = {}          # by sid
@@ -88,6 +91,8 @@ class Receiver:
         self.paused = False
         self.parked: list[Conn] = []
         self.stopping = False
+        self.stopped = False
+        self.exit_code = EXIT_OK
         self.dirty: set[Conn] = set()            # stats not yet in the table
         self.stats_timer = None
 
@@ -95,17 +100,14 @@ class Receiver:
 
     def serve(self) -> int:
         loop = self.loop
-        ctl = self.ctl
-        ctl.setblocking(False)
-        loop.register(ctl.fileno(), READ, self.on_ctl)
+        self.control = Control(self.ctl, loop, self.on_record, self.on_acceptor_gone)
         loop.before_sleep(self.flush)
-        loop.add_signal(15, lambda s: None)   # SIGTERM: the acceptor decides; ignore stray ones
-        loop.add_signal(2, lambda s: None)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal(sig, lambda s: None)   # the acceptor decides, through the control channel
         self.beat()
-        fdpass.send(ctl, Op.READY)
-        log.debug("receiver ready")
+        self.control.send(Op.READY)
         loop.run()
-        return EXIT_OK
+        return self.exit_code
 
     def beat(self) -> None:
         self.row.beat()
@@ -113,19 +115,16 @@ class Receiver:
 
     # --- control channel -----------------------------------------------------
 
-    def on_ctl(self, _ev: int) -> None:
-        while True:
-            try:
-                rec = fdpass.recv(self.ctl)
-            except WouldBlock:
-                return
-            except BrokenResourceError:
-                log.error("acceptor went away; exiting")
-                os._exit(1)
-            if rec.op == Op.CONN:
-                self.add(rec.sid, rec.generation, rec.fd)
-            elif rec.op == Op.STOP:
-                self.stop()
+    def on_record(self, rec: fdpass.Record) -> None:
+        if rec.op == Op.CONN:
+            self.add(rec.sid, rec.generation, rec.fd)
+        elif rec.op == Op.STOP:
+            self.stop()
+
+    def on_acceptor_gone(self) -> None:
+        log.error("the acceptor went away; exiting")
+        self.exit_code = EXIT_CRASH
+        self.loop.stop()
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -270,8 +269,9 @@ class Receiver:
             return False
         name = hello.name
         if name:
-            if not name.isprintable():
-                self.fail(conn, ErrorCode.BAD_HELLO, "client name must be printable")
+            if not name.isprintable() or len(name.encode()) > MAX_NAME or name.startswith("#"):
+                self.fail(conn, ErrorCode.BAD_HELLO,
+                          f"client name must be printable, at most {MAX_NAME} bytes of UTF-8, not start with '#'")
                 return False
             if name in self.names:
                 self.fail(conn, ErrorCode.NAME_TAKEN, f"a client named {name!r} is already connected")
@@ -294,7 +294,8 @@ class Receiver:
             self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Error(
                 frame.msgid, frame.cpid, ErrorCode.UNKNOWN_TARGET, f"no client named {frame.target!r}"))))
             return
-        self.rep_out.add(Deliver(target.sid, target.gen, encode_wire(Push(0, conn.name, frame.data))))
+        source = conn.name or f"#{conn.sid}"       # anonymous senders are named by sid, never ""
+        self.rep_out.add(Deliver(target.sid, target.gen, encode_wire(Push(0, source, frame.data))))
         self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Reply(frame.msgid, frame.cpid, b""))))
 
     def on_handshake_timeout(self, conn: Conn) -> None:
@@ -331,10 +332,7 @@ class Receiver:
         self.publish(conn)
         self.loop.close_later(conn.sock)
         if notify:
-            try:
-                fdpass.send(self.ctl, Op.RELEASED, conn.sid, conn.gen)
-            except (BrokenResourceError, WouldBlock):
-                log.error("cannot tell the acceptor that slot %d is released", conn.sid)
+            self.control.send(Op.RELEASED, conn.sid, conn.gen)
 
     def touch(self, conn: Conn) -> None:
         """Note that ``conn``'s counters changed; they reach the table within STATS_INTERVAL."""
@@ -408,16 +406,16 @@ class Receiver:
                 self.loop.modify(conn.fd, 0)
 
     def finish_stop(self) -> None:
-        for conn in list(self.conns.values()):
-            self.publish(conn)
-            self.loop.close_later(conn.sock)   # the sender ends the connections
-        self.conns.clear()
-        self.row.beat()
-        try:
-            fdpass.send(self.ctl, Op.STOPPED)
-        except (BrokenResourceError, WouldBlock):
-            pass
-        self.loop.stop()
+        if not self.stopped:
+            self.stopped = True
+            for conn in list(self.conns.values()):
+                self.publish(conn)
+                self.loop.close_later(conn.sock)   # the sender ends the connections
+            self.conns.clear()
+            self.row.beat()
+            self.control.send(Op.STOPPED)
+        if not self.control.outbox:
+            self.loop.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

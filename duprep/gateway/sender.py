@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import signal
 import socket
 import time
 
@@ -34,7 +34,8 @@ from ..fdpass import Op
 from ..frame import Close, Deliver, Error, ErrorCode, decode_replies, encode_wire
 from ..queues import Queue
 from ..table import COUNTERS, ProcRow, Role, Table
-from .child import EXIT_OK, run_child
+from .child import EXIT_CRASH, EXIT_OK, run_child
+from .control import Control
 from .loop import ERR, READ, WRITE, EventLoop, Timer
 
 log = logging.getLogger("duprep")
@@ -71,7 +72,9 @@ class Sender:
         self.table = Table.attach(ipcnames.table_name(cfg.instance))
         self.replies = Queue(ipcnames.reply_queue(cfg.instance))
         self.requests = Queue(ipcnames.request_queue(cfg.instance))  # for its depth while draining
+        previous = list(self.table.proc_part(2).read()[7:])
         self.row = ProcRow(self.table, 2, Role.SENDER)
+        self.row.counters[:] = previous        # a restarted sender continues its predecessor's counts
         self.c = self.row.counters
         self.loop = EventLoop()
         self.conns: dict[int, Conn] = {}
@@ -79,20 +82,21 @@ class Sender:
         self.stale_stats: set[Conn] = set()      # counters not yet in the table
         self.stats_timer = None
         self.draining = False
+        self.stopped = False
+        self.exit_code = EXIT_OK
         self.drain_deadline = 0.0
         self.now = time.time()
 
     def serve(self) -> int:
-        self.ctl.setblocking(False)
-        self.loop.register(self.ctl.fileno(), READ, self.on_ctl)
+        self.control = Control(self.ctl, self.loop, self.on_record, self.on_acceptor_gone)
         self.loop.register(self.replies.fileno(), READ, self.on_replies)
         self.loop.before_sleep(self.flush)
-        self.loop.add_signal(15, lambda s: None)
-        self.loop.add_signal(2, lambda s: None)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal(sig, lambda s: None)   # the acceptor decides, through the control channel
         self.beat()
-        fdpass.send(self.ctl, Op.READY)
+        self.control.send(Op.READY)
         self.loop.run()
-        return EXIT_OK
+        return self.exit_code
 
     def beat(self) -> None:
         self.row.beat()
@@ -100,19 +104,16 @@ class Sender:
 
     # --- control channel --------------------------------------------------------
 
-    def on_ctl(self, _ev: int = 0) -> None:
-        while True:
-            try:
-                rec = fdpass.recv(self.ctl)
-            except WouldBlock:
-                return
-            except BrokenResourceError:
-                log.error("acceptor went away; exiting")
-                os._exit(1)
-            if rec.op == Op.CONN:
-                self.add(rec.sid, rec.generation, rec.fd)
-            elif rec.op == Op.STOP:
-                self.start_drain()
+    def on_record(self, rec: fdpass.Record) -> None:
+        if rec.op == Op.CONN:
+            self.add(rec.sid, rec.generation, rec.fd)
+        elif rec.op == Op.STOP:
+            self.start_drain()
+
+    def on_acceptor_gone(self) -> None:
+        log.error("the acceptor went away; exiting")
+        self.exit_code = EXIT_CRASH
+        self.loop.stop()
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -163,7 +164,7 @@ class Sender:
         if conn is not None and conn.gen == gen:
             return conn
         if conn is None or gen > conn.gen:
-            self.on_ctl()                    # the hand-over may still be in the control socket
+            self.control.poll()              # the hand-over may still be in the control socket
             conn = self.conns.get(sid)
             if conn is not None and conn.gen == gen:
                 return conn
@@ -242,12 +243,8 @@ class Sender:
         self.c[C_SLOW] += 1
         log.warning("sid %d gen %d: slow consumer, disconnecting: %s", conn.sid, conn.gen, why)
         conn.dropped += conn.out_frames
-        conn.out = []
-        conn.out_frames = 0
-        try:   # best effort: there may be room for a short explanation
-            conn.sock.send(encode_wire(Error(0, 0, ErrorCode.SLOW_CONSUMER, why)))
-        except OSError:
-            pass
+        # No ERROR frame: the kernel buffer is full and may end in the middle of a
+        # frame, so the client sees the connection end (docs/protocol.md).
         self.end(conn)
 
     def end(self, conn: Conn) -> None:
@@ -268,10 +265,7 @@ class Sender:
         conn.watching = False
         self.loop.close_later(conn.sock)
         self.publish(conn)
-        try:
-            fdpass.send(self.ctl, Op.RELEASED, conn.sid, conn.gen)
-        except (BrokenResourceError, WouldBlock):
-            log.error("cannot tell the acceptor that slot %d is released", conn.sid)
+        self.control.send(Op.RELEASED, conn.sid, conn.gen)
 
     def touch(self, conn: Conn) -> None:
         """Note that ``conn``'s counters changed; they reach the table within STATS_INTERVAL."""
@@ -319,19 +313,22 @@ class Sender:
         return handled >= queued
 
     def check_drain(self) -> None:
-        if self.quiescent() or time.monotonic() >= self.drain_deadline:
-            if not self.quiescent():
+        if not self.stopped:
+            done = self.quiescent()
+            if not done and time.monotonic() < self.drain_deadline:
+                self.loop.call_later(DRAIN_CHECK, self.check_drain)
+                return
+            if not done:
                 log.warning("drain timeout: ending %d connections with replies outstanding", len(self.conns))
             for conn in list(self.conns.values()):
                 self.end(conn)
             self.row.beat()
-            try:
-                fdpass.send(self.ctl, Op.STOPPED)
-            except (BrokenResourceError, WouldBlock):
-                pass
-            self.loop.stop()
+            self.control.send(Op.STOPPED)
+            self.stopped = True
+        if self.control.outbox and time.monotonic() < self.drain_deadline + 5:
+            self.loop.call_later(DRAIN_CHECK, self.check_drain)   # let the last records go out
             return
-        self.loop.call_later(DRAIN_CHECK, self.check_drain)
+        self.loop.stop()
 
 
 assert COUNTERS[Role.SENDER][C_STALE] == "dropped_stale"

@@ -1,0 +1,529 @@
+"""The client host: one client daemon carries many local processes over one gateway link.
+
+Real processes throughout: a gateway (``duprep serve``), a client daemon
+(``duprep client-daemon``) and local processes (``python -c``) that use
+:class:`duprep.local.Client`.  Every wait is for an observable condition
+(a line from a child, the daemon's status, a queue that vanished) with a
+deadline; every process and IPC object a test makes is ended and removed in
+the fixtures, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import msgspec
+import posix_ipc
+import pytest
+
+from duprep import bus, ipcnames, queues
+from duprep.bus import Request
+from duprep.client import Client as DirectClient
+from duprep.clienthost.launch import DaemonProcess, start_daemon
+from duprep.clienthost.procid import start_time
+from duprep.errors import BrokenResourceError, Deferred, RemoteError, Timeout
+from duprep.frame import (
+    PROTOCOL_VERSION,
+    Call,
+    ErrorCode,
+    Hello,
+    Reply,
+    Welcome,
+    client_decoder,
+    encode_wire,
+)
+from duprep.gateway.callback import CallbackRefused, CallMe, check_call, connect_back
+from duprep.launch import GatewayProcess, start_gateway
+from duprep.local import Client
+from duprep.status import snapshot
+from duprep.wire import FrameReader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# Small gateway queues: RLIMIT_MSGQUEUE is one budget for every queue of the user.
+APP = ["--app", "tests.test_clienthost:app", "--workers", "2", "--drain-timeout", "0.5", "--queue-depth", "4"]
+_ids = itertools.count()
+
+
+def app(request: Request) -> bytes:
+    """The gateway's business handler in these tests.
+
+    Echo; ``sleep:<s>`` echoes after a while; ``defer:<dir>`` answers DEFERRED
+    and leaves the request in ``<dir>`` for the test to answer later.
+    """
+    if request.data.startswith(b"sleep:"):
+        time.sleep(float(request.data[6:]))
+    if request.data.startswith(b"defer:"):
+        path = os.path.join(request.data[6:].decode(), "request")
+        with open(path + ".tmp", "wb") as f:
+            f.write(msgspec.msgpack.encode(request))
+        os.rename(path + ".tmp", path)
+        return bus.DEFERRED
+    return request.data
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Check ``predicate`` until it is truthy, backing off from 2 to 50 ms; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+# duprep does not need /dev/mqueue mounted; where it is, the tests list it, else they probe names.
+MQUEUE_LISTABLE = os.path.ismount("/dev/mqueue")
+
+
+def queue_exists(name: str) -> bool:
+    try:
+        posix_ipc.MessageQueue(name).close()
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def processes_of(instance: str) -> list[int]:
+    """Live processes whose command line names the instance (gateway, workers, daemon, locals)."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if instance.encode() in cmd and state != "Z":
+            out.append(int(entry))
+    return out
+
+
+LOCAL_PROGRAM = r"""
+import json, os, sys
+from duprep.errors import DuprepError
+from duprep.local import Client
+
+instance, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = Client(instance, timeout=20)
+print(json.dumps({"event": "attached", "pid": os.getpid()}), flush=True)
+sys.stdin.readline()                                  # "go"
+if mode == "victim":
+    c.request(b"sleep:1.0")                           # killed while this is in flight
+ok, bad, errors = 0, 0, []
+for i in range(n):
+    payload = f"{os.getpid()}:{i}:{mode}".encode()
+    try:
+        reply = c.request(payload)
+    except DuprepError as e:
+        errors.append(repr(e))
+        continue
+    ok += reply == payload
+    bad += reply != payload
+print(json.dumps({"event": "done", "ok": ok, "bad": bad, "errors": errors[:5]}), flush=True)
+c.close()
+"""
+
+
+class LocalProc:
+    """A local business process (``python -c LOCAL_PROGRAM``) talking line-JSON to the test."""
+
+    def __init__(self, instance: str, n: int, mode: str = "share") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", LOCAL_PROGRAM, instance, str(n), mode], env=ENV,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        self.start = start_time(self.pid)
+
+    def expect(self, event: str, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise AssertionError(f"local process {self.pid}: no {event!r} within {timeout} s")
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise AssertionError(f"local process {self.pid} exited ({self.proc.wait()}) before {event!r}")
+                msg = json.loads(line)
+                if msg["event"] == event:
+                    return msg  # type: ignore[no-any-return]
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class Host:
+    """Everything one test starts; :meth:`close` ends it all, in order, whatever happened."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.gateways: list[GatewayProcess] = []
+        self.daemons: list[DaemonProcess] = []
+        self.locals: list[LocalProc] = []
+        self.clients: list[Client] = []
+
+    def gateway(self, *args: str) -> GatewayProcess:
+        gw = start_gateway(self.instance, args=[*APP, *args], env=ENV)
+        self.gateways.append(gw)
+        return gw
+
+    def daemon(self, server: str, *args: str) -> DaemonProcess:
+        d = start_daemon(self.instance, server, args=args, env=ENV)
+        self.daemons.append(d)
+        return d
+
+    def local(self, n: int, mode: str = "share") -> LocalProc:
+        p = LocalProc(self.instance, n, mode)
+        self.locals.append(p)
+        return p
+
+    def client(self, **kw: Any) -> Client:
+        c = Client(self.instance, **kw)
+        self.clients.append(c)
+        return c
+
+    def reply_queues(self) -> list[str]:
+        """The reply queues of this host's local processes (and of this test process) that exist."""
+        prefix = ipcnames.clienthost_reply_prefix(self.instance)
+        if MQUEUE_LISTABLE:
+            return sorted("/" + n for n in os.listdir("/dev/mqueue") if ("/" + n).startswith(prefix))
+        owners = [(p.pid, p.start, 4) for p in self.locals] + [(os.getpid(), start_time(os.getpid()), 64)]
+        names = (ipcnames.clienthost_reply_queue(self.instance, pid, start, n)
+                 for pid, start, most in owners for n in range(1, most + 1))
+        return sorted(n for n in names if queue_exists(n))
+
+    def leftovers(self) -> list[str]:
+        """Every queue and /dev/shm file of the instance (gateway or client host) that still exists."""
+        names = ipcnames.all_names(self.instance)
+        ch = ipcnames.clienthost_all_names(self.instance)
+        found = [q for q in (names["requests"], names["replies"], ch["uplink"]) if queue_exists(q)]
+        found += self.reply_queues()
+        marks = (f"duprep.{self.instance}.", f"duprep-ch.{self.instance}.")
+        found += [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(marks)]
+        return sorted(set(found))
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for p in self.locals:
+            p.kill()
+        for d in self.daemons:
+            d.stop(timeout=10)
+        for gw in self.gateways:
+            gw.stop(timeout=20)
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    """A unique instance; afterwards no process and no IPC object of it may remain."""
+    h = Host(f"ch{os.getpid()}-{next(_ids)}")
+    try:
+        yield h
+    finally:
+        h.close()
+        procs = processes_of(h.instance)
+        for pid in procs:
+            os.kill(pid, signal.SIGKILL)
+        left = h.leftovers()
+        for name in left:
+            if name.startswith("/dev/shm/"):
+                os.unlink(name)
+            else:
+                queues.unlink(name)
+        assert not procs, f"processes left behind: {procs}"
+        assert not left, f"IPC objects left behind: {left}"
+
+
+def start_locals(h: Host, count: int, n: int, modes: dict[int, str] | None = None) -> list[LocalProc]:
+    procs = [h.local(n, (modes or {}).get(i, "share")) for i in range(count)]
+    for p in procs:
+        p.expect("attached")
+    return procs
+
+
+# --- the issue's scenarios ----------------------------------------------------------------------
+
+def test_twenty_processes_share_one_connection(host: Host) -> None:
+    gw = host.gateway()
+    name = f"host-{host.instance}"
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", name)
+    d.wait_link("up")
+    procs = start_locals(host, 20, 100)
+
+    snap = d.status()
+    assert sorted(p["pid"] for p in snap["processes"]) == sorted(p.pid for p in procs)
+    assert len(host.reply_queues()) == 20
+    conns = snapshot(host.instance)["connections"]
+    assert [(c["name"], c["state"]) for c in conns] == [(name, "open")]
+
+    for p in procs:
+        p.go()
+    results = [p.expect("done") for p in procs]
+    assert [(r["ok"], r["bad"], r["errors"]) for r in results] == [(100, 0, [])] * 20
+
+    assert len(snapshot(host.instance)["connections"]) == 1
+    assert d.status()["link"]["frames_out"] >= 2001             # HELLO + every request, on one link
+    for p in procs:
+        assert p.proc.wait(timeout=20) == 0
+    wait_until(lambda: not d.status()["processes"] and not host.reply_queues(),
+               what="every local process detached and its queue removed")
+    c = d.status()["counters"]
+    assert c["requests"] == 2000 and c["replies"] >= 2000
+    assert c["orphan_replies"] == 0 and c["failed_link_lost"] == 0 and c["unmatched"] == 0
+
+    out = subprocess.run([sys.executable, "-m", "duprep", "client-status", "--instance", host.instance],
+                         capture_output=True, text=True, env=ENV, timeout=20)
+    assert out.returncode == 0 and "client daemon" in out.stdout and name in out.stdout
+
+
+def test_kill9_local_process_orphans_are_discarded(host: Host) -> None:
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    procs = start_locals(host, 20, 100, modes={0: "victim"})
+    victim, others = procs[0], procs[1:]
+    victim_queues = [q for q in host.reply_queues() if f".p{victim.pid}." in q]
+    assert len(victim_queues) == 1
+
+    def victim_waiting() -> bool:
+        for p in d.status()["processes"]:
+            if p["pid"] == victim.pid:
+                return p["endpoints"][0]["in_flight"] == 1
+        return False
+
+    victim.go()
+    wait_until(victim_waiting, what="the victim's request in flight")
+    for p in others:
+        p.go()
+    victim.kill()                                        # SIGKILL with the request in flight
+
+    wait_until(lambda: victim_queues[0] not in host.reply_queues(), timeout=5,
+               what="the victim's reply queue to disappear")
+    results = [p.expect("done") for p in others]
+    assert [(r["ok"], r["bad"], r["errors"]) for r in results] == [(100, 0, [])] * 19
+    snap = wait_until(lambda: (s := d.status())["counters"]["orphan_replies"] >= 1 and s,
+                      what="the victim's reply to be discarded and counted")
+    c = snap["counters"]
+    assert c["processes_exited"] >= 1 and c["orphaned_requests"] == 1 and c["orphan_replies"] == 1
+    assert victim.pid not in [p["pid"] for p in snap["processes"]]
+    for p in others:
+        assert p.proc.wait(timeout=20) == 0
+
+
+def test_gateway_restart_fails_fast_and_reconnects(host: Host) -> None:
+    gw = host.gateway()
+    port = gw.port
+    d = host.daemon(f"127.0.0.1:{port}", "--max-backoff", "0.5")
+    d.wait_link("up")
+    c = host.client()
+    assert c.request(b"before") == b"before"
+
+    outcomes: list[tuple[str, float]] = []
+
+    def slow_request() -> None:
+        t0 = time.monotonic()
+        try:
+            c.request(b"sleep:3", timeout=20)
+            outcomes.append(("replied", time.monotonic() - t0))
+        except BrokenResourceError as e:
+            outcomes.append((str(e), time.monotonic()))
+
+    threads = [threading.Thread(target=slow_request) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: d.status()["in_flight"] == 3, what="three requests waiting on the link")
+    stopped_at = time.monotonic()
+    stopper = threading.Thread(target=gw.stop)
+    stopper.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert len(outcomes) == 3
+    for text, failed_at in outcomes:
+        assert "lost the link to gateway" in text, text
+        assert failed_at - stopped_at < 5.0, "waiting requests must fail long before their 20 s timeout"
+
+    t0 = time.monotonic()
+    with pytest.raises(BrokenResourceError, match="is down"):
+        c.request(b"while down")
+    assert time.monotonic() - t0 < 1.0
+    stopper.join(timeout=30)
+
+    host.gateway("--port", str(port))                   # the same address, as after a real restart
+    snap = d.wait_link("up", timeout=15)
+    assert snap["link"]["connects"] == 2 and snap["link"]["losses"] == 1
+    assert c.request(b"after") == b"after"               # the same Client: no restart needed
+    assert len(snapshot(host.instance)["connections"]) == 1
+
+
+# --- beyond the issue's list --------------------------------------------------------------------
+
+def test_daemon_crash_is_cleaned_up_and_clients_reattach(host: Host) -> None:
+    gw = host.gateway()
+    d1 = host.daemon(f"127.0.0.1:{gw.port}")
+    d1.wait_link("up")
+    c = host.client()
+    assert c.request(b"one") == b"one"
+    doomed = start_locals(host, 1, 1)[0]
+    doomed_queue = [q for q in host.reply_queues() if f".p{doomed.pid}." in q]
+    d1.kill()                                            # a crash: nothing is cleaned up
+    doomed.kill()                                        # dies while no daemon watches it
+    assert doomed_queue[0] in host.reply_queues()
+    assert os.path.exists(ipcnames.clienthost_lock_path(host.instance))
+
+    with pytest.raises(BrokenResourceError):
+        c.request(b"two", timeout=5)                    # no daemon: fails at once, no timeout
+    d2 = host.daemon(f"127.0.0.1:{gw.port}")
+    d2.wait_link("up")
+    assert doomed_queue[0] not in host.reply_queues()   # the dead one's queue is gone
+    assert c.request(b"three") == b"three"               # the live one attached again by itself
+    assert len(d2.status()["processes"]) == 1
+
+
+def test_no_daemon_is_a_clear_error(host: Host) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(BrokenResourceError, match="no client daemon is running"):
+        Client(host.instance)
+    assert time.monotonic() - t0 < 1.0
+    out = subprocess.run([sys.executable, "-m", "duprep", "client-status", "--instance", host.instance, "--json"],
+                         capture_output=True, text=True, env=ENV, timeout=20)
+    assert out.returncode == 3 and json.loads(out.stdout)["state"] == "stopped"
+
+
+def test_pushes_and_relays_reach_the_right_process(host: Host) -> None:
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname1")
+    d.wait_link("up")
+    taker = host.client(pushes=True)
+    other = host.client()
+    with DirectClient("127.0.0.1", gw.port, name="sender1", timeout=10) as direct:
+        direct.relay("hostname1", b"to the host")
+    msg = taker.receive(timeout=10)
+    assert (msg.kind, msg.source, msg.data) == ("relay", "sender1", b"to the host")
+    with pytest.raises(Timeout):
+        other.receive(timeout=0.2)
+    assert d.status()["counters"]["pushes"] == 1
+
+
+def test_late_deferred_and_addressed_push_as_with_a_direct_client(host: Host, tmp_path: Any) -> None:
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname2")
+    d.wait_link("up")
+    c = host.client()
+    with pytest.raises(Timeout) as late:
+        c.request(b"sleep:0.5", timeout=0.05)
+    msg = c.receive(timeout=10)
+    assert (msg.kind, msg.msgid, msg.data) == ("late", late.value.msgid, b"sleep:0.5")
+
+    with pytest.raises(Deferred) as deferred:
+        c.request(f"defer:{tmp_path}".encode(), timeout=10)
+    with open(tmp_path / "request", "rb") as f:
+        request = msgspec.msgpack.decode(f.read(), type=Request)
+    assert request.cpid == os.getpid() and request.client == "hostname2"
+    with bus.Replier(host.instance) as replier:
+        replier.push("hostname2", b"just for you", cpid=request.cpid)   # addressed to this pid
+        replier.reply(request, b"answer after all")
+    msg = c.receive(timeout=10)
+    assert (msg.kind, msg.data, msg.cpid) == ("push", b"just for you", os.getpid())
+    msg = c.receive(timeout=10)
+    assert (msg.kind, msg.msgid, msg.data) == ("deferred", deferred.value.msgid, b"answer after all")
+    assert d.status()["in_flight"] == 0
+
+
+def test_large_replies_come_in_pieces_and_oversized_requests_spare_the_link(host: Host) -> None:
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    c = host.client()
+    big = bytes(range(256)) * 28                       # 7168 bytes: seven reply-queue messages
+    assert c.request(big) == big
+    with pytest.raises(RemoteError, match="FRAME_TOO_LARGE") as e:
+        c.request(b"x" * (c.max_frame + 1))
+    assert e.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert c.request(b"still up") == b"still up"       # the shared link survived it
+    assert d.status()["link"]["connects"] == 1
+
+
+def test_callback_links_with_safety_checks(host: Host) -> None:
+    """The daemon side of --links callback against a stand-in gateway built on gateway/callback.py."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: dict[str, Any] = {}
+
+    def fake_gateway() -> None:
+        l0, _ = listener.accept()
+        with l0:
+            reader = FrameReader(1 << 20)
+            bodies: list[memoryview] = []
+            while not bodies:
+                bodies = reader.feed(l0.recv(65536))
+            call = msgspec.msgpack.decode(bodies[0], type=CallMe)
+            seen["call"] = call
+            # Someone who does not know the nonce tries the daemon's port first: refused.
+            with socket.create_connection(("127.0.0.1", call.up_port)) as intruder:
+                intruder.sendall(b"x" * 16)
+                intruder.settimeout(5)
+                seen["intruder_eof"] = intruder.recv(1) == b""
+            l1, l2 = connect_back(l0, call, timeout=5)
+        with l1, l2:
+            l1.setblocking(True)
+            reader, decode = FrameReader(1 << 20), client_decoder().decode
+            while True:
+                data = l1.recv(65536)
+                if not data:
+                    return
+                for body in reader.feed(data):
+                    frame = decode(body)
+                    if isinstance(frame, Hello):
+                        seen["hello"] = frame
+                        l2.sendall(encode_wire(Welcome(PROTOCOL_VERSION, 7, 1, frame.name, 8000)))
+                    elif isinstance(frame, Call):
+                        l2.sendall(encode_wire(Reply(frame.msgid, frame.cpid, frame.data)))
+
+    t = threading.Thread(target=fake_gateway, daemon=True)
+    t.start()
+    try:
+        d = host.daemon(f"127.0.0.1:{port}", "--links", "callback", "--name", "cb")
+        snap = d.wait_link("up")
+        assert snap["link"]["sid"] == 7 and seen["intruder_eof"]
+        assert seen["hello"].name == "cb"
+        c = host.client()
+        assert [c.request(b"r%d" % i) for i in range(50)] == [b"r%d" % i for i in range(50)]
+        d.stop()
+        t.join(timeout=10)
+        assert not t.is_alive()
+    finally:
+        listener.close()
+    call = seen["call"]
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as l0:
+        with pytest.raises(CallbackRefused, match="differ"):
+            check_call(l0, CallMe(PROTOCOL_VERSION, call.up_port, call.up_port, call.nonce))
+    with pytest.raises(msgspec.ValidationError):                # privileged ports are never called
+        msgspec.msgpack.decode(msgspec.msgpack.encode(CallMe(1, 22, 2000, b"n" * 16)), type=CallMe)
