@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app=None if args.app == "none" else args.app, max_clients=args.max_clients,
         max_per_ip=args.max_per_ip, queue_depth=args.queue_depth, queue_size=args.queue_size,
         handshake_timeout=args.handshake_timeout, max_outbuf=args.max_outbuf,
-        write_timeout=args.write_timeout, drain_timeout=args.drain_timeout)
+        write_timeout=args.write_timeout, drain_timeout=args.drain_timeout, links=args.links)
     if cfg.app:
         check_app(cfg.app)    # fail here, clearly, rather than in every worker
     return serve(cfg)
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-outbuf", type=int, default=1 << 20, help="reply bytes buffered per client before it is cut off")
     s.add_argument("--write-timeout", type=float, default=30.0)
     s.add_argument("--drain-timeout", type=float, default=10.0)
+    s.add_argument("--links", choices=("direct", "callback"), default="direct",
+                   help="callback: also let client daemons ask to be connected back (the seed's L0/L1/L2; "
+                        "only to the address the first connection came from)")
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run business workers for a running gateway")

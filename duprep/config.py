@@ -37,6 +37,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout: float = 10.0         # seconds SIGTERM waits for queued replies
     heartbeat: float = 2.0              # seconds between heartbeats in the table
     backlog: int = 1024
+    links: str = "direct"               # "callback": also accept CALLME (the seed's L0 + L1/L2)
 
     def __post_init__(self) -> None:
         check_instance(self.instance)
@@ -48,6 +49,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("--max-clients must be between 1 and 1000000")
         if self.max_per_ip < 0:
             raise ConfigError("--max-per-ip must be >= 0 (0 means no limit)")
+        if self.links not in ("direct", "callback"):
+            raise ConfigError("--links must be 'direct' or 'callback'")
         for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

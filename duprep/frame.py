@@ -28,7 +28,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "LENGTH",
     "ErrorCode",
-    "Hello", "Call", "Send", "Relay",
+    "Hello", "Call", "Send", "Relay", "CallMe", "NONCE_SIZE",
     "Welcome", "Reply", "Defer", "Push", "Error",
     "ClientFrame", "ServerFrame",
     "Request", "Chunk", "Deliver", "Close", "chunk_decoder",
@@ -103,6 +103,24 @@ class Relay(Struct, tag=4, array_like=True, frozen=True):
     data: bytes
 
 
+NONCE_SIZE: Final = 16
+Port = Annotated[int, Meta(ge=1024, le=65535)]
+
+
+class CallMe(Struct, tag=5, array_like=True, frozen=True):
+    """CALLME: instead of HELLO, on a gateway run with ``--links callback``.
+
+    "Connect back to the address this connection comes from, on these two
+    ports, and start each link with this nonce" (the seed's L0/L1/L2).  L1
+    (``up_port``) then carries client -> gateway, starting with HELLO; L2
+    (``down_port``) carries gateway -> client.
+    """
+    version: U32
+    up_port: Port
+    down_port: Port
+    nonce: Annotated[bytes, Meta(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+
+
 # --- wire: gateway -> client --------------------------------------------------
 
 class Welcome(Struct, tag=16, array_like=True, frozen=True):
@@ -142,7 +160,7 @@ class Error(Struct, tag=20, array_like=True, frozen=True):
     message: str
 
 
-ClientFrame = Union[Hello, Call, Send, Relay]
+ClientFrame = Union[Hello, Call, Send, Relay, CallMe]
 ServerFrame = Union[Welcome, Reply, Defer, Push, Error]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -35,12 +35,14 @@ from duprep.errors import BrokenResourceError, Deferred, RemoteError, Timeout
 from duprep.frame import (
     PROTOCOL_VERSION,
     Call,
+    Error,
     ErrorCode,
     Hello,
     Reply,
     Welcome,
     client_decoder,
     encode_wire,
+    server_decoder,
 )
 from duprep.gateway.callback import CallbackRefused, CallMe, check_call, connect_back
 from duprep.launch import GatewayProcess, start_gateway
@@ -527,3 +529,58 @@ def test_callback_links_with_safety_checks(host: Host) -> None:
             check_call(l0, CallMe(PROTOCOL_VERSION, call.up_port, call.up_port, call.nonce))
     with pytest.raises(msgspec.ValidationError):                # privileged ports are never called
         msgspec.msgpack.decode(msgspec.msgpack.encode(CallMe(1, 22, 2000, b"n" * 16)), type=CallMe)
+
+
+def test_callback_links_end_to_end_with_the_real_gateway(host: Host) -> None:
+    gw = host.gateway("--links", "callback")
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--links", "callback", "--name", "cb-host")
+    d.wait_link("up")
+    c = host.client()
+    assert [c.request(b"cb%d" % i) for i in range(100)] == [b"cb%d" % i for i in range(100)]
+    with DirectClient("127.0.0.1", gw.port, name="direct") as direct:   # direct clients still work beside it
+        assert direct.request(b"plain") == b"plain"
+        conns = snapshot(host.instance)["connections"]
+        assert sorted(x["name"] for x in conns) == ["cb-host", "direct"]    # L1 + L2 count as one client
+    d.stop(timeout=10)
+    wait_until(lambda: not snapshot(host.instance)["connections"], what="the callback links to be released")
+
+
+def test_callback_goes_only_to_the_l0_peer_address(host: Host) -> None:
+    """CALLME carries ports, never an address: the gateway dials the address L0 came from."""
+    gw = host.gateway("--links", "callback", "--handshake-timeout", "3")
+    decoys = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]     # listening on the WRONG address
+    try:
+        up, down = (s.getsockname()[1] for s in decoys)
+        l0 = socket.create_connection(("127.0.0.1", gw.port), timeout=10, source_address=("127.0.0.2", 0))
+        with l0:
+            l0.sendall(encode_wire(CallMe(PROTOCOL_VERSION, up, down, b"n" * 16)))
+            reader, data = FrameReader(1 << 20), b""
+            bodies: list[memoryview] = []
+            while not bodies:
+                data = l0.recv(65536)
+                assert data, "closed without an answer"
+                bodies = reader.feed(data)
+            err = server_decoder().decode(bodies[0])
+            assert isinstance(err, Error) and err.code == ErrorCode.BAD_HELLO
+            assert "127.0.0.2" in err.message or "refused" in err.message.lower() or "ECONN" in err.message
+        for s in decoys:                       # nothing ever connected to 127.0.0.1's ports
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.accept()
+        wait_until(lambda: not snapshot(host.instance)["connections"], what="the refused slot to be freed")
+    finally:
+        for s in decoys:
+            s.close()
+
+
+def test_callme_to_a_direct_gateway_is_refused_clearly(host: Host) -> None:
+    gw = host.gateway()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as l0:
+        l0.sendall(encode_wire(CallMe(PROTOCOL_VERSION, 40000, 40001, b"n" * 16)))
+        reader, bodies = FrameReader(1 << 20), []
+        while not bodies:
+            data = l0.recv(65536)
+            assert data
+            bodies = reader.feed(data)
+        err = server_decoder().decode(bodies[0])
+        assert err.code == ErrorCode.BAD_HELLO and "--links callback" in err.message

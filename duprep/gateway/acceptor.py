@@ -29,22 +29,23 @@ import os
 import random
 import resource
 import secrets
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import deque
-from typing import Callable
+import msgspec
 
 from .. import fdpass, ipcnames, queues
 from ..config import GatewayConfig
 from ..errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError, LimitError, WouldBlock
 from ..fdpass import Op
-from ..frame import CHUNK_OVERHEAD, MAX_NAME, Error, ErrorCode, encode_wire
+from ..frame import CHUNK_OVERHEAD, LENGTH, MAX_NAME, CallMe, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock
 from ..table import GatewayState, ProcRow, Role, SlotState, Table
-from . import net, systemd
+from . import callback, net, systemd
 from .control import Control
 from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CONFIG_ERROR, EXIT_CRASH, EXIT_LIMIT, EXIT_OK, NO_RESPAWN,
                     setup_logging, set_title)
@@ -83,13 +84,22 @@ class Child:
 
 
 class Conn:
-    """The acceptor's copy of one connection."""
+    """The acceptor's copy of one connection.
 
-    __slots__ = ("sid", "gen", "sock", "ip", "released")
+    ``sock`` is what the receiver reads and ``wsock`` what the sender writes:
+    the same socket, except for callback links (L1 and L2).
+    """
+
+    __slots__ = ("sid", "gen", "sock", "wsock", "ip", "released", "pending")
 
     def __init__(self, sid: int, gen: int, sock: socket.socket, ip: str) -> None:
-        self.sid, self.gen, self.sock, self.ip = sid, gen, sock, ip
+        self.sid, self.gen, self.sock, self.wsock, self.ip = sid, gen, sock, sock, ip
         self.released: set[str] = set()
+        self.pending: object = None     # a callback in progress (timer or dialer): not handed over yet
+
+    def close(self) -> None:
+        for s in {self.sock, self.wsock}:
+            s.close()
 
 
 class Acceptor:
@@ -297,13 +307,97 @@ class Acceptor:
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         c[C_ACCEPTED] += 1
         self.table.set("accepted", c[C_ACCEPTED])  # type: ignore[union-attr]
+        if self.cfg.links == "callback":
+            self.watch_first_frame(conn)
+        else:
+            self.hand_over_both(conn)
+
+    def hand_over_both(self, conn: Conn) -> None:
         # The sender first: it must know the socket before the receiver can queue a WELCOME for it.
         for role in ("sender", "receiver"):
             self.hand_over(self.children[role], conn)
 
     def hand_over(self, child: Child, conn: Conn) -> None:
-        if child.ready and child.control is not None:    # else it gets every connection when it is ready
-            child.control.send(Op.CONN, conn.sid, conn.gen, conn.sock.fileno())
+        if child.ready and child.control is not None and conn.pending is None:
+            sock = conn.wsock if child.role == "sender" else conn.sock
+            child.control.send(Op.CONN, conn.sid, conn.gen, sock.fileno())
+        # else: it gets every connection when it is (re)started, or when the callback is done
+
+    # --- callback links (--links callback) ------------------------------------------
+
+    def watch_first_frame(self, conn: Conn) -> None:
+        """Peek at the first frame: CALLME means connect back; anything else goes on as usual.
+
+        Edge-triggered, because peeked bytes stay in the socket and would keep
+        a level-triggered registration firing.
+        """
+        conn.pending = self.loop.call_later(self.cfg.handshake_timeout, lambda: self.callback_failed(
+            conn, f"no first frame within {self.cfg.handshake_timeout:g} s"))
+        self.loop.register(conn.sock.fileno(), READ | select.EPOLLET, lambda ev: self.on_first_bytes(conn))
+
+    def on_first_bytes(self, conn: Conn) -> None:
+        try:
+            head = conn.sock.recv(4 + 64, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            head = b""
+        if not head:
+            self.loop.unregister(conn.sock.fileno())
+            conn.pending.cancel()           # type: ignore[union-attr]
+            self.free_slot(conn)            # gone before saying anything; no child has it
+            return
+        if len(head) < 6:
+            return                          # wait for more (next edge)
+        size = LENGTH.unpack_from(head)[0]
+        if not (0x94 <= head[4] <= 0x9F and head[5] == CallMe.__struct_config__.tag and size <= 60):
+            self.loop.unregister(conn.sock.fileno())
+            conn.pending.cancel()           # type: ignore[union-attr]
+            conn.pending = None
+            self.hand_over_both(conn)       # a direct client: HELLO and all stay in the socket
+            return
+        if len(head) < 4 + size:
+            return
+        self.loop.unregister(conn.sock.fileno())
+        conn.sock.recv(4 + size)            # consume the CALLME
+        try:
+            call = msgspec.msgpack.decode(head[4:4 + size], type=CallMe)
+            dialer = callback.CallbackDialer(
+                self.loop, conn.sock, call, timeout=self.cfg.handshake_timeout,
+                on_done=lambda l1, l2: self.callback_done(conn, l1, l2),
+                on_fail=lambda why: self.callback_failed(conn, why))
+        except (msgspec.DecodeError, msgspec.ValidationError, callback.CallbackRefused) as e:
+            self.callback_failed(conn, f"bad CALLME: {e}")
+            return
+        conn.pending.cancel()               # type: ignore[union-attr]
+        conn.pending = dialer
+        dialer.start()
+
+    def callback_done(self, conn: Conn, l1: socket.socket, l2: socket.socket) -> None:
+        log.info("sid %d: callback links to %s established", conn.sid, conn.ip)
+        l0, conn.sock, conn.wsock = conn.sock, l1, l2
+        for s in (l1, l2):
+            net.tune_client(s, sndbuf=self.cfg.sndbuf)
+        l0.close()                          # the daemon expects L0 to end here
+        conn.pending = None
+        self.hand_over_both(conn)
+
+    def callback_failed(self, conn: Conn, why: str) -> None:
+        if self.conns.get(conn.sid) is not conn or conn.pending is None:
+            return
+        if isinstance(conn.pending, callback.CallbackDialer):
+            conn.pending.cancel()
+        else:
+            conn.pending.cancel()           # type: ignore[union-attr]
+            if self.loop.registered(conn.sock.fileno()):
+                self.loop.unregister(conn.sock.fileno())
+        conn.pending = None
+        log.info("sid %d: callback from %s refused: %s", conn.sid, conn.ip, why)
+        try:
+            conn.sock.send(encode_wire(Error(0, 0, ErrorCode.BAD_HELLO, f"callback failed: {why}"[:200])))
+        except OSError:
+            pass
+        self.free_slot(conn)
 
     def refuse(self, sock: socket.socket, code: int, message: str) -> None:
         log.info("refused a connection: %s", message)
@@ -333,6 +427,11 @@ class Acceptor:
         if conn is None or conn.gen != gen:
             return
         conn.released.add(role)
+        if role == "sender" and conn.wsock is not conn.sock:
+            try:       # callback links: the sender ended L2; end L1 too, so the receiver lets go
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if len(conn.released) == 1:
             self.table.a_part(sid).write(gen, SlotState.CLOSING, 0, 0.0, conn.ip.encode())  # type: ignore[union-attr]
         if {"receiver", "sender"} <= conn.released:
@@ -340,7 +439,7 @@ class Acceptor:
 
     def free_slot(self, conn: Conn) -> None:
         del self.conns[conn.sid]
-        conn.sock.close()
+        conn.close()
         self.table.a_part(conn.sid).write(conn.gen, SlotState.FREE, 0, 0.0, b"")  # type: ignore[union-attr]
         self.free.append(conn.sid)
         n = self.per_ip.get(conn.ip, 1) - 1
@@ -513,11 +612,12 @@ class Acceptor:
             if c.proc is not None:
                 c.proc.wait()
         for conn in self.conns.values():
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.sock.close()
+            for s in {conn.sock, conn.wsock}:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            conn.close()
         self.conns.clear()
         if self.listener is not None:
             self.listener.close()

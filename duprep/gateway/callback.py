@@ -1,4 +1,4 @@
-"""PROPOSED (not yet wired into the acceptor): the gateway side of ``--links callback``.
+"""The gateway side of ``--links callback`` (the acceptor runs it).
 
 The seed's dual-link handshake, made safe.  A client daemon started with
 ``--links callback`` opens an initial connection L0 to the gateway's port
@@ -29,13 +29,12 @@ connect to whatever the shared memory said):
    gateway's answer to *its* L0 and not someone else's connection to an
    open port.
 
-Integration left to the acceptor (see docs/clienthost.md):
-``CallMe`` becomes wire tag 5 in frame.py (its tag here is already 5); the
-acceptor, on a first frame CALLME and with ``--links callback`` enabled,
-runs a :class:`CallbackDialer` in its loop, hands L1 to the receiver and L2
-to the sender under one ``(sid, generation)``, and counts the client once
-(``--max-clients``, ``--max-per-ip``).  Without the option it answers
-ERROR BAD_HELLO and closes L0.
+The acceptor, started with ``--links callback``, peeks at the first frame of
+every new connection; on CALLME it runs a :class:`CallbackDialer` in its
+loop, hands L1 to the receiver and L2 to the sender under one
+``(sid, generation)``, and counts the client once (``--max-clients``,
+``--max-per-ip``).  Without the option the receiver answers CALLME with
+ERROR BAD_HELLO.
 """
 
 from __future__ import annotations
@@ -43,26 +42,13 @@ from __future__ import annotations
 import errno
 import functools
 import socket
-from typing import Annotated, Callable, Final
-
-from msgspec import Meta, Struct
+from typing import Callable
 
 from ..errors import DuprepError
+from ..frame import NONCE_SIZE, CallMe
 from .loop import ERR, WRITE, EventLoop, Timer
 
 __all__ = ["CallMe", "NONCE_SIZE", "CallbackRefused", "check_call", "CallbackDialer", "connect_back"]
-
-NONCE_SIZE: Final = 16
-Port = Annotated[int, Meta(ge=1024, le=65535)]
-
-
-class CallMe(Struct, tag=5, array_like=True, frozen=True):
-    """CALLME (proposed wire tag 5): "connect back to me on these two ports"."""
-    version: int
-    up_port: Port        # L1: daemon -> gateway (requests)
-    down_port: Port      # L2: gateway -> daemon (replies)
-    nonce: Annotated[bytes, Meta(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
-
 
 class CallbackRefused(DuprepError):
     """The announced ports are not acceptable, or connecting back failed."""

@@ -33,7 +33,7 @@ from ..errors import BrokenResourceError, WouldBlock
 from ..fdpass import Op
 from .. import fdpass
 from ..frame import (PROTOCOL_VERSION, BatchPacker, Call, Close, Deliver, Error, ErrorCode, Hello,
-                     LENGTH, MAX_NAME, CHUNK_OVERHEAD, Chunk, Push, Relay, Reply, Send, Welcome, client_decoder,
+                     LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Send, Welcome, client_decoder,
                      encode_wire)
 from ..queues import Queue
 from ..table import ProcRow, Role, SlotFlag, Table
@@ -246,6 +246,10 @@ class Receiver:
         if not conn.ready:
             if kind is Hello:
                 return self.hello(conn, frame)  # type: ignore[arg-type]
+            if kind is CallMe:
+                self.fail(conn, ErrorCode.BAD_HELLO, "callback links are not enabled on this gateway "
+                          "(duprep serve --links callback)")
+                return False
             return self.not_ready(conn)
         if kind is Call or kind is Send:
             # A REQUEST/SEND the fast path did not recognise (e.g. an array16 header): forward it re-encoded.
