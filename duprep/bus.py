@@ -23,7 +23,6 @@ has none left or would block, so one queue message carries many replies.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -31,7 +30,7 @@ import signal
 import socket
 import time
 from collections import deque
-from typing import Callable, Iterable
+from typing import Callable
 
 import msgspec
 

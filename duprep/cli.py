@@ -15,7 +15,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import sys
 from typing import Callable
 

@@ -577,3 +577,26 @@ def test_names_are_limited_to_64_bytes_of_utf8(gateway):
     with pytest.raises(duprep.RefusedError) as info:
         duprep.Client("127.0.0.1", gw.port, name="\u20ac" * 22)               # 66 bytes
     assert info.value.code == ErrorCode.BAD_HELLO
+
+
+def test_mass_disconnect_frees_every_slot(gateway, instance):
+    """Thousands of release records at once must not overflow the control channel (nothing is lost)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = min(2000, max(0, min(soft, hard) - 200))
+    gw = gateway("--max-clients", str(n))
+    hello = encode_wire(Hello(1, ""))
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            s.sendall(hello)
+            socks.append(s)
+        wait_until(lambda: sum(c["ready"] for c in snapshot(instance)["connections"]) == n, timeout=60,
+                   what="every client to be welcomed")
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: not snapshot(instance)["connections"], timeout=60, what="every slot to be freed")
+    with duprep.Client("127.0.0.1", gw.port) as c:     # and the table is usable to the last slot
+        assert c.request(b"after") == b"after"

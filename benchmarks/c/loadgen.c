@@ -14,7 +14,8 @@
  *               1; latency includes the connect).  For the iterative server.
  *   idle        N connections set up, one request each answered, then a
  *               {"event":"ready"} line; holds them idle until stdin closes or
- *               gets a line, then prints the result.  For memory/CPU probes.
+ *               gets a line (or --idle-max seconds pass), then prints the
+ *               result.  For memory/CPU probes.
  * Protocols (--proto):
  *   frame       duprep's wire framing: 4-byte BE length + msgpack array.
  *   zmtp        ZMTP 3.0 (NULL mechanism) as a DEALER socket; every message
@@ -76,6 +77,7 @@ static int opt_port, opt_conns = 10, opt_depth = 1, opt_payload = 64;
 static double opt_warmup = 1.0, opt_duration = 3.0, opt_setup_timeout = 60.0;
 static int opt_mode = MODE_PERSISTENT, opt_proto = PROTO_FRAME, opt_app = APP_ECHO;
 static int opt_timeout_ms = 10000, opt_connect_batch = 256;
+static double opt_idle_max = 900.0;      /* idle mode: hold at most this long even if stdin stays open */
 
 /* ---- state ---- */
 static conn_t *conns;
@@ -88,6 +90,8 @@ static uint64_t t_measure_start, t_end;
 static uint64_t hist[HIST_BUCKETS];
 static uint64_t n_replies, n_sent, lat_sum_ns, lat_max_ns;
 static uint64_t err_connect, err_closed, err_error_frames, err_bad_frames, err_mismatch, err_timeouts;
+#define MAX_CODE 32
+static uint64_t err_codes[MAX_CODE + 1];   /* ERROR frames by code; the last counts codes >= MAX_CODE */
 static int n_ready, n_connecting;
 static int idle_answered;
 
@@ -294,6 +298,14 @@ static void on_ready(int i, uint64_t now) {
         for (int s = 0; s < opt_depth; s++) put_request(i, s, now);
 }
 
+/* Counts an ERROR frame; the cursor is at its code field. */
+static void count_error_code(mp_cur *cur) {
+    uint64_t code = MAX_CODE;
+    err_error_frames++;
+    if (!mp_get_uint(cur, &code) || code > MAX_CODE) code = MAX_CODE;
+    err_codes[code]++;
+}
+
 /* A REPLY or ERROR frame body arrived on a ready connection. */
 static int on_answer(int i, uint64_t tag, mp_cur *cur, uint64_t now) {
     conn_t *c = &conns[i];
@@ -303,7 +315,7 @@ static int on_answer(int i, uint64_t tag, mp_cur *cur, uint64_t now) {
     int slot = (int)(msgid & 0xff);
     if (slot >= opt_depth || c->slot_msgid[slot] != msgid) { err_mismatch++; return 1; }
     if (tag == TAG_ERROR) {
-        err_error_frames++;
+        count_error_code(cur);
     } else {
         if (!mp_get_bytes(cur, &data, &dlen)) { err_bad_frames++; return 0; }
         if (opt_app == APP_ECHO && (dlen != (uint32_t)opt_payload || memcmp(data, payload_tpl, dlen) != 0))
@@ -331,7 +343,12 @@ static int on_message(int i, const uint8_t *body, size_t len, uint64_t now) {
         return 1;
     }
     if ((tag == TAG_REPLY || tag == TAG_ERROR) && c->state == S_READY) return on_answer(i, tag, &cur, now);
-    if (tag == TAG_ERROR) { err_error_frames++; return 0; }
+    if (tag == TAG_ERROR) {
+        uint64_t msgid, cpid;
+        if (mp_get_uint(&cur, &msgid) && mp_get_uint(&cur, &cpid)) count_error_code(&cur);
+        else err_error_frames++;
+        return 0;
+    }
     err_bad_frames++;
     return 0;
 }
@@ -470,12 +487,22 @@ static double cpu_seconds(void) {
 
 static void print_result(const char *event, double setup_s, double measured_s, double cpu_s) {
     double rate = measured_s > 0 ? (double)n_replies / measured_s : 0;
+    /* ERROR frames by code, appended to the JSON object: , "error_codes": {"9": 3}} */
+    char codes[1024];
+    size_t len = (size_t)snprintf(codes, sizeof codes, ", \"error_codes\": {");
+    for (int k = 0, first = 1; k <= MAX_CODE && len < sizeof codes - 64; k++)
+        if (err_codes[k]) {
+            len += (size_t)snprintf(codes + len, sizeof codes - len, "%s\"%d\": %llu", first ? "" : ", ", k,
+                                    (unsigned long long)err_codes[k]);
+            first = 0;
+        }
+    snprintf(codes + len, sizeof codes - len, "}}\n");
     printf("{\"event\": \"%s\", \"mode\": \"%s\", \"proto\": \"%s\", \"app\": \"%s\", "
            "\"conns\": %d, \"connected\": %d, \"depth\": %d, \"payload\": %d, "
            "\"setup_s\": %.3f, \"measured_s\": %.3f, \"replies\": %llu, \"sent\": %llu, \"replies_per_s\": %.1f, "
            "\"lat_us\": {\"p50\": %.1f, \"p90\": %.1f, \"p99\": %.1f, \"p999\": %.1f, \"max\": %.1f, \"mean\": %.1f}, "
            "\"errors\": {\"connect\": %llu, \"closed\": %llu, \"error_frames\": %llu, \"bad_frames\": %llu, "
-           "\"mismatched\": %llu, \"timeouts\": %llu}, \"outstanding\": %d, \"loadgen_cpu_pct\": %.1f}\n",
+           "\"mismatched\": %llu, \"timeouts\": %llu}, \"outstanding\": %d, \"loadgen_cpu_pct\": %.1f",
            event,
            opt_mode == MODE_PERSISTENT ? "persistent" : opt_mode == MODE_CONNECT ? "connect" : "idle",
            opt_proto == PROTO_FRAME ? "frame" : "zmtp", opt_app == APP_ECHO ? "echo" : "kv",
@@ -488,13 +515,14 @@ static void print_result(const char *event, double setup_s, double measured_s, d
            (unsigned long long)err_error_frames, (unsigned long long)err_bad_frames,
            (unsigned long long)err_mismatch, (unsigned long long)err_timeouts,
            outstanding(), measured_s > 0 ? 100.0 * cpu_s / measured_s : 0.0);
+    printf("%s", codes);
     fflush(stdout);
 }
 
 static void usage(void) {
     fprintf(stderr, "usage: loadgen --port P [--host H] [--conns N] [--depth D] [--payload P]\n"
                     "  [--warmup S] [--duration S] [--mode persistent|connect|idle] [--proto frame|zmtp]\n"
-                    "  [--app echo|kv] [--setup-timeout S] [--timeout-ms MS] [--connect-batch N]\n");
+                    "  [--app echo|kv] [--setup-timeout S] [--timeout-ms MS] [--connect-batch N] [--idle-max S]\n");
     exit(2);
 }
 
@@ -513,6 +541,7 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--setup-timeout")) opt_setup_timeout = atof(v);
         else if (!strcmp(a, "--timeout-ms")) opt_timeout_ms = atoi(v);
         else if (!strcmp(a, "--connect-batch")) opt_connect_batch = atoi(v);
+        else if (!strcmp(a, "--idle-max")) opt_idle_max = atof(v);
         else if (!strcmp(a, "--mode"))
             opt_mode = !strcmp(v, "persistent") ? MODE_PERSISTENT : !strcmp(v, "connect") ? MODE_CONNECT
                      : !strcmp(v, "idle") ? MODE_IDLE : (usage(), 0);
@@ -574,7 +603,9 @@ int main(int argc, char **argv) {
         print_result("ready", setup_s, 0, 0);
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = STDIN_KEY};
         epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &ev);
-        for (;;) if (loop_once(1000)) break;     /* until stdin is readable (line or EOF) */
+        uint64_t idle_end = now_ns() + (uint64_t)(opt_idle_max * 1e9);
+        while (now_ns() < idle_end)              /* until stdin is readable (line or EOF) */
+            if (loop_once(1000)) break;
         print_result("done", setup_s, 0, 0);
         return 0;
     }

@@ -13,6 +13,7 @@ Run: python -m benchmarks.peers.iterative --app echo --port 0
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from benchmarks.peers import common, framing
 
@@ -24,7 +25,7 @@ CLIENT_TIMEOUT = 5.0    # seconds a single client may take
 def serve_one(conn: socket.socket, handler: framing.Handler, sid: int) -> None:
     """HELLO + one REQUEST in, WELCOME + REPLY out."""
     buf = bytearray()
-    frames: list[list[object]] = []
+    frames: list[list[Any]] = []
     while len(frames) < 2:
         chunk = conn.recv(65536)
         if not chunk:
@@ -32,7 +33,7 @@ def serve_one(conn: socket.socket, handler: framing.Handler, sid: int) -> None:
         buf += chunk
         frames += framing.split_frames(buf)
     out = framing.welcome(sid, 1, framing.hello_name(frames[0]))
-    conn.sendall(out + framing.answer_request(handler, frames[1]))  # type: ignore[arg-type]
+    conn.sendall(out + framing.answer_request(handler, frames[1]))
 
 
 def main(argv: list[str] | None = None) -> None:

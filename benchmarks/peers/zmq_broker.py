@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from benchmarks.peers import common, framing
+from benchmarks.servers import term_with_parent
 
 __all__ = ["main", "worker"]
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.fork() == 0:
             code = 0
             try:
+                term_with_parent()        # a worker must not outlive its broker
                 worker(backend, args.app)
             except BaseException:          # noqa: BLE001 - a worker ends only by signal
                 code = 1

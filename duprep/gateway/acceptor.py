@@ -23,7 +23,6 @@ Signal handlers only record the signal; the loop acts on it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -40,7 +39,7 @@ import msgspec
 
 from .. import fdpass, ipcnames, queues
 from ..config import GatewayConfig
-from ..errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError, LimitError, WouldBlock
+from ..errors import ConfigError, DuprepError, InstanceBusyError, LimitError
 from ..fdpass import Op
 from ..frame import CHUNK_OVERHEAD, LENGTH, MAX_NAME, CallMe, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock

@@ -19,9 +19,7 @@ before requests, so a client never gets an answer before its WELCOME.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
 import socket
 import time
 
@@ -29,17 +27,15 @@ import msgspec
 
 from .. import ipcnames
 from ..config import GatewayConfig
-from ..errors import BrokenResourceError, WouldBlock
+from ..errors import WouldBlock
 from ..fdpass import Op
-from .. import fdpass
-from ..frame import (PROTOCOL_VERSION, BatchPacker, Call, Close, Deliver, Error, ErrorCode, Hello,
-                     LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Send, Welcome, client_decoder,
-                     encode_wire)
+from ..frame import (PROTOCOL_VERSION, BatchPacker, Close, Deliver, Error, ErrorCode, Hello,
+                     LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Welcome, client_decoder,
+                     encode_wire, Call, Send)
 from ..queues import Queue
-from ..table import ProcRow, Role, SlotFlag, Table
-from .child import EXIT_CRASH, EXIT_OK, run_child
-from .control import Control
-from .loop import ERR, READ, WRITE, EventLoop
+from ..table import Role, SlotFlag
+from .base import GatewayChild, child_main
+from .loop import ERR, READ, WRITE
 
 log = logging.getLogger("duprep")
 
@@ -66,20 +62,16 @@ class Conn:
         self.part = None
 
 
-class Receiver:
+class Receiver(GatewayChild):
+    ROW = 1
+    ROLE = Role.RECEIVER
+
     def __init__(self, cfg: GatewayConfig, ctl: socket.socket) -> None:
-        self.cfg = cfg
-        self.ctl = ctl
-        self.table = Table.attach(ipcnames.table_name(cfg.instance))
+        super().__init__(cfg, ctl)
         self.requests = Queue(ipcnames.request_queue(cfg.instance))
         self.replies = Queue(ipcnames.reply_queue(cfg.instance))
         self.max_frame = self.table.get("max_frame")
         self.chunk_room = self.requests.msgsize - 3 - CHUNK_OVERHEAD   # frame bytes one Chunk can carry
-        previous = list(self.table.proc_part(1).read()[7:])
-        self.row = ProcRow(self.table, 1, Role.RECEIVER)
-        self.row.counters[:] = previous        # a restarted receiver continues its predecessor's counts
-        self.c = self.row.counters
-        self.loop = EventLoop()
         self.conns: dict[int, Conn] = {}          # by sid
         self.names: dict[str, Conn] = {}
         self.decoder = client_decoder()
@@ -92,39 +84,8 @@ class Receiver:
         self.parked: list[Conn] = []
         self.stopping = False
         self.stopped = False
-        self.exit_code = EXIT_OK
         self.dirty: set[Conn] = set()            # stats not yet in the table
         self.stats_timer = None
-
-    # --- boot -------------------------------------------------------------
-
-    def serve(self) -> int:
-        loop = self.loop
-        self.control = Control(self.ctl, loop, self.on_record, self.on_acceptor_gone)
-        loop.before_sleep(self.flush)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal(sig, lambda s: None)   # the acceptor decides, through the control channel
-        self.beat()
-        self.control.send(Op.READY)
-        loop.run()
-        return self.exit_code
-
-    def beat(self) -> None:
-        self.row.beat()
-        self.loop.call_later(self.cfg.heartbeat, self.beat)
-
-    # --- control channel -----------------------------------------------------
-
-    def on_record(self, rec: fdpass.Record) -> None:
-        if rec.op == Op.CONN:
-            self.add(rec.sid, rec.generation, rec.fd)
-        elif rec.op == Op.STOP:
-            self.stop()
-
-    def on_acceptor_gone(self) -> None:
-        log.error("the acceptor went away; exiting")
-        self.exit_code = EXIT_CRASH
-        self.loop.stop()
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -423,17 +384,7 @@ class Receiver:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="duprep-receiver")
-    p.add_argument("--config", required=True)
-    p.add_argument("--ctl-fd", type=int, required=True)
-    args = p.parse_args(argv)
-    cfg = GatewayConfig.decode(args.config)
-
-    def boot():
-        ctl = socket.socket(fileno=args.ctl_fd)
-        return Receiver(cfg, ctl).serve
-
-    run_child("receiver", cfg.instance, boot)
+    child_main("receiver", Receiver, argv)
 
 
 if __name__ == "__main__":

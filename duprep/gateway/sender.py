@@ -21,22 +21,19 @@ one else waits for it.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
 import socket
 import time
 
-from .. import fdpass, ipcnames
+from .. import ipcnames
 from ..config import GatewayConfig
-from ..errors import BrokenResourceError, ProtocolError, WouldBlock
+from ..errors import ProtocolError, WouldBlock
 from ..fdpass import Op
-from ..frame import Close, Deliver, Error, ErrorCode, decode_replies, encode_wire
+from ..frame import Deliver, decode_replies
 from ..queues import Queue
-from ..table import COUNTERS, ProcRow, Role, Table
-from .child import EXIT_CRASH, EXIT_OK, run_child
-from .control import Control
-from .loop import ERR, READ, WRITE, EventLoop, Timer
+from ..table import COUNTERS, Role
+from .base import GatewayChild, child_main
+from .loop import ERR, READ, WRITE, Timer
 
 log = logging.getLogger("duprep")
 
@@ -65,55 +62,25 @@ class Conn:
         self.part = None
 
 
-class Sender:
+class Sender(GatewayChild):
+    ROW = 2
+    ROLE = Role.SENDER
+
     def __init__(self, cfg: GatewayConfig, ctl: socket.socket) -> None:
-        self.cfg = cfg
-        self.ctl = ctl
-        self.table = Table.attach(ipcnames.table_name(cfg.instance))
+        super().__init__(cfg, ctl)
         self.replies = Queue(ipcnames.reply_queue(cfg.instance))
         self.requests = Queue(ipcnames.request_queue(cfg.instance))  # for its depth while draining
-        previous = list(self.table.proc_part(2).read()[7:])
-        self.row = ProcRow(self.table, 2, Role.SENDER)
-        self.row.counters[:] = previous        # a restarted sender continues its predecessor's counts
-        self.c = self.row.counters
-        self.loop = EventLoop()
         self.conns: dict[int, Conn] = {}
         self.dirty: dict[int, Conn] = {}         # connections with new output this batch
         self.stale_stats: set[Conn] = set()      # counters not yet in the table
         self.stats_timer = None
         self.draining = False
         self.stopped = False
-        self.exit_code = EXIT_OK
         self.drain_deadline = 0.0
         self.now = time.time()
 
-    def serve(self) -> int:
-        self.control = Control(self.ctl, self.loop, self.on_record, self.on_acceptor_gone)
+    def setup(self) -> None:
         self.loop.register(self.replies.fileno(), READ, self.on_replies)
-        self.loop.before_sleep(self.flush)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self.loop.add_signal(sig, lambda s: None)   # the acceptor decides, through the control channel
-        self.beat()
-        self.control.send(Op.READY)
-        self.loop.run()
-        return self.exit_code
-
-    def beat(self) -> None:
-        self.row.beat()
-        self.loop.call_later(self.cfg.heartbeat, self.beat)
-
-    # --- control channel --------------------------------------------------------
-
-    def on_record(self, rec: fdpass.Record) -> None:
-        if rec.op == Op.CONN:
-            self.add(rec.sid, rec.generation, rec.fd)
-        elif rec.op == Op.STOP:
-            self.start_drain()
-
-    def on_acceptor_gone(self) -> None:
-        log.error("the acceptor went away; exiting")
-        self.exit_code = EXIT_CRASH
-        self.loop.stop()
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -286,7 +253,7 @@ class Sender:
 
     # --- graceful stop ----------------------------------------------------------------
 
-    def start_drain(self) -> None:
+    def stop(self) -> None:
         """Deliver what is still coming for the clients, then end them all.
 
         Quiescent means: every request the receiver queued has been handled
@@ -335,16 +302,7 @@ assert COUNTERS[Role.SENDER][C_STALE] == "dropped_stale"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="duprep-sender")
-    p.add_argument("--config", required=True)
-    p.add_argument("--ctl-fd", type=int, required=True)
-    args = p.parse_args(argv)
-    cfg = GatewayConfig.decode(args.config)
-
-    def boot():
-        return Sender(cfg, socket.socket(fileno=args.ctl_fd)).serve
-
-    run_child("sender", cfg.instance, boot)
+    child_main("sender", Sender, argv)
 
 
 if __name__ == "__main__":
