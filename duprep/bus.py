@@ -106,7 +106,7 @@ class Replier:
             raise
         self._out = BatchPacker(self._replies.msgsize)
         self._room = self._replies.msgsize - 3 - DELIVER_OVERHEAD     # wire bytes one Deliver can carry
-        self._open_key: tuple[int, int] | None = None   # the connection the frames below are for
+        self._open_sid, self._open_gen = -1, -1          # the connection the frames below are for
         self._open_frames: list[bytes | bytearray] = []
         self._open_size = 0
 
@@ -147,19 +147,21 @@ class Replier:
 
     def _send(self, sid: int, gen: int, frame: msgspec.Struct) -> None:
         """Queue one frame for (sid, gen); consecutive frames for one connection share a Deliver."""
-        self._check()
+        if self._closed:
+            self._check()
         wire = encode_wire(frame)
-        if len(wire) > self._room:
-            raise ProtocolError(f"a {type(frame).__name__} frame of {len(wire)} bytes exceeds the largest frame "
+        size = len(wire)
+        if size > self._room:
+            raise ProtocolError(f"a {type(frame).__name__} frame of {size} bytes exceeds the largest frame "
                                 f"this instance carries ({self._room} bytes; see --queue-size)")
-        if self._open_key == (sid, gen) and self._open_size + len(wire) <= self._room:
+        if self._open_sid == sid and self._open_gen == gen and self._open_size + size <= self._room:
             self._open_frames.append(wire)
-            self._open_size += len(wire)
+            self._open_size += size
         else:
             self._seal()
-            self._open_key = (sid, gen)
+            self._open_sid, self._open_gen = sid, gen
             self._open_frames = [wire]
-            self._open_size = len(wire)
+            self._open_size = size
         self._c[C_REPLIES] += 1
         if not self._batch:
             self.flush()
@@ -167,11 +169,11 @@ class Replier:
     def _seal(self) -> None:
         frames = self._open_frames
         if frames:
-            sid, gen = self._open_key  # type: ignore[misc]
-            self._out.add(Deliver(sid, gen, frames[0] if len(frames) == 1 else b"".join(frames), len(frames)),
+            self._out.add(Deliver(self._open_sid, self._open_gen,
+                                  frames[0] if len(frames) == 1 else b"".join(frames), len(frames)),
                           DELIVER_OVERHEAD + self._open_size)
             self._open_frames = []
-            self._open_key = None
+            self._open_sid = -1
 
     def flush(self, *, timeout: float | None = 30.0) -> None:
         """Send every reply collected so far (blocks while the reply queue is full)."""
@@ -267,10 +269,13 @@ class Worker(Replier):
         Raises Timeout, BrokenResourceError (gateway gone), or
         ClosedResourceError (closed, or interrupted by :meth:`interrupt`).
         """
+        if self._batch and not self._closed:      # the common case, kept short
+            if self._holding:
+                self._c[C_REQUESTS] += 1
+            self._holding = True
+            return self._batch.popleft()
         self._check()
         self._done_one()
-        if self._batch:
-            return self._hand(self._batch.popleft())
         self.flush()
         if self._interrupted:
             raise ClosedResourceError("worker interrupted")

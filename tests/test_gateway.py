@@ -558,7 +558,8 @@ def test_connection_level_errors_reach_waiting_requests_with_their_code(gateway)
     with duprep.Client("127.0.0.1", gw.port) as c:
         c._sock.sendall(struct.pack(">I", 7) + b"\x95\x02\xff\x01\x01\xc4\x00")   # a REQUEST with a bad field
         with pytest.raises(duprep.RefusedError) as info:
-            c.request(b"x", timeout=10)
+            # slow, so that the other worker cannot answer it before the connection ends
+            c.request(b"sleep:1", timeout=10)
         assert info.value.code == ErrorCode.BAD_FRAME
 
 
