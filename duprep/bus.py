@@ -57,6 +57,7 @@ DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
 FIRST_WORKER_ROW = 3
+HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
 C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS = range(4)
 
 
@@ -280,7 +281,7 @@ class Worker(Replier):
         if self._interrupted:
             raise ClosedResourceError("worker interrupted")
         deadline = None if timeout is None else time.monotonic() + timeout
-        heartbeat = 2.0
+        heartbeat = HEARTBEAT
         while True:
             try:
                 message = self._requests.get_nowait()

@@ -35,7 +35,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     write_timeout: float = 30.0         # seconds a connection may block our writes
     sndbuf: int = 65536                 # SO_SNDBUF of client sockets (0: kernel default)
     drain_timeout: float = 10.0         # seconds SIGTERM waits for queued replies
-    heartbeat: float = 2.0              # seconds between heartbeats in the table
+    heartbeat: float = 30.0             # seconds between heartbeats of an idle process (busy ones beat as they work)
     backlog: int = 1024
     links: str = "direct"               # "callback": also accept CALLME (the seed's L0 + L1/L2)
 

@@ -349,14 +349,14 @@ def test_sigterm_leaves_nothing_behind(gateway, instance):
     assert ipc_leftovers(instance) == []
 
 
-def test_graceful_stop_delivers_replies_already_in_flight(gateway):
+def test_graceful_stop_delivers_replies_already_in_flight(gateway, instance):
     gw = gateway()
     with duprep.Client("127.0.0.1", gw.port) as c:
         result: list[object] = []
         t = threading.Thread(target=lambda: result.append(c.request(b"sleep:0.5|last", timeout=10)))
         t.start()
-        wait_until(lambda: any(comm(p) == "duprep-worker" for p in descendants(gw.pid)), what="workers")
-        time.sleep(0.1)   # not synchronisation: gives the request time to be on its way; the assert holds either way
+        wait_until(lambda: any(p["role"] == "worker" and p["counters"].get("queue_messages")
+                               for p in snapshot(instance)["processes"]), what="a worker to take the request")
         assert gw.stop() == 0
         t.join(10)
         assert result == [b"sleep:0.5|last"]
