@@ -50,8 +50,8 @@ def check_app(spec: str) -> None:
     if not module or not attr:
         raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
     try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as e:
+        found = importlib.util.find_spec(module)     # imports parent packages, which may fail in any way
+    except Exception as e:
         raise ConfigError(f"cannot find module {module!r} for --app: {e}") from None
     if found is None:
         raise ConfigError(f"cannot find module {module!r} for --app (is it on PYTHONPATH?)")

@@ -1,9 +1,10 @@
-"""Start and stop a gateway as a child process, waiting for readiness the systemd way.
+"""Start and stop duprep services as child processes, waiting for readiness the systemd way.
 
 The child gets ``NOTIFY_SOCKET`` pointing at a datagram socket we own and
-says ``READY=1`` when it accepts connections, exactly as it would to
-systemd; nothing here polls or sleeps.  Used by ``duprep demo``, the tests
-and the benchmarks.
+says ``READY=1`` when it is ready, exactly as it would to systemd; we wait on
+that socket and on the child's pidfd (so a child that dies ends the wait at
+once).  Nothing here polls or sleeps.  Used by ``duprep demo``, the tests,
+the benchmarks, and :mod:`duprep.clienthost.launch`.
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from . import ipcnames
 from .errors import BrokenResourceError, Timeout
 from .table import Table
 
-__all__ = ["GatewayProcess", "start_gateway"]
+__all__ = ["ServiceProcess", "GatewayProcess", "start_service", "start_gateway"]
 
 
-class GatewayProcess:
-    """A running ``duprep serve`` child."""
+class ServiceProcess:
+    """A running duprep service child (gateway or client daemon)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], instance: str, port: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], instance: str) -> None:
         self.proc = proc
         self.instance = instance
-        self.port = port
 
     @property
     def pid(self) -> int:
@@ -47,54 +47,59 @@ class GatewayProcess:
                 self.proc.kill()
         return self.proc.wait()
 
-    def __enter__(self) -> "GatewayProcess":
+    def kill(self) -> int:
+        """SIGKILL (a crash, for tests of the cleanup after one)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait()
+
+    def __enter__(self) -> "ServiceProcess":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def start_gateway(instance: str, *, args: Sequence[str] = (), timeout: float = 30.0,
-                  env: dict[str, str] | None = None, stderr: int | None = None,
-                  new_session: bool = False) -> GatewayProcess:
-    """Run ``duprep serve --instance INSTANCE --port 0 ARGS...`` and wait until it is ready.
+class GatewayProcess(ServiceProcess):
+    """A running ``duprep serve`` child; ``port`` is the port it listens on."""
 
-    ``new_session`` puts the gateway in its own session and process group, so
-    that ``os.killpg(gw.pid, ...)`` reaches every process of it.
+    def __init__(self, proc: subprocess.Popen[bytes], instance: str, port: int) -> None:
+        super().__init__(proc, instance)
+        self.port = port
+
+
+def start_service(argv: Sequence[str], what: str, *, timeout: float = 30.0, env: dict[str, str] | None = None,
+                  stderr: int | None = None, new_session: bool = False) -> subprocess.Popen[bytes]:
+    """Run ``python -m duprep ARGV...`` and return once it has said READY=1.
+
+    Raises Timeout, or BrokenResourceError if it exits first; the child is
+    killed in both cases.  ``new_session`` puts it in its own session.
     """
-    ipcnames.check_instance(instance)
-    path = os.path.join(tempfile.mkdtemp(prefix="duprep-notify-"), "notify")
+    tmp = tempfile.mkdtemp(prefix="duprep-notify-")
+    path = os.path.join(tmp, "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     proc = None
     try:
         sock.bind(path)
         child_env = dict(os.environ if env is None else env)
         child_env["NOTIFY_SOCKET"] = path
-        argv = [sys.executable, "-m", "duprep", "serve", "--instance", instance, "--port", "0", *args]
-        proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stderr=stderr,
-                                start_new_session=new_session)
+        proc = subprocess.Popen([sys.executable, "-m", "duprep", *argv], env=child_env, stdin=subprocess.DEVNULL,
+                                stderr=stderr, start_new_session=new_session)
         pidfd = os.pidfd_open(proc.pid)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise Timeout(f"gateway {instance} not ready within {timeout:g} s")
+                    raise Timeout(f"{what} not ready within {timeout:g} s")
                 ready, _, _ = select.select([sock, pidfd], [], [], left)
                 if sock in ready:
                     if "READY=1" in sock.recv(4096).decode().split("\n"):
-                        break
+                        return proc
                 elif pidfd in ready:
-                    raise BrokenResourceError(
-                        f"gateway {instance} exited with code {proc.wait()} before it was ready")
+                    raise BrokenResourceError(f"{what} exited with code {proc.wait()} before it was ready")
         finally:
             os.close(pidfd)
-        table = Table.attach(ipcnames.table_name(instance))
-        try:
-            port = table.get("port")
-        finally:
-            table.close()
-        return GatewayProcess(proc, instance, port)
     except BaseException:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -104,6 +109,26 @@ def start_gateway(instance: str, *, args: Sequence[str] = (), timeout: float = 3
         sock.close()
         try:
             os.unlink(path)
-            os.rmdir(os.path.dirname(path))
         except OSError:
             pass
+        os.rmdir(tmp)
+
+
+def start_gateway(instance: str, *, args: Sequence[str] = (), timeout: float = 30.0,
+                  env: dict[str, str] | None = None, stderr: int | None = None,
+                  new_session: bool = False) -> GatewayProcess:
+    """Run ``duprep serve --instance INSTANCE --port 0 ARGS...`` and wait until it is ready."""
+    ipcnames.check_instance(instance)
+    proc = start_service(["serve", "--instance", instance, "--port", "0", *args], f"gateway {instance}",
+                         timeout=timeout, env=env, stderr=stderr, new_session=new_session)
+    try:
+        table = Table.attach(ipcnames.table_name(instance))
+        try:
+            port = table.get("port")
+        finally:
+            table.close()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return GatewayProcess(proc, instance, port)

@@ -88,8 +88,8 @@ def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 
     why = []
     d = depth if depth is not None else min(64, lim.msg_max)
     s = msgsize if msgsize is not None else min(65536, lim.msgsize_max)
-    if depth is None and d < 64:
-        why.append(f"depth {d} (fs.mqueue.msg_max={lim.msg_max})")
+    if depth is None and lim.msg_max < 64:
+        why.append(f"depth at most fs.mqueue.msg_max={lim.msg_max}")
     budget = lim.rlimit_msgqueue // 2
     asked = (d, s)
     while depth is None and d > 2 and queues * charge(d, s) > budget:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import msgspec
 import posix_ipc
@@ -50,6 +50,8 @@ from duprep.local import Client
 from duprep.status import snapshot
 from duprep.wire import FrameReader
 
+from .conftest import wait_until
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 # Small gateway queues: RLIMIT_MSGQUEUE is one budget for every queue of the user.
@@ -75,20 +77,6 @@ def app(request: Request) -> bytes:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Check ``predicate`` until it is truthy, backing off from 2 to 50 ms; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
 
 # duprep does not need /dev/mqueue mounted; where it is, the tests list it, else they probe names.
 MQUEUE_LISTABLE = os.path.ismount("/dev/mqueue")

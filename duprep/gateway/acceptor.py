@@ -118,6 +118,7 @@ class Acceptor:
         rng = random.Random(secrets.randbits(64))
         self.gens = [rng.getrandbits(32) for _ in range(cfg.max_clients)]
         self.per_ip: dict[str, int] = {}
+        self.held: deque[Conn] = deque()     # waiting for the sender's hand-over to go out first
         self.state = "booting"
         self.exit_code = EXIT_OK
         self.stop_timer = None
@@ -312,9 +313,26 @@ class Acceptor:
             self.hand_over_both(conn)
 
     def hand_over_both(self, conn: Conn) -> None:
-        # The sender first: it must know the socket before the receiver can queue a WELCOME for it.
-        for role in ("sender", "receiver"):
-            self.hand_over(self.children[role], conn)
+        """The sender first: it must hold the socket before the receiver can queue a WELCOME for it.
+
+        "First" means the sender's record is in its socket before the receiver's
+        is sent: while the sender's channel has a backlog (or the sender is
+        restarting) the receiver's hand-overs wait, in order.
+        """
+        sender = self.children["sender"]
+        self.hand_over(sender, conn)
+        if self.held or not sender.ready or sender.control is None or sender.control.outbox:
+            self.held.append(conn)
+        else:
+            self.hand_over(self.children["receiver"], conn)
+
+    def release_held(self) -> None:
+        """The sender has caught up: the receiver gets the connections that waited for it."""
+        sender = self.children["sender"]
+        while self.held and sender.ready and sender.control is not None and not sender.control.outbox:
+            conn = self.held.popleft()
+            if self.conns.get(conn.sid) is conn:
+                self.hand_over(self.children["receiver"], conn)
 
     def hand_over(self, child: Child, conn: Conn) -> None:
         if child.ready and child.control is not None and conn.pending is None:
@@ -478,15 +496,19 @@ class Acceptor:
         self.loop.register(child.pidfd, READ, lambda ev: self.on_child_exit(child))
         if pass_fds:
             child.control = Control(parent_end, self.loop, lambda rec: self.on_record(child, rec),
-                                    lambda: None)   # the pidfd tells us why it went
+                                    lambda: None,   # the pidfd tells us why it went
+                                    self.release_held if child.role == "sender" else lambda: None)
         log.debug("spawned %r", child)
 
     def child_ready(self, child: Child) -> None:
         child.ready = True
         log.info("%s ready (pid %d)", child.role, child.pid)
+        held = set(map(id, self.held)) if child.role == "receiver" else set()
         for conn in list(self.conns.values()):           # a restarted child gets every connection back
-            if child.role not in conn.released:
+            if child.role not in conn.released and id(conn) not in held:
                 self.hand_over(child, conn)
+        if child.role == "sender":
+            self.release_held()
         if self.state == "booting" and all(self.children[r].ready for r in ("receiver", "sender")):
             self.became_ready()
 

@@ -18,9 +18,11 @@ from ..fdpass import Op
 from ..table import ProcRow, Table
 from .child import EXIT_CRASH, EXIT_OK, run_child
 from .control import Control
-from .loop import EventLoop
+from .loop import EventLoop, Timer
 
-__all__ = ["GatewayChild", "child_main"]
+__all__ = ["GatewayChild", "child_main", "STATS_INTERVAL"]
+
+STATS_INTERVAL = 1.0     # seconds: counters reach the table at most this late
 
 log = logging.getLogger("duprep")
 
@@ -42,6 +44,8 @@ class GatewayChild:
         self.loop = EventLoop()
         self.exit_code = EXIT_OK
         self.control: Control
+        self.stats_timer: Timer | None = None
+        self.dirty_conns: set = set()          # connections whose counters are not in the table yet
 
     def serve(self) -> int:
         self.control = Control(self.ctl, self.loop, self.on_record, self.on_acceptor_gone)
@@ -57,6 +61,23 @@ class GatewayChild:
     def beat(self) -> None:
         self.row.beat()
         self.loop.call_later(self.cfg.heartbeat, self.beat)
+
+    # --- statistics: published lazily, at most STATS_INTERVAL late, never while idle ---------
+
+    def touch(self, conn: object = None) -> None:
+        """Counters changed (of ``conn``, or of the process): publish them within STATS_INTERVAL."""
+        if conn is not None:
+            self.dirty_conns.add(conn)
+        if self.stats_timer is None:
+            self.stats_timer = self.loop.call_later(STATS_INTERVAL, self.publish_stats)
+
+    def publish_stats(self) -> None:
+        self.stats_timer = None
+        dirty, self.dirty_conns = self.dirty_conns, set()
+        for conn in dirty:
+            if self.conns.get(conn.sid) is conn:
+                self.publish(conn)
+        self.row.beat()
 
     def on_record(self, rec: fdpass.Record) -> None:
         if rec.op == Op.CONN:
@@ -80,6 +101,10 @@ class GatewayChild:
         raise NotImplementedError
 
     def stop(self) -> None:
+        raise NotImplementedError
+
+    def publish(self, conn: object) -> None:
+        """Write one connection's counters to its part of the table."""
         raise NotImplementedError
 
 

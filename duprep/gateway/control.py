@@ -32,11 +32,12 @@ class Control:
     """
 
     def __init__(self, sock: socket.socket, loop: EventLoop, on_record: Callable[[fdpass.Record], None],
-                 on_closed: Callable[[], None]) -> None:
+                 on_closed: Callable[[], None], on_drained: Callable[[], None] = lambda: None) -> None:
         self.sock = sock
         self.loop = loop
         self.on_record = on_record
         self.on_closed = on_closed
+        self.on_drained = on_drained       # the outbox has just become empty
         self.outbox: deque[tuple[int, int, int, int | None]] = deque()
         self.closed = False
         sock.setblocking(False)
@@ -96,6 +97,7 @@ class Control:
             self.outbox.popleft()
         if not self.closed:
             self.loop.modify(self.fd, READ)
+            self.on_drained()
 
     def _close(self) -> None:
         if not self.closed:

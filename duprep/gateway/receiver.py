@@ -40,7 +40,6 @@ from .loop import ERR, READ, WRITE
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
-STATS_INTERVAL = 1.0     # seconds: per-connection counters reach the table at most this late
 C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
 
 
@@ -84,8 +83,6 @@ class Receiver(GatewayChild):
         self.parked: list[Conn] = []
         self.stopping = False
         self.stopped = False
-        self.dirty: set[Conn] = set()            # stats not yet in the table
-        self.stats_timer = None
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -219,7 +216,8 @@ class Receiver(GatewayChild):
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
         else:
-            self.fail(conn, ErrorCode.BAD_HELLO, "HELLO sent twice")
+            self.fail(conn, ErrorCode.BAD_HELLO, f"{kind.__name__.upper()} is only valid as the first frame"
+                      if kind is CallMe else "HELLO sent twice")
             return False
         return True
 
@@ -267,6 +265,7 @@ class Receiver(GatewayChild):
         conn.timer = None
         if self.conns.get(conn.sid) is conn and not conn.ready:
             self.c[C_HS_TIMEOUT] += 1
+            self.touch()
             self.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT,
                       f"no HELLO within {self.cfg.handshake_timeout:g} s")
 
@@ -275,6 +274,7 @@ class Receiver(GatewayChild):
     def fail(self, conn: Conn, code: int, message: str) -> None:
         """Protocol violation: tell the client why, then end the connection."""
         self.c[C_PROTO] += 1
+        self.touch()
         log.info("sid %d gen %d (%s): %s: %s", conn.sid, conn.gen, conn.name or "-",
                  ErrorCode.names.get(code, code), message)
         self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Error(0, 0, code, message[:200]))))
@@ -293,24 +293,11 @@ class Receiver(GatewayChild):
             del self.names[conn.name]
         if conn.timer is not None:
             conn.timer.cancel()
-        self.dirty.discard(conn)
+        self.dirty_conns.discard(conn)
         self.publish(conn)
         self.loop.close_later(conn.sock)
         if notify:
             self.control.send(Op.RELEASED, conn.sid, conn.gen)
-
-    def touch(self, conn: Conn) -> None:
-        """Note that ``conn``'s counters changed; they reach the table within STATS_INTERVAL."""
-        self.dirty.add(conn)
-        if self.stats_timer is None:
-            self.stats_timer = self.loop.call_later(STATS_INTERVAL, self.publish_dirty)
-
-    def publish_dirty(self) -> None:
-        self.stats_timer = None
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:
-            if self.conns.get(conn.sid) is conn:
-                self.publish(conn)
 
     def publish(self, conn: Conn) -> None:
         conn.part.write(conn.gen, SlotFlag.READY if conn.ready else 0, 0, conn.last_in,

@@ -15,8 +15,8 @@ Writes: every item of a batch is appended to its connection's buffer; before
 sleeping, each touched connection gets one ``send`` of everything it has.
 Only a connection whose kernel buffer is full is watched for EPOLLOUT.  A
 connection that lets more than ``max_outbuf`` bytes pile up, or blocks our
-writes for ``write_timeout`` seconds, is ended (SLOW_CONSUMER, counted); no
-one else waits for it.
+writes for ``write_timeout`` seconds, is ended and counted (slow_disconnects;
+its unwritten frames count as dropped); no one else waits for it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ log = logging.getLogger("duprep")
 C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES = range(7)
 MAX_MESSAGES_PER_WAKE = 256
 DRAIN_CHECK = 0.05
-STATS_INTERVAL = 1.0     # seconds: per-connection counters reach the table at most this late
 
 
 class Conn:
@@ -72,8 +71,6 @@ class Sender(GatewayChild):
         self.requests = Queue(ipcnames.request_queue(cfg.instance))  # for its depth while draining
         self.conns: dict[int, Conn] = {}
         self.dirty: dict[int, Conn] = {}         # connections with new output this batch
-        self.stale_stats: set[Conn] = set()      # counters not yet in the table
-        self.stats_timer = None
         self.draining = False
         self.stopped = False
         self.drain_deadline = 0.0
@@ -104,6 +101,7 @@ class Sender(GatewayChild):
             except WouldBlock:
                 break
             self.c[C_QMSGS] += 1
+            self.touch()
             try:
                 items = decode_replies(message)
             except (ValueError, ProtocolError) as e:
@@ -209,7 +207,6 @@ class Sender(GatewayChild):
     def slow(self, conn: Conn, why: str) -> None:
         self.c[C_SLOW] += 1
         log.warning("sid %d gen %d: slow consumer, disconnecting: %s", conn.sid, conn.gen, why)
-        conn.dropped += conn.out_frames
         # No ERROR frame: the kernel buffer is full and may end in the middle of a
         # frame, so the client sees the connection end (docs/protocol.md).
         self.end(conn)
@@ -225,6 +222,7 @@ class Sender(GatewayChild):
         conn.dropped += conn.out_frames
         conn.out = []
         self.c[C_CLOSES] += 1
+        self.touch()
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -233,19 +231,6 @@ class Sender(GatewayChild):
         self.loop.close_later(conn.sock)
         self.publish(conn)
         self.control.send(Op.RELEASED, conn.sid, conn.gen)
-
-    def touch(self, conn: Conn) -> None:
-        """Note that ``conn``'s counters changed; they reach the table within STATS_INTERVAL."""
-        self.stale_stats.add(conn)
-        if self.stats_timer is None:
-            self.stats_timer = self.loop.call_later(STATS_INTERVAL, self.publish_stale)
-
-    def publish_stale(self) -> None:
-        self.stats_timer = None
-        stale, self.stale_stats = self.stale_stats, set()
-        for conn in stale:
-            if self.conns.get(conn.sid) is conn:
-                self.publish(conn)
 
     def publish(self, conn: Conn) -> None:
         conn.part.write(conn.gen, 0, 0, conn.last_out, conn.frames, conn.bytes, conn.dropped,
