@@ -48,14 +48,13 @@ from typing import Any
 import msgspec
 
 from .. import ipcnames, queues
-from ..errors import ConfigError, InstanceBusyError, LimitError, WouldBlock
+from ..errors import LimitError, WouldBlock
 from ..frame import Call, Defer, Error, ErrorCode, Push, Relay, Reply, Send, Welcome, encode_wire
 from ..gateway import systemd
 from ..gateway.child import (
+    boot_failure,
     EXIT_BOOT_ERROR,
     EXIT_BUSY,
-    EXIT_CONFIG_ERROR,
-    EXIT_LIMIT,
     EXIT_OK,
     reset_signals,
     set_title,
@@ -144,21 +143,11 @@ class ClientDaemon:
     def run(self) -> int:
         try:
             self.boot()
-        except InstanceBusyError as e:
-            log.error("%s", e)
-            return EXIT_BUSY
-        except LimitError as e:
-            log.error("cannot start: %s", e)
-            self.teardown()
-            return EXIT_LIMIT
-        except ConfigError as e:
-            log.error("cannot start: %s", e)
-            self.teardown()
-            return EXIT_CONFIG_ERROR
-        except BaseException:
-            log.exception("cannot start")
-            self.teardown()
-            return EXIT_BOOT_ERROR
+        except BaseException as e:
+            code = boot_failure(e)
+            if code != EXIT_BUSY:          # what we created is ours to remove; a busy instance is not
+                self.teardown()
+            return code
         code = EXIT_OK
         try:
             self.loop.run()

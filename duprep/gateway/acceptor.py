@@ -39,15 +39,15 @@ import msgspec
 
 from .. import fdpass, ipcnames, queues
 from ..config import GatewayConfig
-from ..errors import ConfigError, DuprepError, InstanceBusyError, LimitError
+from ..errors import DuprepError, LimitError
 from ..fdpass import Op
 from ..frame import CHUNK_OVERHEAD, LENGTH, MAX_NAME, CallMe, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock
 from ..table import GatewayState, ProcRow, Role, SlotState, Table
 from . import callback, net, systemd
 from .control import Control
-from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CONFIG_ERROR, EXIT_CRASH, EXIT_LIMIT, EXIT_OK, NO_RESPAWN,
-                    setup_logging, set_title)
+from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CRASH, EXIT_OK, NO_RESPAWN, boot_failure, setup_logging,
+                    set_title)
 from .loop import READ, EventLoop
 
 log = logging.getLogger("duprep")
@@ -132,21 +132,11 @@ class Acceptor:
     def run(self) -> int:
         try:
             self.boot()
-        except InstanceBusyError as e:
-            log.error("%s", e)
-            return EXIT_BUSY
-        except LimitError as e:
-            log.error("cannot start: %s", e)
-            self.teardown()
-            return EXIT_LIMIT
-        except ConfigError as e:
-            log.error("cannot start: %s", e)
-            self.teardown()
-            return EXIT_CONFIG_ERROR
-        except BaseException:
-            log.exception("cannot start")
-            self.teardown()
-            return EXIT_BOOT_ERROR
+        except BaseException as e:
+            code = boot_failure(e)
+            if code != EXIT_BUSY:          # what we created is ours to remove; a busy instance is not
+                self.teardown()
+            return code
         try:
             self.loop.run()
         except BaseException:

@@ -15,8 +15,8 @@ import signal
 import sys
 from typing import Callable, Final
 
-__all__ = ["EXIT_OK", "EXIT_CRASH", "EXIT_BOOT_ERROR", "EXIT_CONFIG_ERROR", "EXIT_BUSY",
-           "setup_logging", "set_title", "run_child"]
+__all__ = ["EXIT_OK", "EXIT_CRASH", "EXIT_BOOT_ERROR", "EXIT_CONFIG_ERROR", "EXIT_BUSY", "EXIT_LIMIT",
+           "NO_RESPAWN", "setup_logging", "set_title", "boot_failure", "run_child"]
 
 EXIT_OK: Final = 0
 EXIT_CRASH: Final = 1          # unexpected exception while serving: respawn
@@ -59,28 +59,30 @@ def reset_signals() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
+def boot_failure(exc: BaseException) -> int:
+    """Log why a process could not start and return the exit code that says so."""
+    from ..errors import ConfigError, InstanceBusyError, LimitError
+    for kind, code in ((InstanceBusyError, EXIT_BUSY), (LimitError, EXIT_LIMIT), (ConfigError, EXIT_CONFIG_ERROR)):
+        if isinstance(exc, kind):
+            log.error("cannot start: %s", exc)
+            return code
+    log.error("cannot start", exc_info=exc)
+    return EXIT_BOOT_ERROR
+
+
 def run_child(role: str, instance: str, boot: Callable[[], Callable[[], int]]) -> None:
     """Boot then serve, mapping failures to the exit-code protocol.
 
     ``boot()`` prepares everything and returns the serve function; an
     exception from ``boot`` is a boot error, one from serving is a crash.
     """
-    from ..errors import ConfigError, LimitError
-
     setup_logging(role, instance)
     set_title(role, instance)
     reset_signals()
     try:
         serve = boot()
-    except LimitError as e:
-        log.error("cannot start: %s", e)
-        sys.exit(EXIT_LIMIT)
-    except ConfigError as e:
-        log.error("configuration error: %s", e)
-        sys.exit(EXIT_CONFIG_ERROR)
-    except Exception:
-        log.exception("cannot start")
-        sys.exit(EXIT_BOOT_ERROR)
+    except Exception as e:
+        sys.exit(boot_failure(e))
     try:
         code = serve()
     except Exception:
