@@ -123,7 +123,8 @@ class Acceptor:
         self.exit_code = EXIT_OK
         self.stop_timer = None
         self.row: ProcRow | None = None
-        self.accept_paused = False
+        self.step = ""                  # stop sequence: receiver, sender, workers, done
+        self.step_asked = False
 
     # ======================================================================
     # 1. boot
@@ -569,7 +570,7 @@ class Acceptor:
         if booting:
             self.kill_all()
         self.step = "receiver"
-        self.step_started = time.monotonic()
+        self.step_asked = False
         self.stop_step()
 
     def stop_step(self) -> None:
@@ -582,10 +583,9 @@ class Acceptor:
                      and c.proc.poll() is None]
             if not alive:
                 self.step = order[order.index(self.step) + 1]
-                self.step_started = time.monotonic()
                 self.step_asked = False
                 continue
-            if not getattr(self, "step_asked", False):
+            if not self.step_asked:
                 self.step_asked = True
                 for c in alive:
                     if c.control is not None and c.ready and not c.control.closed:
