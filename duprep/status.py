@@ -87,11 +87,11 @@ def render(snap: dict[str, Any], *, limit: int = 50) -> str:
     for p in snap["processes"]:
         counters = " ".join(f"{k}={v}" for k, v in p["counters"].items() if v)
         out.append(f"{p['role']:<9}{p['pid']:>8}{p['heartbeat_age']:>6.1f}s  {counters}")
-    out.append(f"{'SID':>5} {'GEN':>4} {'NAME':<14}{'ADDRESS':<22}{'SINCE':>7}{'IDLE':>7}"
+    out.append(f"{'SID':>5} {'GEN':>10} {'NAME':<14}{'ADDRESS':<22}{'SINCE':>7}{'IDLE':>7}"
                f"{'IN':>8}{'IN-B':>10}{'OUT':>8}{'OUT-B':>10}{'DROP':>6}")
     for c in snap["connections"][:limit]:
         addr = f"{c['addr']}:{c['port']}" if c["port"] else c["addr"]
-        out.append(f"{c['sid']:>5} {c['generation']:>4} {(c['name'] or '-')[:13]:<14}{addr[:21]:<22}"
+        out.append(f"{c['sid']:>5} {c['generation']:>10} {(c['name'] or '-')[:13]:<14}{addr[:21]:<22}"
                    f"{_ago(c['connected_at'], now):>7}{_ago(c['last_activity'], now):>7}"
                    f"{c['frames_in']:>8}{c['bytes_in']:>10}{c['frames_out']:>8}{c['bytes_out']:>10}{c['dropped']:>6}")
     if len(snap["connections"]) > limit:

@@ -48,6 +48,7 @@ from . import callback, net, systemd
 from .control import Control
 from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CRASH, EXIT_OK, NO_RESPAWN, boot_failure, setup_logging,
                     set_title)
+from .base import STATS_INTERVAL
 from .loop import READ, EventLoop
 
 log = logging.getLogger("duprep")
@@ -124,6 +125,7 @@ class Acceptor:
         self.stop_timer = None
         self.row: ProcRow | None = None
         self.step = ""                  # stop sequence: receiver, sender, workers, done
+        self.stats_timer = None
         self.step_asked = False
 
     # ======================================================================
@@ -250,6 +252,16 @@ class Acceptor:
             self.row.beat()
         self.loop.call_later(self.cfg.heartbeat, self.beat)
 
+    def touch(self) -> None:
+        """Counters changed: publish them within a second (no timer while nothing happens)."""
+        if self.stats_timer is None:
+            self.stats_timer = self.loop.call_later(STATS_INTERVAL, self.publish_stats)
+
+    def publish_stats(self) -> None:
+        self.stats_timer = None
+        if self.row is not None:
+            self.row.beat()
+
     # ======================================================================
     # 2. serve
     # ======================================================================
@@ -298,6 +310,7 @@ class Acceptor:
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         c[C_ACCEPTED] += 1
         self.table.set("accepted", c[C_ACCEPTED])  # type: ignore[union-attr]
+        self.touch()
         if self.cfg.links == "callback":
             self.watch_first_frame(conn)
         else:
@@ -409,6 +422,7 @@ class Acceptor:
 
     def refuse(self, sock: socket.socket, code: int, message: str) -> None:
         log.info("refused a connection: %s", message)
+        self.touch()
         self.table.set("refused", self.table.get("refused") + 1)  # type: ignore[union-attr]
         try:
             sock.setblocking(False)
@@ -456,6 +470,7 @@ class Acceptor:
         else:
             self.per_ip.pop(conn.ip, None)
         self.row.counters[C_RELEASED] += 1   # type: ignore[union-attr]
+        self.touch()
 
     # ======================================================================
     # 3. supervise
