@@ -1,0 +1,66 @@
+"""docs/protocol.md is the normative text: its tags, error codes and layouts must match the code."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+
+import msgspec
+
+from duprep import frame, table
+
+from .conftest import ROOT
+
+DOC = open(os.path.join(ROOT, "docs", "protocol.md"), encoding="utf-8").read()
+
+
+def _rows_with_class_and_tag() -> dict[str, int]:
+    """Every markdown table row of the form | NAME | `Class` | tag | ... |."""
+    rows = {}
+    for m in re.finditer(r"^\|[^|\n]*\|\s*`(\w+)`\s*\|\s*(\d+)\s*\|", DOC, re.M):
+        rows.setdefault(m.group(1), int(m.group(2)))
+    return rows
+
+
+def test_every_frame_and_bus_item_tag_is_documented_as_coded():
+    rows = _rows_with_class_and_tag()
+    classes = [frame.Hello, frame.Call, frame.Send, frame.Relay, frame.CallMe, frame.Welcome, frame.Reply,
+               frame.Defer, frame.Push, frame.Error, frame.Chunk, frame.Request, frame.Deliver, frame.Close]
+    for cls in classes:
+        assert cls.__name__ in rows, f"{cls.__name__} missing from docs/protocol.md"
+        assert rows[cls.__name__] == cls.__struct_config__.tag, cls.__name__
+
+
+def test_table_layout_strings_match_the_code():
+    for name in ("HEADER_FORMAT", "A_FORMAT", "R_FORMAT", "S_FORMAT", "PROC_FORMAT"):
+        documented = re.findall(rf'`{name} = "([^"]+)"`', DOC)
+        assert documented, f"{name} missing from docs/protocol.md"
+        assert set(documented) == {getattr(table, name)}, name
+        struct.calcsize(getattr(table, name))
+
+
+def test_error_codes_are_documented():
+    for code, name in frame.ErrorCode.names.items():
+        assert re.search(rf"\|\s*{code}\s*\|\s*`{name}`", DOC), f"error {code} {name} not in the errors table"
+
+
+def test_documented_hex_examples_decode_to_what_they_say():
+    """Every hex dump of a whole frame in the doc decodes with the real decoders."""
+    decoders = (frame.client_decoder(), frame.server_decoder(), frame.client_decoder())
+    checked = 0
+    for token in set(re.findall(r"\b(0000[0-9a-f]{6,})\b", DOC)):
+        data = bytes.fromhex(token)
+        assert struct.unpack(">I", data[:4])[0] == len(data) - 4, f"length prefix of {token} is wrong"
+        body = data[4:]
+        assert any(_decodes(d, body) for d in decoders) or _decodes(msgspec.msgpack.Decoder(frame.CallMe), body), token
+        checked += 1
+    assert checked >= 8, f"only {checked} worked hex examples found in docs/protocol.md"
+
+
+def _decodes(decoder: msgspec.msgpack.Decoder, body: bytes) -> bool:
+    try:
+        decoder.decode(body)
+        return True
+    except (msgspec.DecodeError, ValueError):
+        return False
