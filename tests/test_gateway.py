@@ -343,8 +343,9 @@ def test_sigterm_leaves_nothing_behind(gateway, instance):
     with duprep.Client("127.0.0.1", gw.port) as c:
         assert c.request(b"x") == b"x"
         assert gw.stop() == 0
-        with pytest.raises(duprep.BrokenResourceError):
+        with pytest.raises(duprep.RefusedError) as info:      # told why, not just cut off
             c.request(b"after stop", timeout=5)
+        assert info.value.code == ErrorCode.SHUTTING_DOWN
     wait_until(lambda: not any(alive(p) for p in family), what="every gateway process to exit")
     assert ipc_leftovers(instance) == []
 

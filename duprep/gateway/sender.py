@@ -29,7 +29,7 @@ from .. import ipcnames
 from ..config import GatewayConfig
 from ..errors import ProtocolError, WouldBlock
 from ..fdpass import Op
-from ..frame import Deliver, decode_replies
+from ..frame import Deliver, Error, ErrorCode, decode_replies, encode_wire
 from ..queues import Queue
 from ..table import COUNTERS, Role
 from .base import GatewayChild, child_main
@@ -272,7 +272,13 @@ class Sender(GatewayChild):
                 return
             if not done:
                 log.warning("drain timeout: ending %d connections with replies outstanding", len(self.conns))
+            bye = encode_wire(Error(0, 0, ErrorCode.SHUTTING_DOWN, "the gateway is stopping"))
             for conn in list(self.conns.values()):
+                if not conn.out:            # only between frames: say why before the end
+                    try:
+                        conn.sock.send(bye)
+                    except OSError:
+                        pass
                 self.end(conn)
             self.row.beat()
             self.control.send(Op.STOPPED)
