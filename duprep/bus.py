@@ -108,7 +108,7 @@ class Replier:
         self._out = BatchPacker(self._replies.msgsize)
         self._room = self._replies.msgsize - 3 - DELIVER_OVERHEAD     # wire bytes one Deliver can carry
         self._open_sid, self._open_gen = -1, -1          # the connection the frames below are for
-        self._open_frames: list[bytes | bytearray] = []
+        self._open_frames: list[bytes] = []
         self._open_size = 0
 
     # --- answering -------------------------------------------------------------

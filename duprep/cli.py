@@ -30,6 +30,7 @@ def load_app(spec: str) -> Callable:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
+    obj: object
     try:
         obj = importlib.import_module(module)
     except Exception as e:           # any failure at import time means this app cannot boot

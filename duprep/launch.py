@@ -92,8 +92,8 @@ def start_service(argv: Sequence[str], what: str, *, timeout: float = 30.0, env:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Timeout(f"{what} not ready within {timeout:g} s")
-                ready, _, _ = select.select([sock, pidfd], [], [], left)
-                if sock in ready:
+                ready, _, _ = select.select([sock.fileno(), pidfd], [], [], left)
+                if sock.fileno() in ready:
                     if "READY=1" in sock.recv(4096).decode().split("\n"):
                         return proc
                 elif pidfd in ready:

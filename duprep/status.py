@@ -30,13 +30,13 @@ def snapshot(instance: str) -> dict[str, Any]:
     try:
         h = table.header()
         now_mono, now = time.monotonic(), time.time()
-        procs = []
+        procs: list[dict[str, Any]] = []
         for p in table.procs():
             if p.pid == 0:
                 continue
             procs.append({"role": p.role, "row": p.row, "pid": p.pid, "started": p.started,
                           "heartbeat_age": round(now_mono - p.heartbeat, 3), "counters": p.counters})
-        conns = []
+        conns: list[dict[str, Any]] = []
         for s in table.slots():
             conns.append({
                 "sid": s.sid, "generation": s.generation, "state": s.state, "name": s.name,
@@ -46,12 +46,13 @@ def snapshot(instance: str) -> dict[str, Any]:
                 "bytes_out": s.bytes_out, "dropped": s.dropped, "queued_bytes": s.queued})
         totals = {k: sum(c[k] for c in conns) for k in ("frames_in", "bytes_in", "frames_out", "bytes_out", "dropped")}
         totals["connections"] = len(conns)
-        for p in procs:
-            if p["role"] == "sender":
-                totals["dropped_stale"] = p["counters"].get("dropped_stale", 0)
-                totals["slow_disconnects"] = p["counters"].get("slow_disconnects", 0)
-            if p["role"] == "receiver":
-                totals["protocol_errors"] = p["counters"].get("protocol_errors", 0)
+        for row in procs:
+            counters = row["counters"]
+            if row["role"] == "sender":
+                totals["dropped_stale"] = counters.get("dropped_stale", 0)
+                totals["slow_disconnects"] = counters.get("slow_disconnects", 0)
+            if row["role"] == "receiver":
+                totals["protocol_errors"] = counters.get("protocol_errors", 0)
         return {
             "instance": instance, "state": GatewayState.names.get(h["state"], str(h["state"])),
             "host": h["host"], "port": h["port"], "epoch": h["epoch"], "started": h["started"],

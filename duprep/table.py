@@ -214,7 +214,7 @@ def _attach(name: str, *, create: bool, size: int = 0) -> shared_memory.SharedMe
     return Segment(name, create=create, size=size)
 
 
-class _Part:
+class Part:
     """A seqlock-protected record at a fixed offset with exactly one writer."""
 
     __slots__ = ("buf", "off", "fmt")
@@ -252,7 +252,8 @@ class Table:
 
     def __init__(self, shm: shared_memory.SharedMemory, *, owner: bool) -> None:
         self._shm = shm
-        self.buf = shm.buf
+        assert shm.buf is not None
+        self.buf: memoryview = shm.buf
         self.owner = owner
         h = self.header()
         if h["magic"] != MAGIC or h["layout"] != LAYOUT_VERSION:
@@ -274,12 +275,13 @@ class Table:
             raise ConfigError("a table needs at least one slot and four process rows")
         size = HEADER_SIZE + SLOT_SIZE * nslots + PROC_SIZE * nprocs
         shm = _attach(name, create=True, size=size)
-        values = dict.fromkeys(HEADER_FIELDS, 0)
+        values: dict[str, Any] = dict.fromkeys(HEADER_FIELDS, 0)
         values.update(magic=MAGIC, layout=LAYOUT_VERSION, epoch=epoch, nslots=nslots, nprocs=nprocs,
                       slot_size=SLOT_SIZE, proc_size=PROC_SIZE, started=time.time(), host=b"")
         values.update(fields)
         if isinstance(values["host"], str):
             values["host"] = values["host"].encode()
+        assert shm.buf is not None
         _HEADER.pack_into(shm.buf, 0, *(values[f] for f in HEADER_FIELDS))
         return cls(shm, owner=True)
 
@@ -319,14 +321,14 @@ class Table:
 
     # --- slot parts ---------------------------------------------------------
 
-    def a_part(self, sid: int) -> _Part:
-        return _Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + A_OFFSET, _A)
+    def a_part(self, sid: int) -> Part:
+        return Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + A_OFFSET, _A)
 
-    def r_part(self, sid: int) -> _Part:
-        return _Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + R_OFFSET, _R)
+    def r_part(self, sid: int) -> Part:
+        return Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + R_OFFSET, _R)
 
-    def s_part(self, sid: int) -> _Part:
-        return _Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + S_OFFSET, _S)
+    def s_part(self, sid: int) -> Part:
+        return Part(self.buf, HEADER_SIZE + SLOT_SIZE * sid + S_OFFSET, _S)
 
     def slot(self, sid: int) -> SlotInfo | None:
         """A snapshot of slot ``sid``, or None if it is free."""
@@ -371,10 +373,10 @@ class Table:
 
     # --- process rows ---------------------------------------------------------
 
-    def proc_part(self, row: int) -> _Part:
+    def proc_part(self, row: int) -> Part:
         if not 0 <= row < self.nprocs:
             raise IndexError(row)
-        return _Part(self.buf, self._procs_off + PROC_SIZE * row, _PROC)
+        return Part(self.buf, self._procs_off + PROC_SIZE * row, _PROC)
 
     def procs(self) -> Iterator[ProcInfo]:
         """Snapshots of every row that has ever been used."""

@@ -49,7 +49,7 @@ from .control import Control
 from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CRASH, EXIT_OK, NO_RESPAWN, boot_failure, setup_logging,
                     set_title)
 from .base import STATS_INTERVAL
-from .loop import READ, EventLoop
+from .loop import READ, EventLoop, Timer
 
 log = logging.getLogger("duprep")
 
@@ -95,7 +95,8 @@ class Conn:
     def __init__(self, sid: int, gen: int, sock: socket.socket, ip: str) -> None:
         self.sid, self.gen, self.sock, self.wsock, self.ip = sid, gen, sock, sock, ip
         self.released: set[str] = set()
-        self.pending: object = None     # a callback in progress (timer or dialer): not handed over yet
+        # a callback in progress (its deadline, then its dialer): not handed over yet
+        self.pending: Timer | callback.CallbackDialer | None = None
 
     def close(self) -> None:
         for s in {self.sock, self.wsock}:
@@ -122,10 +123,10 @@ class Acceptor:
         self.held: deque[Conn] = deque()     # waiting for the sender's hand-over to go out first
         self.state = "booting"
         self.exit_code = EXIT_OK
-        self.stop_timer = None
+        self.stop_timer: Timer | None = None
         self.row: ProcRow | None = None
         self.step = ""                  # stop sequence: receiver, sender, workers, done
-        self.stats_timer = None
+        self.stats_timer: Timer | None = None
         self.step_asked = False
 
     # ======================================================================
@@ -549,7 +550,11 @@ class Acceptor:
             for conn in list(self.conns.values()):
                 conn.released.discard(child.role)
         log.error("%r died (%s); restarting in %.2f s", child, how, delay)
-        self.loop.call_later(delay, lambda: self.state == "ready" and self.spawn(child))
+        self.loop.call_later(delay, lambda: self.respawn(child))
+
+    def respawn(self, child: Child) -> None:
+        if self.state == "ready":          # not if a stop began meanwhile
+            self.spawn(child)
 
     # ======================================================================
     # 4. stop

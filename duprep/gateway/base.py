@@ -8,6 +8,7 @@ them through the control channel) and leave when the acceptor goes.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import logging
 import signal
 import socket
@@ -45,7 +46,8 @@ class GatewayChild:
         self.exit_code = EXIT_OK
         self.control: Control
         self.stats_timer: Timer | None = None
-        self.dirty_conns: set = set()          # connections whose counters are not in the table yet
+        self.dirty_conns: set[Any] = set()     # connections whose counters are not in the table yet
+        self.conns: dict[int, Any] = {}        # by sid: the subclass's per-connection state
 
     def serve(self) -> int:
         self.control = Control(self.ctl, self.loop, self.on_record, self.on_acceptor_gone)
@@ -64,7 +66,7 @@ class GatewayChild:
 
     # --- statistics: published lazily, at most STATS_INTERVAL late, never while idle ---------
 
-    def touch(self, conn: object = None) -> None:
+    def touch(self, conn: Any = None) -> None:
         """Counters changed (of ``conn``, or of the process): publish them within STATS_INTERVAL."""
         if conn is not None:
             self.dirty_conns.add(conn)
@@ -103,7 +105,7 @@ class GatewayChild:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def publish(self, conn: object) -> None:
+    def publish(self, conn: Any) -> None:
         """Write one connection's counters to its part of the table."""
         raise NotImplementedError
 

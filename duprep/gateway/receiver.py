@@ -35,7 +35,8 @@ from ..frame import (PROTOCOL_VERSION, BatchPacker, Close, Deliver, Error, Error
 from ..queues import Queue
 from ..table import Role, SlotFlag
 from .base import GatewayChild, child_main
-from .loop import ERR, READ, WRITE
+from ..table import Part
+from .loop import ERR, READ, WRITE, Timer
 
 log = logging.getLogger("duprep")
 
@@ -54,11 +55,11 @@ class Conn:
         self.pending = bytearray()      # the start of an incomplete frame
         self.name = ""
         self.ready = False
-        self.timer = None
+        self.timer: Timer | None = None
         self.frames = self.bytes = 0
         self.last_in = 0.0
         self.parked = False
-        self.part = None
+        self.part: Part = None  # type: ignore[assignment]   # set right after construction
 
 
 class Receiver(GatewayChild):

@@ -33,6 +33,7 @@ from ..frame import Deliver, Error, ErrorCode, decode_replies, encode_wire
 from ..queues import Queue
 from ..table import COUNTERS, Role
 from .base import GatewayChild, child_main
+from ..table import Part
 from .loop import ERR, READ, WRITE, Timer
 
 log = logging.getLogger("duprep")
@@ -58,7 +59,7 @@ class Conn:
         self.watching = False
         self.closing = False
         self.stall: Timer | None = None
-        self.part = None
+        self.part: Part = None  # type: ignore[assignment]   # set right after construction
 
 
 class Sender(GatewayChild):
