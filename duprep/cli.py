@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import json
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from . import ipcnames
 from .config import DEFAULT_APP, GatewayConfig, resolve_port
@@ -25,7 +25,7 @@ from .errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyE
 __all__ = ["main"]
 
 
-def load_app(spec: str) -> Callable:
+def load_app(spec: str) -> Callable[..., Any]:
     """Import ``MODULE:CALLABLE``."""
     module, _, attr = spec.partition(":")
     if not module or not attr:
@@ -41,7 +41,8 @@ def load_app(spec: str) -> Callable:
             raise ConfigError(f"{module!r} has no attribute {attr!r}")
     if not callable(obj):
         raise ConfigError(f"--app {spec!r} is not callable")
-    return obj  # type: ignore[return-value]
+    handler: Callable[..., Any] = obj
+    return handler
 
 
 def check_app(spec: str) -> None:

@@ -122,7 +122,7 @@ class Client:
 
     def _read_one(self, timeout: float) -> object:
         deadline = time.monotonic() + timeout
-        pending: list = []
+        pending: list[object] = []
         while not pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -244,15 +244,15 @@ class Client:
                     raise Timeout(f"no reply to msgid {msgid} within {timeout:g} s", msgid=msgid)
             waiter.event.wait()   # the reader filled it in while we were timing out
         frame = waiter.frame
-        if type(frame) is Reply:
-            return frame.data  # type: ignore[attr-defined]
-        if type(frame) is Defer:
+        if isinstance(frame, Reply):
+            return frame.data
+        if isinstance(frame, Defer):
             raise Deferred(f"msgid {msgid} deferred: the answer will come through receive()", msgid=msgid)
-        if type(frame) is Error:
-            text = f"{ErrorCode.names.get(frame.code, frame.code)}: {frame.message}"  # type: ignore[attr-defined]
-            if frame.code == ErrorCode.UNKNOWN_TARGET:  # type: ignore[attr-defined]
-                raise UnknownTarget(text, code=frame.code, msgid=msgid)  # type: ignore[attr-defined]
-            raise RemoteError(text, code=frame.code, msgid=msgid)  # type: ignore[attr-defined]
+        if isinstance(frame, Error):
+            text = f"{ErrorCode.names.get(frame.code, frame.code)}: {frame.message}"
+            if frame.code == ErrorCode.UNKNOWN_TARGET:
+                raise UnknownTarget(text, code=frame.code, msgid=msgid)
+            raise RemoteError(text, code=frame.code, msgid=msgid)
         if self._closed:
             raise ClosedResourceError("this Client was closed while waiting")
         raise self._broken_error()

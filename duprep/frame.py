@@ -177,12 +177,12 @@ def encode_wire(frame: Struct) -> bytes:
     return _pack_length(len(body)) + body
 
 
-def client_decoder() -> msgspec.msgpack.Decoder:
+def client_decoder() -> "msgspec.msgpack.Decoder[ClientFrame]":
     """A decoder for frame bodies a client sends (used by the receiver)."""
     return msgspec.msgpack.Decoder(ClientFrame)
 
 
-def server_decoder() -> msgspec.msgpack.Decoder:
+def server_decoder() -> "msgspec.msgpack.Decoder[ServerFrame]":
     """A decoder for frame bodies the gateway sends (used by clients)."""
     return msgspec.msgpack.Decoder(ServerFrame)
 
@@ -259,7 +259,7 @@ def bound(item: Struct) -> int:
     return 32
 
 
-def chunk_decoder() -> msgspec.msgpack.Decoder:
+def chunk_decoder() -> "msgspec.msgpack.Decoder[Call | Send]":
     """A decoder for the frames inside a Chunk (REQUEST or SEND only)."""
     return msgspec.msgpack.Decoder(Union[Call, Send])
 

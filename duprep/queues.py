@@ -166,7 +166,7 @@ class Queue:
         self._closed = False
 
     def fileno(self) -> int:
-        return self.mq.mqd
+        return int(self.mq.mqd)
 
     def put_nowait(self, data: bytes) -> None:
         try:
@@ -176,7 +176,8 @@ class Queue:
 
     def get_nowait(self) -> bytes:
         try:
-            return self.mq.receive()[0]
+            message: bytes = self.mq.receive()[0]
+            return message
         except posix_ipc.BusyError:
             raise WouldBlock(f"queue {self.name} is empty") from None
 
@@ -208,7 +209,7 @@ class Queue:
 
     def depth_now(self) -> int:
         """Messages currently in the queue."""
-        return self.mq.current_messages
+        return int(self.mq.current_messages)
 
     def close(self) -> None:
         if not self._closed:

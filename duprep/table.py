@@ -357,7 +357,7 @@ class Table:
 
     def generation(self, sid: int) -> int:
         """The slot's current generation (0 if never used)."""
-        return self.a_part(sid).read()[0]
+        return int(self.a_part(sid).read()[0])
 
     def find_name(self, name: str) -> tuple[int, int] | None:
         """(sid, generation) of the open, ready connection called ``name``."""

@@ -55,7 +55,7 @@ def _connect() -> sqlite3.Connection:
     return _db
 
 
-def execute(cmd: Command) -> dict:
+def execute(cmd: Command) -> dict[str, object]:
     db = _connect()
     if cmd.op == "get":
         row = db.execute("SELECT value FROM records WHERE key = ?", (cmd.key,)).fetchone()

@@ -287,7 +287,7 @@ class Acceptor:
         if self.listener is not None and self.loop.registered(self.listener.fileno()):
             self.loop.modify(self.listener.fileno(), READ if on else 0)
 
-    def admit(self, sock: socket.socket, addr: tuple) -> None:
+    def admit(self, sock: socket.socket, addr: tuple[str, int] | tuple[str, int, int, int] | str) -> None:
         ip = str(addr[0]) if isinstance(addr, tuple) else "local"
         port = int(addr[1]) if isinstance(addr, tuple) else 0
         c = self.row.counters   # type: ignore[union-attr]
@@ -410,7 +410,7 @@ class Acceptor:
         if isinstance(conn.pending, callback.CallbackDialer):
             conn.pending.cancel()
         else:
-            conn.pending.cancel()           # type: ignore[union-attr]
+            conn.pending.cancel()
             if self.loop.registered(conn.sock.fileno()):
                 self.loop.unregister(conn.sock.fileno())
         conn.pending = None
