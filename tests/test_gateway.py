@@ -277,14 +277,18 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 
 def test_backpressure_loses_nothing(gateway, instance):
-    """Far more pipelined requests than the queues hold: the receiver pauses, nothing is lost."""
+    """Far more pipelined requests than the queues and the receiver's backlog hold: the receiver
+    stops reading (TCP pushes back), and nothing is lost."""
     gw = gateway(workers=1)
     s = _raw(gw.port)
     try:
         s.sendall(encode_wire(Hello(1, "")))
-        n = 3000
-        payloads = {i: os.urandom(random.Random(i).randrange(1, 2000)) for i in range(1, n + 1)}
-        s.sendall(b"".join(encode_wire(Call(i, 7, 0, p)) for i, p in payloads.items()))
+        n = 2500       # about 3 MB against 2 x 80 KB of queues and a 1 MiB backlog, on a slowed worker
+        payloads = {i: b"sleep:0.0005|" + os.urandom(random.Random(i).randrange(1000, 2500))
+                    for i in range(1, n + 1)}
+        sender = threading.Thread(target=lambda: s.sendall(
+            b"".join(encode_wire(Call(i, 7, 0, p)) for i, p in payloads.items())))
+        sender.start()
         reader, dec, got = FrameReader(1 << 20), frame.server_decoder(), {}
         while len(got) < n:
             data = s.recv(65536)
@@ -292,9 +296,10 @@ def test_backpressure_loses_nothing(gateway, instance):
             for f in map(dec.decode, reader.feed(data)):
                 if isinstance(f, frame.Reply):
                     got[f.msgid] = f.data
+        sender.join(30)
         assert got == payloads
-        procs = {p["role"]: p for p in snapshot(instance)["processes"]}
-        assert procs["receiver"]["counters"]["backpressure_pauses"] >= 1
+        wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["receiver"]["counters"]
+                   ["backpressure_pauses"] >= 1, what="the receiver's pause to be counted")
     finally:
         s.close()
 

@@ -10,9 +10,12 @@ One epoll wait point.  Each readable socket gets one ``recv_into`` of up to
 frames of a whole batch of events are packed into as few queue messages as
 fit and sent before the next wait: one ``mq_send`` per batch, not per frame.
 
-Backpressure: if a queue is full the receiver parks every connection that
-becomes readable (interest set to nothing) and waits for the queue to be
-writable, so TCP pushes back on the clients instead of memory growing.
+Backpressure: messages that do not fit a full queue wait, in order, in a
+bounded backlog (BACKLOG_LIMIT bytes) while the receiver watches the queue
+for room; past that limit it parks every connection that becomes readable
+(interest set to nothing), so TCP pushes back on the clients instead of
+memory growing.  (Parking at the first full queue made it flap: two
+epoll_ctl calls per connection, more than its reads.)
 Items for the reply queue (WELCOME, ERROR, relays, closes) are flushed
 before requests, so a client never gets an answer before its WELCOME.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections import deque
 
 import msgspec
 
@@ -41,6 +45,7 @@ from .loop import ERR, READ, WRITE, Timer
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
+BACKLOG_LIMIT = 1 << 20  # bytes of queue messages held while the queues are full
 C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
 
 
@@ -79,7 +84,11 @@ class Receiver(GatewayChild):
         self.rview = memoryview(self.rbuf)
         self.req_out = BatchPacker(self.requests.msgsize)
         self.rep_out = BatchPacker(self.replies.msgsize)
-        self.backlog: list[tuple[Queue, list[bytes]]] = []
+        # Queue messages that did not fit yet, in order; reading pauses above BACKLOG_LIMIT bytes
+        # (not at the first full queue: that made the receiver flap, two epoll_ctl per connection).
+        self.backlog: deque[tuple[Queue, bytes]] = deque()
+        self.backlog_bytes = 0
+        self.waiting_on = -1      # the queue descriptor watched for room, -1 if none
         self.paused = False
         self.parked: list[Conn] = []
         self.stopping = False
@@ -307,39 +316,44 @@ class Receiver(GatewayChild):
     # --- flushing and backpressure ------------------------------------------------
 
     def flush(self) -> None:
-        """Before sleeping: send what this batch produced."""
-        if self.rep_out:
-            self.backlog.append((self.replies, self.rep_out.take()))
-        if self.req_out:
-            self.backlog.append((self.requests, self.req_out.take()))
-        while self.backlog:
-            q, msgs = self.backlog[0]
-            while msgs:
-                try:
-                    q.put_nowait(msgs[0])
-                except WouldBlock:
-                    self.pause(q)
-                    return
-                msgs.pop(0)
-                self.c[C_QMSGS] += 1
-            self.backlog.pop(0)
-        if self.paused:
+        """Before sleeping: send what this batch produced, keep what does not fit yet."""
+        for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
+            if out:
+                for message in out.take():
+                    self.backlog.append((q, message))
+                    self.backlog_bytes += len(message)
+        backlog = self.backlog
+        while backlog:
+            q, message = backlog[0]
+            try:
+                q.put_nowait(message)
+            except WouldBlock:
+                break
+            backlog.popleft()
+            self.backlog_bytes -= len(message)
+            self.c[C_QMSGS] += 1
+        waiting = backlog[0][0].fileno() if backlog else -1
+        if waiting != self.waiting_on:           # watch the queue whose room we need, and only that
+            if self.waiting_on >= 0:
+                self.loop.unregister(self.waiting_on)
+            if waiting >= 0:
+                self.loop.register(waiting, WRITE, lambda ev: None)   # wakes us; this method retries
+            self.waiting_on = waiting
+        if self.backlog_bytes > BACKLOG_LIMIT and not self.paused:
+            self.pause()
+        elif self.paused and self.backlog_bytes <= BACKLOG_LIMIT // 2:
             self.resume()
-        if self.stopping:
+        if self.stopping and not backlog:
             self.finish_stop()
 
-    def pause(self, q: Queue) -> None:
-        if not self.paused:
-            self.paused = True
-            self.c[C_PAUSES] += 1
-            self.row.beat()
-        if not self.loop.registered(q.fileno()):
-            self.loop.register(q.fileno(), WRITE, lambda ev: None)   # wake us; flush() retries
+    def pause(self) -> None:
+        """Stop reading clients: their requests wait in TCP, not in our memory."""
+        self.paused = True
+        self.c[C_PAUSES] += 1
+        self.touch()
 
     def resume(self) -> None:
         self.paused = False
-        for q in (self.requests, self.replies):
-            self.loop.unregister(q.fileno())
         parked, self.parked = self.parked, []
         for conn in parked:
             conn.parked = False
