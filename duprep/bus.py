@@ -57,6 +57,7 @@ DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
 FIRST_WORKER_ROW = 3
+REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
 C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS = range(4)
 
@@ -82,6 +83,8 @@ class Replier:
     no running gateway.
     """
 
+    _LAZY = False      # Worker: a reply that finds the queue full waits for the next receive()
+
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
         self.instance = ipcnames.check_instance(instance)
         deadline = time.monotonic() + wait
@@ -106,6 +109,8 @@ class Replier:
             self._release()
             raise
         self._out = BatchPacker(self._replies.msgsize)
+        self._pending: deque[bytes] = deque()     # packed reply messages the queue had no room for yet
+        self._pending_bytes = 0
         self._room = self._replies.msgsize - 3 - DELIVER_OVERHEAD     # wire bytes one Deliver can carry
         self._open_sid, self._open_gen = -1, -1          # the connection the frames below are for
         self._open_frames: list[bytes] = []
@@ -164,8 +169,9 @@ class Replier:
             self._open_frames = [wire]
             self._open_size = size
         self._c[C_REPLIES] += 1
-        if not self._batch:
-            self.flush()
+        if not self._batch:              # nothing else in hand: send now (a Worker does not wait for room)
+            self._seal()
+            self._push(block=not self._LAZY)
 
     def _seal(self) -> None:
         frames = self._open_frames
@@ -179,13 +185,27 @@ class Replier:
     def flush(self, *, timeout: float | None = 30.0) -> None:
         """Send every reply collected so far (blocks while the reply queue is full)."""
         self._seal()
-        if not self._out:
-            return
-        for message in self._out.take():
+        self._push(block=True, timeout=timeout)
+
+    def _push(self, *, block: bool, timeout: float | None = 30.0) -> None:
+        """Put packed reply messages on the queue, in order; without ``block``, stop when it is full."""
+        if self._out:
+            for message in self._out.take():
+                self._pending.append(message)
+                self._pending_bytes += len(message)
+        pending = self._pending
+        while pending:
             try:
-                self._replies.put(message, timeout=timeout)
+                if block:
+                    self._replies.put(pending[0], timeout=timeout)
+                else:
+                    self._replies.put_nowait(pending[0])
             except WouldBlock:
-                raise Timeout(f"reply queue stayed full for {timeout} s: is the gateway's sender stuck?") from None
+                if block:
+                    raise Timeout(f"reply queue stayed full for {timeout} s: is the gateway's sender stuck?") \
+                        from None
+                return
+            self._pending_bytes -= len(pending.popleft())
 
     def clients(self) -> list[SlotInfo]:
         """Every open connection of the instance, from the shared table."""
@@ -233,6 +253,8 @@ class Worker(Replier):
     no running gateway, or when the gateway stops while waiting.
     """
 
+    _LAZY = True
+
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
         self._ep = select.epoll()
         self._pidfd = -1
@@ -259,6 +281,7 @@ class Worker(Replier):
         self._wake_w.setblocking(False)
         self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
         self._holding = False        # a request returned by receive() is being handled
+        self._watching_replies = False   # the reply queue is in the epoll set (replies wait for room)
         self._interrupted = False
         self._row.beat()
 
@@ -277,11 +300,14 @@ class Worker(Replier):
             return self._batch.popleft()
         self._check()
         self._done_one()
-        self.flush()
+        self._seal()
+        self._push(block=self._pending_bytes > REPLY_BACKLOG)
         if self._interrupted:
+            self.flush()
             raise ClosedResourceError("worker interrupted")
         deadline = None if timeout is None else time.monotonic() + timeout
         heartbeat = HEARTBEAT
+        reply_fd = self._replies.fileno()
         while True:
             try:
                 message = self._requests.get_nowait()
@@ -290,12 +316,21 @@ class Worker(Replier):
                 wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
                 if wait <= 0:
                     raise Timeout(f"no request within {timeout:g} s") from None
+                if bool(self._pending) != self._watching_replies:   # wait for room only while replies wait
+                    self._watching_replies = not self._watching_replies
+                    if self._watching_replies:
+                        self._ep.register(reply_fd, select.EPOLLOUT)
+                    else:
+                        self._ep.unregister(reply_fd)
                 for fd, _ in self._ep.poll(wait):
-                    if fd == self._pidfd:
+                    if fd == reply_fd:
+                        self._push(block=False)
+                    elif fd == self._pidfd:
                         raise BrokenResourceError(f"the gateway of instance {self.instance!r} stopped")
-                    if fd == self._wake_r.fileno():
+                    elif fd == self._wake_r.fileno():
                         self._drain_wake()
                         if self._interrupted:
+                            self.flush()
                             raise ClosedResourceError("worker interrupted") from None
                 continue
             self._c[C_QMSGS] += 1

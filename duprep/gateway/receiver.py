@@ -89,6 +89,7 @@ class Receiver(GatewayChild):
         self.backlog: deque[tuple[Queue, bytes]] = deque()
         self.backlog_bytes = 0
         self.waiting_on = -1      # the queue descriptor watched for room, -1 if none
+        self.full = False         # the head of the backlog was refused; wait for on_room
         self.paused = False
         self.parked: list[Conn] = []
         self.stopping = False
@@ -323,11 +324,12 @@ class Receiver(GatewayChild):
                     self.backlog.append((q, message))
                     self.backlog_bytes += len(message)
         backlog = self.backlog
-        while backlog:
+        while backlog and not self.full:         # a full queue is retried once it says it has room
             q, message = backlog[0]
             try:
                 q.put_nowait(message)
             except WouldBlock:
+                self.full = True
                 break
             backlog.popleft()
             self.backlog_bytes -= len(message)
@@ -337,7 +339,7 @@ class Receiver(GatewayChild):
             if self.waiting_on >= 0:
                 self.loop.unregister(self.waiting_on)
             if waiting >= 0:
-                self.loop.register(waiting, WRITE, lambda ev: None)   # wakes us; this method retries
+                self.loop.register(waiting, WRITE, self.on_room)
             self.waiting_on = waiting
         if self.backlog_bytes > BACKLOG_LIMIT and not self.paused:
             self.pause()
@@ -345,6 +347,9 @@ class Receiver(GatewayChild):
             self.resume()
         if self.stopping and not backlog:
             self.finish_stop()
+
+    def on_room(self, _ev: int) -> None:
+        self.full = False                        # flush() runs next, before the loop sleeps
 
     def pause(self) -> None:
         """Stop reading clients: their requests wait in TCP, not in our memory."""
