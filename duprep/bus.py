@@ -312,6 +312,7 @@ class Worker(Replier):
             try:
                 message = self._requests.get_nowait()
             except WouldBlock:
+                self._row.state = len(self._pending)   # replies still here: the drain must wait for them
                 self._row.beat()
                 wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
                 if wait <= 0:
@@ -335,6 +336,7 @@ class Worker(Replier):
                 continue
             self._c[C_QMSGS] += 1
             self._expand(message)
+            self._row.state = len(self._pending)
             self._row.beat()          # status shows what this worker holds
             if self._batch:
                 return self._hand(self._batch.popleft())
@@ -435,6 +437,7 @@ class Worker(Replier):
 
     def _release(self) -> None:
         if hasattr(self, "_row"):
+            self._row.state = 0          # whatever close() could not send is gone; do not hold up a drain
             self._row.beat()
         if hasattr(self, "_requests"):
             self._requests.close()

@@ -607,3 +607,30 @@ def test_mass_disconnect_frees_every_slot(gateway, instance):
     wait_until(lambda: not snapshot(instance)["connections"], timeout=60, what="every slot to be freed")
     with duprep.Client("127.0.0.1", gw.port) as c:     # and the table is usable to the last slot
         assert c.request(b"after") == b"after"
+
+
+def test_graceful_stop_answers_every_request_already_read(gateway, instance):
+    """SIGTERM with seconds of work queued: everything the receiver read is answered before the end."""
+    gw = gateway()
+    s = _raw(gw.port)
+    try:
+        s.sendall(encode_wire(Hello(1, "")))
+        n = 1000
+        s.sendall(b"".join(encode_wire(Call(i, 7, 0, b"sleep:0.005|%d" % i)) for i in range(1, n + 1)))
+        wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["receiver"]["counters"]
+                   ["requests"] == n, what="the receiver to have read every request")
+        gw.proc.send_signal(signal.SIGTERM)
+        reader, dec, got, end = FrameReader(1 << 20), frame.server_decoder(), set(), None
+        s.settimeout(30)
+        while end is None:
+            data = s.recv(65536)
+            assert data, "closed without SHUTTING_DOWN"
+            for f in map(dec.decode, reader.feed(data)):
+                if isinstance(f, frame.Reply):
+                    got.add(f.msgid)
+                elif isinstance(f, frame.Error):
+                    end = f
+        assert end.code == ErrorCode.SHUTTING_DOWN and got == set(range(1, n + 1))
+        assert gw.proc.wait(30) == 0
+    finally:
+        s.close()

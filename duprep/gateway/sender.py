@@ -262,6 +262,8 @@ class Sender(GatewayChild):
             if proc.role == "receiver":
                 queued = proc.counters["requests"]
             elif proc.role == "worker":
+                if proc.state:                # replies held by a worker that found the queue full
+                    return False
                 handled += proc.counters["requests"]
         return handled >= queued
 
