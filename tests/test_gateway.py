@@ -634,3 +634,25 @@ def test_graceful_stop_answers_every_request_already_read(gateway, instance):
         assert gw.proc.wait(30) == 0
     finally:
         s.close()
+
+
+def test_worker_api_in_this_process(gateway, instance):
+    """bus.Worker used directly: receive_nowait, receive with a timeout, reply, clients, statistics."""
+    gw = gateway("--app", "none", workers=0)
+    with bus.Worker(instance) as worker, duprep.Client("127.0.0.1", gw.port, name="direct") as c:
+        with pytest.raises(duprep.WouldBlock):
+            worker.receive_nowait()
+        with pytest.raises(duprep.Timeout):
+            worker.receive(timeout=0.05)
+        result: list[bytes] = []
+        t = threading.Thread(target=lambda: result.append(c.request(b"hello worker", timeout=10)))
+        t.start()
+        request = worker.receive(timeout=10)
+        assert (request.data, request.client, request.sid) == (b"hello worker", "direct", c.sid)
+        assert request.deadline > time.time()
+        worker.reply(request, b"hello client")
+        t.join(10)
+        assert result == [b"hello client"]
+        assert [x.name for x in worker.clients()] == ["direct"]
+        stats = worker.statistics()
+        assert stats.replies == 1 and stats.queue_messages == 1 and stats.held == 0
