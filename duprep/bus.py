@@ -59,7 +59,7 @@ Handler = Callable[[Request], "bytes | None"]
 FIRST_WORKER_ROW = 3
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
-C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS = range(4)
+C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)
 
 
 class WorkerStatistics(msgspec.Struct, frozen=True):
@@ -313,6 +313,7 @@ class Worker(Replier):
                 message = self._requests.get_nowait()
             except WouldBlock:
                 self._row.state = len(self._pending)   # replies still here: the drain must wait for them
+                self._c[C_HELD] = 0                    # waiting: nothing in hand
                 self._row.beat()
                 wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
                 if wait <= 0:
@@ -337,6 +338,7 @@ class Worker(Replier):
             self._c[C_QMSGS] += 1
             self._expand(message)
             self._row.state = len(self._pending)
+            self._c[C_HELD] = len(self._batch)     # if we die now, this many requests die with us
             self._row.beat()          # status shows what this worker holds
             if self._batch:
                 return self._hand(self._batch.popleft())

@@ -132,12 +132,12 @@ class Role:
 
 # What each role's eight counters mean (unused ones are zero).
 COUNTERS: Final[dict[int, tuple[str, ...]]] = {
-    Role.ACCEPTOR: ("accepted", "refused_full", "refused_per_ip", "released", "restarts"),
+    Role.ACCEPTOR: ("accepted", "refused_full", "refused_per_ip", "released", "restarts", "lost_in_workers"),
     Role.RECEIVER: ("frames_in", "bytes_in", "queue_messages", "requests", "protocol_errors",
                     "handshake_timeouts", "backpressure_pauses", "relays"),
     Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",
                   "slow_disconnects", "write_errors", "closes"),
-    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages"),
+    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held"),
 }
 
 

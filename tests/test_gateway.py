@@ -656,3 +656,20 @@ def test_worker_api_in_this_process(gateway, instance):
         assert [x.name for x in worker.clients()] == ["direct"]
         stats = worker.statistics()
         assert stats.replies == 1 and stats.queue_messages == 1 and stats.held == 0
+
+
+def test_requests_lost_with_a_killed_worker_are_counted(gateway, instance):
+    gw = gateway("--drain-timeout", "1", workers=1)     # the lost requests can never be answered
+    s = _raw(gw.port)
+    try:
+        s.sendall(encode_wire(Hello(1, "")) + b"".join(encode_wire(Call(i, 7, 0, b"sleep:30")) for i in range(1, 4)))
+
+        def worker_holding():
+            rows = [p for p in snapshot(instance)["processes"] if p["role"] == "worker"]
+            return rows if rows and rows[0]["counters"]["held"] >= 1 else None
+        [row] = wait_until(worker_holding, what="the worker to take the requests")
+        os.kill(row["pid"], signal.SIGKILL)
+        wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["acceptor"]["counters"]
+                   ["lost_in_workers"] >= 1, what="the lost requests to be counted")
+    finally:
+        s.close()

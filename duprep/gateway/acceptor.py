@@ -56,7 +56,7 @@ log = logging.getLogger("duprep")
 NPROCS = 128                   # 3 gateway rows + up to 125 worker rows
 ACCEPTS_PER_WAKE = 64
 STEP_TIMEOUT = 10.0            # seconds each stop step may take beyond drain_timeout
-C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS = range(5)
+C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS, C_LOST = range(6)
 # Queue-message bytes a frame needs beside itself: the batch header, a Chunk's
 # fields with the longest possible name (UTF-8), the frame's length prefix.
 BUS_OVERHEAD = 3 + CHUNK_OVERHEAD + 4 * MAX_NAME + 4
@@ -540,6 +540,8 @@ class Acceptor:
             log.error("%r cannot start (%s); stopping the gateway", child, how)
             self.halt(EXIT_BOOT_ERROR if code not in NO_RESPAWN else code)
             return
+        if child.role == "worker":
+            self.count_lost(child)
         self.row.counters[C_RESTARTS] += 1     # type: ignore[union-attr]
         self.row.beat()                         # type: ignore[union-attr]
         if time.monotonic() - child.started > 10:
@@ -551,6 +553,18 @@ class Acceptor:
                 conn.released.discard(child.role)
         log.error("%r died (%s); restarting in %.2f s", child, how, delay)
         self.loop.call_later(delay, lambda: self.respawn(child))
+
+    def count_lost(self, child: Child) -> None:
+        """A worker died: the requests it had taken and not finished are lost; say how many."""
+        assert self.table is not None and self.row is not None
+        for proc in self.table.procs():
+            if proc.role == "worker" and proc.pid == child.pid:
+                held = proc.counters.get("held", 0)
+                if held:
+                    self.row.counters[C_LOST] += held
+                    log.error("%r died holding up to %d requests; their clients get no answer "
+                              "(they time out)", child, held)
+                return
 
     def respawn(self, child: Child) -> None:
         if self.state == "ready":          # not if a stop began meanwhile
