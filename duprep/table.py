@@ -51,6 +51,7 @@ __all__ = [
 MAGIC: Final = b"DUPREP\x00\x01"
 LAYOUT_VERSION: Final = 1
 ROW_LOCK_BASE: Final = 4096
+READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
 
 HEADER_FORMAT: Final = "<8sIIQIIIIIIIIdII48sQQ"
 HEADER_FIELDS: Final = (
@@ -232,14 +233,23 @@ class Part:
 
     def read(self) -> tuple[Any, ...]:
         buf, off, fmt = self.buf, self.off, self.fmt
-        for _ in range(10000):
+        for _ in range(100):                     # the usual case: no writer, or one done within a spin
             s1 = _U32.unpack_from(buf, off)[0]
-            if s1 & 1:
-                continue
-            values = fmt.unpack_from(buf, off)
-            if _U32.unpack_from(buf, off)[0] == s1:
-                return values[1:]
-        raise ProtocolError("table record stayed locked: its writer died mid-write")
+            if not s1 & 1:
+                values = fmt.unpack_from(buf, off)
+                if _U32.unpack_from(buf, off)[0] == s1:
+                    return values[1:]
+        # The writer is mid-write and may have lost its CPU (2 cores, many processes):
+        # give it the CPU and look again, for up to READ_PATIENCE seconds.
+        deadline = time.monotonic() + READ_PATIENCE
+        while time.monotonic() < deadline:
+            os.sched_yield()
+            s1 = _U32.unpack_from(buf, off)[0]
+            if not s1 & 1:
+                values = fmt.unpack_from(buf, off)
+                if _U32.unpack_from(buf, off)[0] == s1:
+                    return values[1:]
+        raise ProtocolError(f"table record stayed locked for {READ_PATIENCE} s: its writer died mid-write")
 
 
 class Table:

@@ -331,3 +331,24 @@ def test_control_channel_queues_what_would_block_and_keeps_order():
         loop.close()
     a.close()
     b.close()
+
+
+def test_seqlock_reader_waits_for_a_slow_writer_and_gives_up_on_a_dead_one(table, monkeypatch):
+    import threading
+    import time as _time
+    import duprep.table as t
+    part = table.a_part(2)
+    part.write(5, SlotState.OPEN, 1, 1.0, b"x")
+    struct.pack_into("<I", table.buf, part.off, 7)            # a writer in the middle of a write
+    done = threading.Event()
+
+    def finish() -> None:
+        _time.sleep(0.05)
+        struct.pack_into("<I", table.buf, part.off, 8)        # ... that finishes after a while
+        done.set()
+    threading.Thread(target=finish).start()
+    assert part.read()[0] == 5 and done.is_set()
+    struct.pack_into("<I", table.buf, part.off, 9)            # one that never finishes
+    monkeypatch.setattr(t, "READ_PATIENCE", 0.05)
+    with pytest.raises(ProtocolError, match="died mid-write"):
+        part.read()
