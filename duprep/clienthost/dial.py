@@ -135,6 +135,7 @@ class CallbackDial:
         self.bind_host = bind_host
         self.on_done, self.on_fail = on_done, on_fail
         self.l0: socket.socket | None = None
+        self.l0_dial: DirectDial | None = None
         self.l0_reader = FrameReader(65536)
         self.gateway_ip = ""
         self.nonce = secrets.token_bytes(NONCE_SIZE)
@@ -145,21 +146,16 @@ class CallbackDial:
         self.done = False
 
     def start(self) -> None:
-        try:
-            self.l0 = _connect(self.host, self.port)
-        except OSError as e:
-            self._fail(f"cannot connect L0 to {self.host}:{self.port}: {e.strerror or e}")
-            return
         self.timer = self.loop.call_later(self.timeout, lambda: self._fail(
             f"callback links to {self.host}:{self.port} not established within {self.timeout:g} s"))
-        self.loop.register(self.l0.fileno(), WRITE, self._on_l0_connected)
+        self.l0_dial = DirectDial(self.loop, self.host, self.port, timeout=self.timeout,
+                                  on_done=lambda sock, _: self._on_l0_connected(sock),
+                                  on_fail=lambda why: self._fail(f"L0: {why}"))
+        self.l0_dial.start()
 
-    def _on_l0_connected(self, ev: int) -> None:
-        assert self.l0 is not None
-        why = _connect_error(self.l0, ev)
-        if why:
-            self._fail(f"cannot connect L0 to {self.host}:{self.port}: {why}")
-            return
+    def _on_l0_connected(self, l0: socket.socket) -> None:
+        self.l0_dial = None
+        self.l0 = l0
         self.gateway_ip = self.l0.getpeername()[0]
         bind_ip = self.bind_host or self.l0.getsockname()[0]
         ports = {}
@@ -176,7 +172,6 @@ class CallbackDial:
         except OSError as e:
             self._fail(f"cannot set up callback links on {bind_ip}: {e.strerror or e}")
             return
-        self.loop.unregister(self.l0.fileno())      # same fd, new callback
         self.loop.register(self.l0.fileno(), READ, self._on_l0_readable)
         log.info("L0 to %s:%d: waiting for the gateway to call back on ports %d (up) and %d (down)",
                  self.host, self.port, ports["up"], ports["down"])
@@ -267,6 +262,9 @@ class CallbackDial:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.l0_dial is not None:
+            self.l0_dial.cancel()
+            self.l0_dial = None
         for sock in [self.l0, *self.listeners.values(), *(i.sock for _, i in self.incoming),
                      *self.links.values()]:
             if sock is not None:
