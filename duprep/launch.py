@@ -69,11 +69,11 @@ class GatewayProcess(ServiceProcess):
 
 
 def start_service(argv: Sequence[str], what: str, *, timeout: float = 30.0, env: dict[str, str] | None = None,
-                  stderr: int | None = None, new_session: bool = False) -> subprocess.Popen[bytes]:
+                  stderr: int | None = None) -> subprocess.Popen[bytes]:
     """Run ``python -m duprep ARGV...`` and return once it has said READY=1.
 
     Raises Timeout, or BrokenResourceError if it exits first; the child is
-    killed in both cases.  ``new_session`` puts it in its own session.
+    killed in both cases.
     """
     tmp = tempfile.mkdtemp(prefix="duprep-notify-")
     path = os.path.join(tmp, "notify")
@@ -84,7 +84,7 @@ def start_service(argv: Sequence[str], what: str, *, timeout: float = 30.0, env:
         child_env = dict(os.environ if env is None else env)
         child_env["NOTIFY_SOCKET"] = path
         proc = subprocess.Popen([sys.executable, "-m", "duprep", *argv], env=child_env, stdin=subprocess.DEVNULL,
-                                stderr=stderr, start_new_session=new_session)
+                                stderr=stderr)
         pidfd = os.pidfd_open(proc.pid)
         try:
             deadline = time.monotonic() + timeout
@@ -115,12 +115,11 @@ def start_service(argv: Sequence[str], what: str, *, timeout: float = 30.0, env:
 
 
 def start_gateway(instance: str, *, args: Sequence[str] = (), timeout: float = 30.0,
-                  env: dict[str, str] | None = None, stderr: int | None = None,
-                  new_session: bool = False) -> GatewayProcess:
+                  env: dict[str, str] | None = None, stderr: int | None = None) -> GatewayProcess:
     """Run ``duprep serve --instance INSTANCE --port 0 ARGS...`` and wait until it is ready."""
     ipcnames.check_instance(instance)
     proc = start_service(["serve", "--instance", instance, "--port", "0", *args], f"gateway {instance}",
-                         timeout=timeout, env=env, stderr=stderr, new_session=new_session)
+                         timeout=timeout, env=env, stderr=stderr)
     try:
         table = Table.attach(ipcnames.table_name(instance))
         try:

@@ -9,15 +9,14 @@ import subprocess
 import sys
 
 import msgspec
-import posix_ipc
 import pytest
 
 from duprep import fdpass, frame, ipcnames, queues
 from duprep.config import GatewayConfig, resolve_port
-from duprep.errors import ConfigError, InstanceBusyError, LimitError, ProtocolError, WouldBlock
+from duprep.errors import ConfigError, LimitError, ProtocolError, WouldBlock
 from duprep.gateway.loop import READ, EventLoop
 from duprep.lock import InstanceLock
-from duprep.table import SLOT_SIZE, ProcRow, Role, SlotState, Table
+from duprep.table import ProcRow, Role, SlotState, Table
 from duprep.wire import FrameReader, FrameTooLarge
 
 from .conftest import ROOT
@@ -129,10 +128,6 @@ def test_table_header_and_slot_parts(table, instance):
     other = Table.attach(ipcnames.table_name(instance))
     assert other.slot(3) == info
     other.close()
-
-
-def test_table_slot_size_is_fixed():
-    assert SLOT_SIZE == 256
 
 
 def test_attaching_process_exit_does_not_unlink(table, instance):
@@ -301,11 +296,6 @@ def test_event_loop_timers_and_deferred_close():
     assert seen == [b"x"] and a.fileno() == -1 and not loop.registered(3)
     b.close()
     loop.close()
-
-
-def test_busy_error_type():
-    assert issubclass(InstanceBusyError, Exception)
-    assert posix_ipc.BusyError is not WouldBlock
 
 
 def test_control_channel_queues_what_would_block_and_keeps_order():
