@@ -37,8 +37,8 @@ import msgspec
 from . import ipcnames
 from .errors import (BrokenResourceError, ClosedResourceError, DuprepError, ProtocolError, Timeout,
                      UnknownTarget, WouldBlock)
-from .frame import (DELIVER_OVERHEAD, LENGTH, BatchPacker, Call, Close, Defer, Deliver, Error, ErrorCode, Push, Reply, Request,
-                    chunk_decoder, decode_requests, encode_wire)
+from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode, Push, Reply,
+                    Request, decode_chunks)
 from .lock import InstanceLock
 from .queues import Queue
 from .table import ProcRow, Role, SlotInfo, SlotState, Table
@@ -56,6 +56,8 @@ class _Deferred:
 DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
+_encode = msgspec.msgpack.Encoder().encode
+_pack_length = LENGTH.pack
 FIRST_WORKER_ROW = 3
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
@@ -120,7 +122,20 @@ class Replier:
 
     def reply(self, request: Request, data: bytes, /) -> None:
         """Answer ``request``; may be called later and from another process."""
-        self._send(request.sid, request.generation, Reply(request.msgid, request.cpid, data))
+        # The hot path of every worker: _send, inlined for the common case.
+        if self._closed:
+            self._check()
+        body = _encode(Reply(request.msgid, request.cpid, data))
+        size = len(body) + 4
+        if request.sid == self._open_sid and request.generation == self._open_gen \
+                and self._open_size + size <= self._room:
+            self._open_frames.append(_pack_length(size - 4) + body)
+            self._open_size += size
+            if not self._batch:
+                self._seal()
+                self._push(block=not self._LAZY)
+        else:
+            self._add(request.sid, request.generation, body, Reply)
 
     def defer(self, request: Request, /) -> None:
         """Tell the client now that the answer will come later (its request() raises Deferred)."""
@@ -155,20 +170,21 @@ class Replier:
         """Queue one frame for (sid, gen); consecutive frames for one connection share a Deliver."""
         if self._closed:
             self._check()
-        wire = encode_wire(frame)
-        size = len(wire)
+        self._add(sid, gen, _encode(frame), type(frame))
+
+    def _add(self, sid: int, gen: int, body: bytes, kind: type) -> None:
+        size = len(body) + 4
         if size > self._room:
-            raise ProtocolError(f"a {type(frame).__name__} frame of {size} bytes exceeds the largest frame "
+            raise ProtocolError(f"a {kind.__name__} frame of {size} bytes exceeds the largest frame "
                                 f"this instance carries ({self._room} bytes; see --queue-size)")
         if self._open_sid == sid and self._open_gen == gen and self._open_size + size <= self._room:
-            self._open_frames.append(wire)
+            self._open_frames.append(_pack_length(size - 4) + body)
             self._open_size += size
         else:
             self._seal()
             self._open_sid, self._open_gen = sid, gen
-            self._open_frames = [wire]
+            self._open_frames = [_pack_length(size - 4) + body]
             self._open_size = size
-        self._c[C_REPLIES] += 1
         if not self._batch:              # nothing else in hand: send now (a Worker does not wait for room)
             self._seal()
             self._push(block=not self._LAZY)
@@ -179,6 +195,7 @@ class Replier:
             self._out.add(Deliver(self._open_sid, self._open_gen,
                                   frames[0] if len(frames) == 1 else b"".join(frames), len(frames)),
                           DELIVER_OVERHEAD + self._open_size)
+            self._c[C_REPLIES] += len(frames)
             self._open_frames = []
             self._open_sid = -1
 
@@ -266,7 +283,6 @@ class Worker(Replier):
             self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
             self._c = self._row.counters
             self._requests = Queue(ipcnames.request_queue(instance))
-            self._decode = chunk_decoder().decode
             try:
                 self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
             except ProcessLookupError:
@@ -300,6 +316,11 @@ class Worker(Replier):
             return self._batch.popleft()
         self._check()
         self._done_one()
+        self._wait_batch(timeout)
+        return self._hand(self._batch.popleft())
+
+    def _wait_batch(self, timeout: float | None) -> None:
+        """Send the replies collected so far, then wait until the next queue message is in hand."""
         self._seal()
         self._push(block=self._pending_bytes > REPLY_BACKLOG)
         if self._interrupted:
@@ -341,7 +362,7 @@ class Worker(Replier):
             self._c[C_HELD] = len(self._batch)     # if we die now, this many requests die with us
             self._row.beat()          # status shows what this worker holds
             if self._batch:
-                return self._hand(self._batch.popleft())
+                return
 
     def receive_nowait(self) -> Request:
         """The next request if one is already there, else raise WouldBlock."""
@@ -356,37 +377,25 @@ class Worker(Replier):
     def _expand(self, message: bytes) -> None:
         """Turn one request-queue message into Requests (the frames come undecoded from the receiver)."""
         try:
-            chunks = decode_requests(message)
+            chunks = decode_chunks(message)
         except (msgspec.DecodeError, ValueError) as e:
             log.error("dropped an undecodable request-queue message: %s", e)
             return
-        decode, append, unpack = self._decode, self._batch.append, LENGTH.unpack_from
-        for chunk in chunks:
-            sid, gen, client, received, data = chunk.sid, chunk.generation, chunk.client, chunk.received, chunk.frames
-            view = memoryview(data)
-            off, n = 0, len(data)
-            while off < n:
-                end = off + 4 + unpack(data, off)[0]
-                try:
-                    f = decode(view[off + 4:end])
-                except (msgspec.DecodeError, ValueError, RecursionError) as e:
-                    self._bad_frame(sid, gen, str(e))
-                    while off < n:          # the rest of the chunk is dropped with the connection
-                        off += 4 + unpack(data, off)[0]
-                        self._c[C_REQUESTS] += 1
-                    break
-                if type(f) is Call:
-                    append(Request(sid, gen, f.msgid, f.cpid, client, f.data,
-                                   received + f.timeout_ms / 1000 if f.timeout_ms else 0.0))
-                else:
-                    append(Request(sid, gen, f.msgid, f.cpid, client, f.data, 0.0, True))
-                off = end
+        extend = self._batch.extend
+        for chunk, requests in chunks:
+            if type(requests) is list:
+                extend(requests)
+            else:
+                assert isinstance(requests, BadFrame)
+                extend(requests.requests)
+                self._c[C_REQUESTS] += requests.dropped   # dropped with the connection: handled
+                self._bad_frame(chunk.sid, chunk.generation, requests.reason)
 
     def _bad_frame(self, sid: int, gen: int, why: str) -> None:
         """A REQUEST/SEND the receiver passed on unchecked is malformed: tell the client, end it."""
         log.info("sid %d gen %d: malformed frame: %s", sid, gen, why)
         self._c[C_ERRORS] += 1
-        self._send(sid, gen, Error(0, 0, ErrorCode.BAD_FRAME, f"malformed frame: {why}"[:200]))
+        self._send(sid, gen, Error(0, 0, ErrorCode.BAD_FRAME, why[:200]))
         self._seal()
         self._out.add(Close(sid, gen, ErrorCode.BAD_FRAME))
         self.flush()
@@ -461,32 +470,47 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
     interrupted (:meth:`Worker.interrupt`, e.g. from a signal) and ``stop()`` is true.
 
     A handler that raises answers its request with APP_ERROR (and is logged);
-    the worker carries on with the next request.
+    the worker carries on with the next request.  Requests are taken a queue
+    message at a time; the replies to one message leave together, when the
+    last of its requests is handled.
     """
+    batch = worker._batch
+    counters = worker._c
+    reply = worker.reply
     while True:
         try:
-            request = worker.receive()
+            worker._check()
+            worker._done_one()            # a request taken with receive() before we were called
+            worker._wait_batch(None)
         except ClosedResourceError:
             if stop():
                 return
             raise
-        try:
-            result = handler(request)
-        except Exception as e:
-            log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
-            if not request.oneway:
-                worker.fail(request, f"{type(e).__name__}: {e}")
-            continue
-        try:
-            if result is DEFERRED:
+        while batch:
+            request = batch.popleft()
+            try:
+                result = handler(request)
+            except Exception as e:
+                log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
                 if not request.oneway:
-                    worker.defer(request)
-            elif result is not None and not request.oneway:
-                worker.reply(request, result)
-        except ProtocolError as e:        # e.g. a reply larger than the largest frame
-            log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
-            worker.fail(request, str(e))
-        if worker._interrupted and not worker._batch and stop():
+                    worker.fail(request, f"{type(e).__name__}: {e}")
+                counters[C_REQUESTS] += 1
+                continue
+            try:
+                if type(result) is bytes:
+                    if not request.oneway:
+                        reply(request, result)
+                elif result is DEFERRED:
+                    if not request.oneway:
+                        worker.defer(request)
+                elif result is not None and not request.oneway:
+                    reply(request, result)
+            except ProtocolError as e:        # e.g. a reply larger than the largest frame
+                log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
+                worker.fail(request, str(e))
+            counters[C_REQUESTS] += 1
+        if worker._interrupted and stop():
+            worker.flush()
             return
 
 

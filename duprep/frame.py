@@ -33,7 +33,7 @@ __all__ = [
     "ClientFrame", "ServerFrame",
     "Request", "Chunk", "Deliver", "Close", "chunk_decoder",
     "encode_wire", "client_decoder", "server_decoder",
-    "BatchPacker", "bound", "decode_requests", "decode_replies", "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
+    "BatchPacker", "bound", "decode_requests", "decode_chunks", "BadFrame", "array_header", "decode_replies", "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -71,13 +71,13 @@ class ErrorCode:
 
 # --- wire: client -> gateway --------------------------------------------------
 
-class Hello(Struct, tag=1, array_like=True, frozen=True):
+class Hello(Struct, tag=1, array_like=True, frozen=True, gc=False):
     """First frame of every connection.  ``name`` "" means anonymous."""
     version: U32
     name: Name = ""
 
 
-class Call(Struct, tag=2, array_like=True, frozen=True):
+class Call(Struct, tag=2, array_like=True, frozen=True, gc=False):
     """REQUEST: expects exactly one REPLY, DEFER or ERROR with this msgid."""
     msgid: U64
     cpid: U64
@@ -85,14 +85,14 @@ class Call(Struct, tag=2, array_like=True, frozen=True):
     data: bytes
 
 
-class Send(Struct, tag=3, array_like=True, frozen=True):
+class Send(Struct, tag=3, array_like=True, frozen=True, gc=False):
     """SEND: one-way message to the business workers; nothing comes back."""
     msgid: U64
     cpid: U64
     data: bytes
 
 
-class Relay(Struct, tag=4, array_like=True, frozen=True):
+class Relay(Struct, tag=4, array_like=True, frozen=True, gc=False):
     """RELAY: deliver ``data`` to the client named ``target`` as a PUSH.
 
     Answered by an empty REPLY (accepted) or ERROR UNKNOWN_TARGET.
@@ -107,7 +107,7 @@ NONCE_SIZE: Final = 16
 Port = Annotated[int, Meta(ge=1024, le=65535)]
 
 
-class CallMe(Struct, tag=5, array_like=True, frozen=True):
+class CallMe(Struct, tag=5, array_like=True, frozen=True, gc=False):
     """CALLME: instead of HELLO, on a gateway run with ``--links callback``.
 
     "Connect back to the address this connection comes from, on these two
@@ -123,7 +123,7 @@ class CallMe(Struct, tag=5, array_like=True, frozen=True):
 
 # --- wire: gateway -> client --------------------------------------------------
 
-class Welcome(Struct, tag=16, array_like=True, frozen=True):
+class Welcome(Struct, tag=16, array_like=True, frozen=True, gc=False):
     """Answer to HELLO: the connection's identity and the frame size limit."""
     version: U32
     sid: U32
@@ -132,27 +132,27 @@ class Welcome(Struct, tag=16, array_like=True, frozen=True):
     max_frame: U32
 
 
-class Reply(Struct, tag=17, array_like=True, frozen=True):
+class Reply(Struct, tag=17, array_like=True, frozen=True, gc=False):
     """The answer to the REQUEST (or RELAY) with this msgid."""
     msgid: U64
     cpid: U64
     data: bytes
 
 
-class Defer(Struct, tag=18, array_like=True, frozen=True):
+class Defer(Struct, tag=18, array_like=True, frozen=True, gc=False):
     """DEFERRED: the worker will answer this msgid later with a REPLY."""
     msgid: U64
     cpid: U64
 
 
-class Push(Struct, tag=19, array_like=True, frozen=True):
+class Push(Struct, tag=19, array_like=True, frozen=True, gc=False):
     """Unsolicited message: from a worker (source "") or relayed by a client."""
     cpid: U64
     source: str
     data: bytes
 
 
-class Error(Struct, tag=20, array_like=True, frozen=True):
+class Error(Struct, tag=20, array_like=True, frozen=True, gc=False):
     """A refusal; msgid 0 when it concerns the whole connection."""
     msgid: U64
     cpid: U64
@@ -189,39 +189,57 @@ def server_decoder() -> "msgspec.msgpack.Decoder[ServerFrame]":
 
 # --- bus: queue items -----------------------------------------------------------
 
-class Request(Struct, tag=1, array_like=True):
+class Request(Struct, tag=2, array_like=True, gc=False):
     """One client message for a business worker (the seed's msg_buf on qid3).
 
     ``(sid, generation)`` names the connection; the pair is what makes a late
     answer harmless after the slot has been reused.  A Request is a plain
     Struct: keep it, ``msgspec.msgpack.encode`` it, and answer it later from
     any process with ``duprep.bus.Replier.reply``.
+
+    The first four fields are a REQUEST frame's, in its order, so a worker
+    decodes a client's frames straight into Requests (one msgspec call per
+    queue message); the worker fills in the rest.  Only plain values belong
+    in it (it is not tracked by the cycle collector).
     """
-    sid: int
-    generation: int
-    msgid: int
-    cpid: int
-    client: str
+    msgid: U64
+    cpid: U64
+    timeout_ms: U32         # what the client asked for; 0: no deadline
     data: bytes
+    sid: int = 0
+    generation: int = 0
+    client: str = ""
     deadline: float = 0.0   # time.time() after which the client gave up; 0: none
     oneway: bool = False    # SEND: no reply expected
 
 
-class Chunk(Struct, tag=2, array_like=True):
+class _OneWay(Struct, tag=3, array_like=True, gc=False):
+    """A SEND frame as a worker decodes it; becomes a Request with ``oneway=True``."""
+    msgid: U64
+    cpid: U64
+    data: bytes
+
+
+class Chunk(Struct, tag=2, array_like=True, gc=False):
     """What the receiver puts on the request queue: one connection's frames, as read.
 
-    ``frames`` holds complete, length-prefixed REQUEST and SEND frames exactly
-    as the client sent them.  The receiver only finds their boundaries and
-    checks their tag; the worker decodes them (in parallel across workers),
-    and answers a malformed one with ERROR BAD_FRAME and a Close.  This keeps
-    the single receiver process cheap: no decode and re-encode per frame.
+    ``frames`` is a msgpack array of the bodies of complete REQUEST and SEND
+    frames (length prefixes removed), as the client sent them, wrapped in a
+    bin so that a malformed body cannot spill into another Chunk.  The
+    receiver only finds their boundaries and checks their tag; a worker
+    decodes each Chunk's frames straight into Requests with one msgspec call
+    (in parallel across workers), and answers a malformed one with ERROR
+    BAD_FRAME and a Close.  This keeps the single receiver process cheap: no
+    decode and re-encode per frame.
     """
     sid: int
     generation: int
     client: str
     received: float         # time.time() of the read; REQUEST deadlines count from it
     frames: bytes
-class Deliver(Struct, tag=1, array_like=True):
+
+
+class Deliver(Struct, tag=1, array_like=True, gc=False):
     """Bytes for one connection: one or more complete, prefixed wire frames."""
     sid: int
     generation: int
@@ -229,7 +247,7 @@ class Deliver(Struct, tag=1, array_like=True):
     frames: int = 1
 
 
-class Close(Struct, tag=2, array_like=True):
+class Close(Struct, tag=2, array_like=True, gc=False):
     """End the connection after what was queued for it before this item."""
     sid: int
     generation: int
@@ -237,12 +255,96 @@ class Close(Struct, tag=2, array_like=True):
 
 
 _request_batch = msgspec.msgpack.Decoder(list[Chunk])
+_frames_in = msgspec.msgpack.Decoder(list[Union[Request, _OneWay]])
+_frame_in = msgspec.msgpack.Decoder(Union[Request, _OneWay])
+_raw_list = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_ARRAY16 = struct.Struct(">BH")
 _reply_batch = msgspec.msgpack.Decoder(list[Union[Deliver, Close]])
 
 
 def decode_requests(message: bytes) -> list[Chunk]:
-    """Decode one request-queue message."""
+    """Decode one request-queue message, leaving each Chunk's frames undecoded."""
     return _request_batch.decode(message)
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` (< 65536) elements."""
+    return _FIXARRAY[n] if n < 16 else _ARRAY16.pack(0xDC, n)
+
+
+_FIXARRAY: Final = [bytes([0x90 | i]) for i in range(16)]
+
+
+class BadFrame(Exception):
+    """A frame in a Chunk does not decode: ``requests`` are the good ones before it."""
+
+    def __init__(self, requests: list[Request], reason: str, dropped: int) -> None:
+        super().__init__(reason)
+        self.requests, self.reason, self.dropped = requests, reason, dropped
+
+
+def decode_chunks(message: bytes) -> list[tuple[Chunk, list[Request] | BadFrame]]:
+    """Decode one request-queue message into Requests, grouped by Chunk.
+
+    One msgspec call per Chunk turns its frames into Requests.  If a frame
+    is malformed, the Chunk's frames are split and decoded one by one, so
+    the frames before the bad one still count if they can be told apart (a
+    BadFrame in place of the list).  Raises msgspec.DecodeError if the
+    message itself is not a batch of Chunks.
+    """
+    out: list[tuple[Chunk, list[Request] | BadFrame]] = []
+    for chunk in _request_batch.decode(message):
+        try:
+            frames = _frames_in.decode(chunk.frames)
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            out.append((chunk, _one_by_one(chunk)))
+        else:
+            out.append((chunk, _complete(chunk, frames)))
+    return out
+
+
+def _one_by_one(chunk: Chunk) -> BadFrame:
+    try:
+        bodies = _raw_list.decode(chunk.frames)
+    except (msgspec.DecodeError, ValueError, RecursionError) as e:
+        # The bad body broke the array itself (e.g. it is truncated): where it starts is unknown.
+        return BadFrame([], f"malformed frame: {e}", _count(chunk.frames))
+    good: list[Request | _OneWay] = []
+    for i, body in enumerate(bodies):
+        try:
+            good.append(_frame_in.decode(body))
+        except (msgspec.DecodeError, ValueError, RecursionError) as e:
+            return BadFrame(_complete(chunk, good), f"malformed frame: {e}", len(bodies) - i)
+    return BadFrame(_complete(chunk, good), "malformed frame: trailing bytes", 0)
+
+
+def _count(frames: bytes) -> int:
+    """How many frames a Chunk's array header says it holds (1 if not even that is readable)."""
+    if frames and 0x90 <= frames[0] <= 0x9F:
+        return frames[0] & 0x0F
+    if len(frames) >= 3 and frames[0] == 0xDC:
+        return int(_ARRAY16.unpack_from(frames)[1])
+    return 1
+
+
+def _complete(chunk: Chunk, frames: list[Request | _OneWay]) -> list[Request]:
+    """Fill in what a Request knows from its Chunk (in place: the list becomes Requests only)."""
+    sid, gen, client, received = chunk.sid, chunk.generation, chunk.client, chunk.received
+    sends = False
+    for r in frames:
+        if type(r) is Request:
+            r.sid = sid
+            r.generation = gen
+            if client:
+                r.client = client
+            if r.timeout_ms:
+                r.deadline = received + r.timeout_ms / 1000
+        else:
+            sends = True
+    if sends:
+        frames[:] = [r if type(r) is Request else Request(r.msgid, r.cpid, 0, r.data, sid, gen, client, 0.0, True)
+                     for r in frames]
+    return frames  # type: ignore[return-value]
 
 
 def decode_replies(message: bytes) -> list[Deliver | Close]:

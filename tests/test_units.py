@@ -75,6 +75,46 @@ def test_batch_packer_respects_the_message_size():
         packer.add(frame.Chunk(1, 1, "", 0.0, b"x" * 2000))
 
 
+def _chunk(sid: int, bodies: list[bytes], client: str = "", received: float = 100.0) -> frame.Chunk:
+    return frame.Chunk(sid, 7, client, received, frame.array_header(len(bodies)) + b"".join(bodies))
+
+
+def test_decode_chunks_makes_requests_in_one_pass():
+    enc = msgspec.msgpack.encode
+    packer = frame.BatchPacker(8192)
+    packer.add(_chunk(1, [enc(frame.Call(i, 9, 1500 * i, b"%d" % i)) for i in range(20)], "alice"))
+    packer.add(_chunk(2, [enc(frame.Send(5, 9, b"one-way")), enc(frame.Call(6, 9, 0, b"x"))]))
+    [message] = packer.take()
+    [(c1, r1), (c2, r2)] = frame.decode_chunks(message)
+    assert (c1.sid, c2.sid) == (1, 2)
+    assert [(r.msgid, r.data, r.sid, r.generation, r.client) for r in r1] == \
+        [(i, b"%d" % i, 1, 7, "alice") for i in range(20)]
+    assert r1[0].deadline == 0.0 and r1[2].deadline == 100.0 + 3.0
+    assert [type(r) for r in r2] == [frame.Request, frame.Request]
+    assert (r2[0].oneway, r2[0].data, r2[0].sid, r2[1].oneway) == (True, b"one-way", 2, False)
+
+
+@pytest.mark.parametrize("bad, served", [
+    (b"\x95\x02\xff\x00\x00\xc4\x00", [1, 2]),         # a value out of range
+    (b"\x94\x02\x01\x02\x03", [1, 2]),                 # a REQUEST of four elements
+    (b"\x95\x02\x01\x02\x03\xc4\x00\xc0", []),           # an extra value: the array no longer adds up
+    (b"\x95\x02\x01", []),                             # truncated: where the next frame starts is lost
+])
+def test_decode_chunks_isolates_a_malformed_frame(bad, served):
+    """Frames before a bad one still become Requests when they can be told apart; the rest of that
+    Chunk is dropped and counted; other Chunks (other connections) are not affected."""
+    enc = msgspec.msgpack.encode
+    packer = frame.BatchPacker(8192)
+    packer.add(_chunk(1, [enc(frame.Call(1, 0, 0, b"a")), enc(frame.Call(2, 0, 0, b"b")), bad,
+                          enc(frame.Call(3, 0, 0, b"c"))]))
+    packer.add(_chunk(2, [enc(frame.Call(4, 0, 0, b"d"))]))
+    [message] = packer.take()
+    [(_, first), (_, second)] = frame.decode_chunks(message)
+    assert isinstance(first, frame.BadFrame) and "malformed frame" in first.reason
+    assert [r.msgid for r in first.requests] == served and len(served) + first.dropped == 4
+    assert [r.msgid for r in second] == [4]
+
+
 def test_batch_packer_large_counts_use_array16():
     packer = frame.BatchPacker(1 << 20)
     for i in range(40):

@@ -57,8 +57,8 @@ NPROCS = 128                   # 3 gateway rows + up to 125 worker rows
 ACCEPTS_PER_WAKE = 64
 STEP_TIMEOUT = 10.0            # seconds each stop step may take beyond drain_timeout
 C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS, C_LOST = range(6)
-# Queue-message bytes a frame needs beside itself: the batch header, a Chunk's
-# fields with the longest possible name (UTF-8), the frame's length prefix.
+# Queue-message bytes a frame body needs beside itself: the batch header, a Chunk's
+# fields with the longest possible name (UTF-8), the array header of its frames.
 BUS_OVERHEAD = 3 + CHUNK_OVERHEAD + 4 * MAX_NAME + 4
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from collections import deque
 
@@ -35,7 +36,7 @@ from ..errors import WouldBlock
 from ..fdpass import Op
 from ..frame import (PROTOCOL_VERSION, BatchPacker, Close, Deliver, Error, ErrorCode, Hello,
                      LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Welcome, client_decoder,
-                     encode_wire, Call, Send)
+                     encode_wire, Call, Send, array_header)
 from ..queues import Queue
 from ..table import Role, SlotFlag
 from .base import GatewayChild, child_main
@@ -45,6 +46,7 @@ from .loop import ERR, READ, WRITE, Timer
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
+HEAD = struct.Struct(">IBB")   # a frame's length prefix and the first two bytes of its body
 BACKLOG_LIMIT = 1 << 20  # bytes of queue messages held while the queues are full
 C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
 
@@ -76,7 +78,8 @@ class Receiver(GatewayChild):
         self.requests = Queue(ipcnames.request_queue(cfg.instance))
         self.replies = Queue(ipcnames.reply_queue(cfg.instance))
         self.max_frame = self.table.get("max_frame")
-        self.chunk_room = self.requests.msgsize - 3 - CHUNK_OVERHEAD   # frame bytes one Chunk can carry
+        # frame-body bytes one Chunk can carry: the batch header, the Chunk, its frames array header
+        self.chunk_room = self.requests.msgsize - 3 - CHUNK_OVERHEAD - 3
         self.conns: dict[int, Conn] = {}          # by sid
         self.names: dict[str, Conn] = {}
         self.decoder = client_decoder()
@@ -94,6 +97,7 @@ class Receiver(GatewayChild):
         self.parked: list[Conn] = []
         self.stopping = False
         self.stopped = False
+        self.now = 0.0            # time.time() of this wake-up's first read; 0: not read yet
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -145,69 +149,105 @@ class Receiver(GatewayChild):
             self.end(conn)
             return
         conn.bytes += n
-        conn.last_in = time.time()   # one clock read per recv, also the base of request deadlines
         self.c[C_BYTES] += n
-        self.touch(conn)
+        now = self.now
+        if not now:                  # one clock read per wake-up, the base of request deadlines
+            now = self.now = time.time()
+        conn.last_in = now
+        self.dirty_conns.add(conn)   # touch(conn), inlined: this runs once per read
+        if self.stats_timer is None:
+            self.touch()
         if conn.pending:
             conn.pending += self.rview[:n]
             buf = memoryview(bytes(conn.pending))
             conn.pending.clear()
+            n = len(buf)
         else:
             buf = self.rview[:n]
-        self.split(conn, buf)
+        self.split(conn, buf, n)
 
-    def split(self, conn: Conn, buf: memoryview) -> None:
+    def split(self, conn: Conn, buf: memoryview, n: int) -> None:
         """Find the frames in ``buf``: REQUEST/SEND go on as Chunks, undecoded; the rest is handled here.
 
-        Only the length prefix and the tag byte of a REQUEST or SEND are looked
-        at (a fixarray of 4+ elements whose first is 2 or 3); whatever else a
-        client sends is decoded and validated here.
+        Only the length prefix and the first two bytes of a REQUEST or SEND
+        body are looked at (a fixarray of 4+ elements whose first is 2 or 3);
+        whatever else a client sends is decoded and validated here.  This
+        loop runs once per frame read: keep it short.
         """
-        n = len(buf)
-        off = run = 0
-        frames = calls = 0
+        off = first = 0              # first: where the frames collected in bodies begin
+        others = 0
         limit = self.max_frame
         room = self.chunk_room - 4 * len(conn.name)
-        unpack = LENGTH.unpack_from
-        while n - off >= 4:
-            size = unpack(buf, off)[0]
+        bodies: list[memoryview] = []
+        add = bodies.append
+        ready = conn.ready
+        head = HEAD.unpack_from
+        while n - off >= 6:
+            size, b0, b1 = head(buf, off)
+            end = off + 4 + size
+            if end > n or size > limit:
+                break
+            if 0x94 <= b0 <= 0x9F and 2 <= b1 <= 3 and size > 1 and ready:
+                if end - first > room and bodies:
+                    self.forward(conn, bodies)
+                    bodies = []
+                    add = bodies.append
+                    first = off
+                add(buf[off + 4:end])
+                off = end
+                continue
+            if bodies:
+                self.forward(conn, bodies)
+                bodies = []
+                add = bodies.append
+            first = off = end
+            others += 1
+            if not self.other(conn, buf[end - size:end]):
+                return
+            ready = conn.ready
+            room = self.chunk_room - 4 * len(conn.name)
+        if n - off >= 4:             # a frame too large, an incomplete one, or a last one of 0 or 1 bytes
+            size = LENGTH.unpack_from(buf, off)[0]
             if size > limit:
-                self.forward(conn, buf[run:off])
+                self.forward(conn, bodies)
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
                 return
-            end = off + 4 + size
-            if end > n:
-                break
-            frames += 1
-            if conn.ready and size > 1 and 0x94 <= buf[off + 4] <= 0x9F and 2 <= buf[off + 5] <= 3:
-                if end - run > room:
-                    self.forward(conn, buf[run:off])
-                    run = off
-                calls += 1
-            else:
-                self.forward(conn, buf[run:off])
-                run = end
-                try:
-                    f = self.decoder.decode(buf[off + 4:end])
-                except (msgspec.DecodeError, ValueError, RecursionError) as e:
-                    # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8
-                    self.fail(conn, ErrorCode.BAD_FRAME, f"malformed frame: {e}")
+            if off + 4 + size <= n:  # complete, and at most 1 byte: not a REQUEST
+                if bodies:
+                    self.forward(conn, bodies)
+                    bodies = []
+                off += 4 + size
+                others += 1
+                if not self.other(conn, buf[off - size:off]):
                     return
-                if not self.handle(conn, f):
-                    return
-                room = self.chunk_room - 4 * len(conn.name)
-            off = end
-        self.forward(conn, buf[run:off])
+        if bodies:
+            self.forward(conn, bodies)
         if off < n:
-            conn.pending += buf[off:]
-        conn.frames += frames
-        self.c[C_FRAMES] += frames
-        self.c[C_REQUESTS] += calls
+            conn.pending += buf[off:n]
+        conn.frames += others
+        self.c[C_FRAMES] += others
 
-    def forward(self, conn: Conn, frames: memoryview) -> None:
-        if frames:
-            self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, bytes(frames)),
+    def other(self, conn: Conn, body: memoryview) -> bool:
+        """Decode and act on a frame that is not a REQUEST/SEND; False if the connection was ended."""
+        try:
+            f = self.decoder.decode(body)
+        except (msgspec.DecodeError, ValueError, RecursionError) as e:
+            # msgspec raises UnicodeDecodeError (a ValueError) for bad UTF-8
+            self.fail(conn, ErrorCode.BAD_FRAME, f"malformed frame: {e}")
+            return False
+        return self.handle(conn, f)
+
+    def forward(self, conn: Conn, bodies: list[memoryview]) -> None:
+        """Put REQUEST/SEND bodies on the request queue as one Chunk (a msgpack array of them, in a bin)."""
+        if bodies:
+            k = len(bodies)
+            frames = array_header(k) + b"".join(bodies)
+            self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
                              CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
+            conn.frames += k
+            c = self.c
+            c[C_FRAMES] += k
+            c[C_REQUESTS] += k
 
     def handle(self, conn: Conn, frame: object) -> bool:
         """Act on one frame; False if the connection was ended."""
@@ -222,8 +262,9 @@ class Receiver(GatewayChild):
             return self.not_ready(conn)
         if kind is Call or kind is Send:
             # A REQUEST/SEND the fast path did not recognise (e.g. an array16 header): forward it re-encoded.
-            self.forward(conn, memoryview(encode_wire(frame)))  # type: ignore[arg-type]
-            self.c[C_REQUESTS] += 1
+            self.forward(conn, [memoryview(msgspec.msgpack.encode(frame))])
+            conn.frames -= 1         # counted among the others already
+            self.c[C_FRAMES] -= 1
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
         else:
@@ -318,6 +359,7 @@ class Receiver(GatewayChild):
 
     def flush(self) -> None:
         """Before sleeping: send what this batch produced, keep what does not fit yet."""
+        self.now = 0.0
         for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
             if out:
                 for message in out.take():
