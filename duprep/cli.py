@@ -18,7 +18,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from . import ipcnames
+from . import ipcnames, sched
 from .config import DEFAULT_APP, GatewayConfig, resolve_port
 from .errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError
 
@@ -66,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app=None if args.app == "none" else args.app, max_clients=args.max_clients,
         max_per_ip=args.max_per_ip, queue_depth=args.queue_depth, queue_size=args.queue_size,
         handshake_timeout=args.handshake_timeout, max_outbuf=args.max_outbuf,
-        write_timeout=args.write_timeout, drain_timeout=args.drain_timeout, links=args.links)
+        write_timeout=args.write_timeout, drain_timeout=args.drain_timeout, links=args.links,
+        sched=args.sched)
     if cfg.app:
         check_app(cfg.app)    # fail here, clearly, rather than in every worker
     return serve(cfg)
@@ -82,6 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"duprep worker: {e}", file=sys.stderr)
         return EXIT_BOOT_ERROR
+    sched.apply(args.sched)
     try:
         return bus.serve(handler, instance=args.instance, workers=args.n, wait=args.wait)
     except (BrokenResourceError, InstanceBusyError) as e:
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--links", choices=("direct", "callback"), default="direct",
                    help="callback: also let client daemons ask to be connected back (the seed's L0/L1/L2; "
                         "only to the address the first connection came from)")
+    s.add_argument("--sched", choices=("batch", "other"), default="batch",
+                   help="CPU policy of the gateway's processes (default batch: no wakeup preemption "
+                        "inside the pipeline; see docs/architecture.md)")
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run business workers for a running gateway")
@@ -212,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--app", required=True, help="MODULE:CALLABLE, called with a duprep.bus.Request")
     w.add_argument("-n", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the gateway to appear")
+    w.add_argument("--sched", choices=("batch", "other"), default="batch",
+                   help="CPU policy of the workers (default batch, as the gateway's)")
     w.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 

@@ -38,6 +38,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat: float = 30.0             # seconds between heartbeats of an idle process (busy ones beat as they work)
     backlog: int = 1024
     links: str = "direct"               # "callback": also accept CALLME (the seed's L0 + L1/L2)
+    sched: str = "batch"                # CPU policy of every gateway process (duprep/sched.py); "other"
 
     def __post_init__(self) -> None:
         check_instance(self.instance)
@@ -51,6 +52,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("--max-per-ip must be >= 0 (0 means no limit)")
         if self.links not in ("direct", "callback"):
             raise ConfigError("--links must be 'direct' or 'callback'")
+        if self.sched not in ("batch", "other"):
+            raise ConfigError("--sched must be 'batch' or 'other'")
         for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

@@ -673,3 +673,16 @@ def test_requests_lost_with_a_killed_worker_are_counted(gateway, instance):
                    ["lost_in_workers"] >= 1, what="the lost requests to be counted")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("policy, expected", [((), os.SCHED_BATCH), (("--sched", "other"), os.SCHED_OTHER)])
+def test_every_gateway_process_runs_under_the_chosen_cpu_policy(gateway, instance, policy, expected):
+    """SCHED_BATCH by default (no wake-up preemption inside the pipeline), SCHED_OTHER on request;
+    the workers, started as separate commands, get the same policy as the rest."""
+    gw = gateway(*policy)
+    wait_until(lambda: [p["role"] for p in snapshot(instance)["processes"]].count("worker") == 2,
+               what="both workers to attach")
+    procs = snapshot(instance)["processes"]
+    assert {p["role"]: os.sched_getscheduler(p["pid"]) for p in procs} == \
+        {"acceptor": expected, "receiver": expected, "sender": expected, "worker": expected}
+    assert os.sched_getscheduler(gw.pid) == expected

@@ -37,7 +37,7 @@ import time
 from collections import deque
 import msgspec
 
-from .. import fdpass, ipcnames, queues
+from .. import fdpass, ipcnames, queues, sched
 from ..config import GatewayConfig
 from ..errors import DuprepError, LimitError
 from ..fdpass import Op
@@ -153,6 +153,7 @@ class Acceptor:
     def boot(self) -> None:
         cfg = self.cfg
         self.check_fd_limit()
+        sched.apply(cfg.sched)        # before the children: they inherit it
         self.lock.acquire_gateway()
         self.remove_stale()
         limits = queues.kernel_limits()
@@ -483,7 +484,7 @@ class Acceptor:
         pass_fds: tuple[int, ...] = ()
         if child.role == "worker":
             argv = [sys.executable, "-m", "duprep", "worker", "--instance", self.instance,
-                    "--app", cfg.app or "", "-n", "1", "--supervised"]
+                    "--app", cfg.app or "", "-n", "1", "--sched", cfg.sched, "--supervised"]
         else:
             parent_end, child_end = fdpass.pair()
             argv = [sys.executable, "-m", f"duprep.gateway.{child.role}", "--config", cfg.encode(),
