@@ -498,7 +498,20 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
                 continue
             try:
                 if type(result) is bytes:
-                    if not request.oneway:
+                    if request.oneway:
+                        pass
+                    elif batch and request.sid == worker._open_sid and request.generation == worker._open_gen \
+                            and not worker._closed:
+                        # reply(), inlined for the common case: another answer for the same connection,
+                        # more requests in hand (so nothing is sent yet)
+                        body = _encode(Reply(request.msgid, request.cpid, result))
+                        size = len(body) + 4
+                        if worker._open_size + size <= worker._room:
+                            worker._open_frames.append(_pack_length(size - 4) + body)
+                            worker._open_size += size
+                        else:
+                            worker._add(request.sid, request.generation, body, Reply)
+                    else:
                         reply(request, result)
                 elif result is DEFERRED:
                     if not request.oneway:

@@ -27,6 +27,7 @@ import socket
 import struct
 import time
 from collections import deque
+from functools import partial
 
 import msgspec
 
@@ -125,9 +126,9 @@ class Receiver(GatewayChild):
         if self.paused:
             conn.parked = True
             self.parked.append(conn)
-            self.loop.register(conn.fd, 0, lambda ev: self.on_readable(conn, ev))
+            self.loop.register(conn.fd, 0, partial(self.on_readable, conn))
         else:
-            self.loop.register(conn.fd, READ, lambda ev: self.on_readable(conn, ev))
+            self.loop.register(conn.fd, READ, partial(self.on_readable, conn))   # (no Python frame of its own)
 
     # --- reading ------------------------------------------------------------------
 
