@@ -218,6 +218,12 @@ def test_bad_input_ends_only_the_offending_connection(gateway, instance):
             "bad utf-8 name": (struct.pack(">I", 5) + b"\x93\x01\x01\xa1\xff", ErrorCode.BAD_FRAME),
             # looks like a REQUEST to the receiver, so a worker finds the bad field
             "bad request field": (hello + struct.pack(">I", 7) + b"\x95\x02\xff\x01\x01\xc4\x00", ErrorCode.BAD_FRAME),
+            # ... and when its body is cut short, the next frame's bytes must not complete it
+            "truncated request body": (hello + struct.pack(">I", 3) + b"\x95\x02\x01" + encode_wire(Call(2, 1, 0, b"y")),
+                                       ErrorCode.BAD_FRAME),
+            "empty frame": (hello + struct.pack(">I", 0), ErrorCode.BAD_FRAME),
+            "one-byte frame": (hello + struct.pack(">I", 1) + b"\x95" + encode_wire(Call(2, 1, 0, b"y")),
+                               ErrorCode.BAD_FRAME),
             "wrong version": (encode_wire(Hello(9, "")), ErrorCode.BAD_VERSION),
             "silence": (b"", ErrorCode.HANDSHAKE_TIMEOUT),
             "name taken": (encode_wire(Hello(1, "good0")), ErrorCode.NAME_TAKEN),
