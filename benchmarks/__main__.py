@@ -1,13 +1,16 @@
 """``python -m benchmarks`` (or ``tools/bench``): run the peer comparison of issue #4.
 
-Modes: default full matrix (within 20 minutes on 2 cores), ``--quick`` (about
-two minutes), ``--smoke`` / ``--quick --tiny`` (under 30 s, for tests).  Prints
-one report and writes ``<out>/<date>-<time>-<mode>.md``, ``.json`` and PNG
-plots (default ``benchmarks/results/``).
+Modes: default full matrix (within 20 minutes on 2 cores), ``--quick`` (under
+three minutes), ``--smoke`` / ``--quick --tiny`` (under 30 s, for tests).  After
+the per-peer passes, quick and full runs drive the target cell in interleaved
+rounds (``--target-rounds R``, 0 for none).  Prints one report and writes
+``<out>/<date>-<time>-<mode>.md``, ``.json`` and PNG plots (default
+``benchmarks/results/``).
 
 Exit status: 0 when every peer that was not skipped ran cleanly, 1 when a peer
-failed (the files are still written), 2 when the harness itself cannot run
-(no C compiler, bad options), 130 on Ctrl-C/SIGTERM (every server stopped).
+or a target round failed (the files are still written), 2 when the harness
+itself cannot run (no C compiler, bad options), 130 on Ctrl-C/SIGTERM (every
+server stopped).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="reduced matrix, about two minutes")
+    mode.add_argument("--quick", action="store_true",
+                      help="reduced matrix, about two minutes (plus about 40 s of target rounds)")
     mode.add_argument("--smoke", action="store_true", help="tiny matrix, under 30 seconds")
     mode.add_argument("--full", action="store_true", help="the whole matrix (default)")
     p.add_argument("--tiny", action="store_true", help="with --quick: same as --smoke")
@@ -52,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payloads", type=_ints, help="comma list of P bytes, replaces the mode's")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per cell")
     p.add_argument("--duration", type=float, help="seconds of measurement per cell")
+    p.add_argument("--target-rounds", type=int, metavar="R",
+                   help="interleaved rounds of the target cell after the per-peer passes "
+                        "(default: the mode's, smoke 0, quick 3, full 5; 0: none)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                    help="business worker processes for asyncio, pyzmq and duprep (default: nproc)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the result files")
@@ -72,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = "smoke" if args.smoke or (args.quick and args.tiny) else "quick" if args.quick else "full"
     plan = PLANS[name]
-    if any(x is not None for x in (args.apps, args.conns, args.depths, args.payloads, args.warmup, args.duration)):
+    if args.target_rounds is not None and args.target_rounds < 0:
+        print("--target-rounds must be 0 or more", file=sys.stderr)
+        return 2
+    if any(x is not None for x in (args.apps, args.conns, args.depths, args.payloads, args.warmup, args.duration,
+                                   args.target_rounds)):
         bad = [a for a in args.apps or [] if a not in ("echo", "kv")]
         if bad:
             print(f"unknown app(s): {', '.join(bad)}", file=sys.stderr)
             return 2
         plan = custom(plan, apps=args.apps, conns=args.conns, depths=args.depths, payloads=args.payloads,
-                      warmup_s=args.warmup, duration_s=args.duration)
+                      warmup_s=args.warmup, duration_s=args.duration, target_rounds=args.target_rounds)
     by_name = {p.name: p for p in PEERS}
     unknown = [n for n in args.peers or [] if n not in by_name]
     if unknown:
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = report.write_files(results, args.out, stamp, plots=not args.no_plots)
         print("\nwrote " + ", ".join(str(p) for p in paths))
     print(f"elapsed {results['elapsed_s']:.0f} s")
-    return 1 if any(p["status"] == "failed" for p in results["peers"]) else 0
+    failed = any(p["status"] == "failed" for p in results["peers"]) or results["target_rounds"]["errors"]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

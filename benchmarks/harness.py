@@ -7,10 +7,18 @@ it, including why a cell or a peer was skipped or failed, in one plain dict
 (:mod:`benchmarks.report` turns it into tables, files and plots).  A peer that
 is missing a dependency, fails to start or dies is recorded and the run goes
 on; only Ctrl-C/SIGTERM ends it early, and then too every server is stopped.
+
+Then the target rounds: the servers of the target ratios' peers (cecho,
+duprep, pyzmq, asyncio) run side by side and each round drives each of them
+in turn with the target cell, in an order rotated from round to round.  Why:
+the per-peer passes measure two peers' target cell minutes apart, and on a
+shared machine the background changes in minutes; loads seconds apart, over
+several rounds, give ratios measured under the same conditions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -24,13 +32,14 @@ from typing import Any
 from benchmarks import apps, cbuild, procfs
 from benchmarks.loadgen import IdleClients, LoadError, LoadSpec, run_load
 from benchmarks.peers.registry import Launch, Peer
-from benchmarks.plan import Cell, Plan
+from benchmarks.plan import TARGET_CELL, Cell, Plan
 from benchmarks.servers import Server, ServerError, wait_until
 
 __all__ = ["run", "raise_nofile"]
 
 Log = Callable[[str], None]
 SETTLE_TIMEOUT = 20.0       # seconds to wait for a server's process count to come back to baseline
+ROUND_PEERS = ("cecho", "duprep", "pyzmq", "asyncio")  # the target ratios' peers, in target-round order
 
 
 def raise_nofile() -> int:
@@ -49,6 +58,40 @@ def _cap_reason(peer: Peer, cell: Cell) -> str | None:
     if peer.max_conns is not None and cell.conns > peer.max_conns:
         return f"N capped at {peer.max_conns} for this peer"
     return None
+
+
+def _server_env(repo: Path) -> dict[str, str]:
+    """The environment of a peer server: ours, with the repository importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _load_spec(peer: Peer, plan: Plan, port: int, cell: Cell) -> LoadSpec:
+    """The closed-loop load of ``cell`` for ``peer`` (the same in the matrix and in the target rounds)."""
+    return LoadSpec(port=port, conns=cell.conns, depth=cell.depth, payload=cell.payload, mode=peer.mode,
+                    proto=peer.proto, app=cell.app, warmup_s=plan.warmup_s, duration_s=plan.duration_s,
+                    setup_timeout_s=plan.setup_timeout_s)
+
+
+def _load_line(res: dict[str, Any]) -> str:
+    """One load's numbers as the progress lines show them."""
+    lat = res["lat_us"]
+    errors = sum(res["errors"].values())
+    codes = f" (ERROR codes {res['error_codes']})" if res.get("error_codes") else ""
+    return (f"{res['replies_per_s']:>11,.0f}/s  p50 {lat['p50'] / 1e3:8.2f} ms  p99 {lat['p99'] / 1e3:8.2f} ms"
+            f"  errors {errors}{codes}  loadgen cpu {res['loadgen_cpu_pct']:.0f}%")
+
+
+def _settle(server: Server, baseline: int) -> str | None:
+    """Wait until the previous load's connections and processes are gone (bounded); a note if they are not."""
+    if not server.alive():
+        raise ServerError("server died")
+    if wait_until(lambda: len(server.pids()) <= baseline and procfs.tcp_held(server.port) == 0,
+                  SETTLE_TIMEOUT, interval=0.1):
+        return None
+    return (f"did not settle within {SETTLE_TIMEOUT:.0f}s: {len(server.pids())} processes "
+            f"(baseline {baseline}), {procfs.tcp_held(server.port)} connections still held")
 
 
 class _PeerRun:
@@ -90,8 +133,7 @@ class _PeerRun:
         return self.rec
 
     def _with_server(self, app: str, cells: list[Cell], probe: bool) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), env.get("PYTHONPATH", "")]))
+        env = _server_env(self.repo)
         if app == "kv":
             db = self.rundir / f"{self.peer.name}-kv.sqlite"
             apps.prepare_kv_db(str(db))
@@ -128,19 +170,13 @@ class _PeerRun:
 
     def _settle(self, server: Server, baseline: int) -> None:
         """Wait until the previous load's connections and processes are gone (bounded)."""
-        if not server.alive():
-            raise ServerError("server died")
-        if not wait_until(lambda: len(server.pids()) <= baseline and procfs.tcp_held(server.port) == 0,
-                          SETTLE_TIMEOUT, interval=0.1):
-            note = (f"did not settle within {SETTLE_TIMEOUT:.0f}s: {len(server.pids())} processes "
-                    f"(baseline {baseline}), {procfs.tcp_held(server.port)} connections still held")
+        note = _settle(server, baseline)
+        if note:
             self.rec["notes"].append(note)
             self.log(f"   {note}")
 
     def _cell(self, server: Server, cell: Cell) -> None:
-        spec = LoadSpec(port=server.port, conns=cell.conns, depth=cell.depth, payload=cell.payload,
-                        mode=self.peer.mode, proto=self.peer.proto, app=cell.app, warmup_s=self.plan.warmup_s,
-                        duration_s=self.plan.duration_s, setup_timeout_s=self.plan.setup_timeout_s)
+        spec = _load_spec(self.peer, self.plan, server.port, cell)
         entry: dict[str, Any] = {**dataclasses.asdict(cell), "status": "ok", "mode": spec.mode, "proto": spec.proto}
         try:
             res = run_load(self.loadgen, spec)
@@ -152,12 +188,7 @@ class _PeerRun:
             return
         entry["result"] = res
         self.rec["runs"].append(entry)
-        lat = res["lat_us"]
-        errors = sum(res["errors"].values())
-        codes = f" (ERROR codes {res['error_codes']})" if res.get("error_codes") else ""
-        self.log(f"   {cell.app:4} N={cell.conns:<5} D={cell.depth} P={cell.payload:<5}"
-                 f"{res['replies_per_s']:>11,.0f}/s  p50 {lat['p50'] / 1e3:8.2f} ms  p99 {lat['p99'] / 1e3:8.2f} ms"
-                 f"  errors {errors}{codes}  loadgen cpu {res['loadgen_cpu_pct']:.0f}%")
+        self.log(f"   {cell.app:4} N={cell.conns:<5} D={cell.depth} P={cell.payload:<5}{_load_line(res)}")
         if not server.alive():
             raise ServerError(f"server died during {cell}")
 
@@ -234,6 +265,133 @@ class _PeerRun:
                  f"PSS ~{est['pss_bytes'] / 2**20:8.1f} MiB (extrapolated from {base['conns']})")
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The order of round ``r`` (from 0): ``names`` rotated to start at r mod k.
+
+    Why: so that no peer always runs right after the same other peer, or always first after start-up.
+    """
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def round_peers(plan: Plan, peers: list[Peer], recs: list[dict[str, Any]]) -> list[Peer]:
+    """The peers of the target rounds: those of ROUND_PEERS that were selected, not skipped, and take TARGET_CELL."""
+    skipped = {r["name"] for r in recs if r["status"] == "skipped"}
+    by_name = {p.name: p for p in peers}
+    return [by_name[n] for n in ROUND_PEERS
+            if n in by_name and n not in skipped and _cap_reason(by_name[n], TARGET_CELL) is None]
+
+
+class _TargetRounds:
+    """The interleaved target rounds: every round peer's server up at once, each driven in turn, R times."""
+
+    def __init__(self, peers: list[Peer], plan: Plan, workers: int, repo: Path, rundir: Path,
+                 loadgen: Path, log: Log) -> None:
+        self.peers, self.plan, self.workers = peers, plan, workers
+        self.repo, self.rundir, self.loadgen, self.log = repo, rundir, loadgen, log
+        self.servers: dict[str, tuple[Server, int]] = {}    # name -> (server, process count at start)
+        self.broken: dict[str, str] = {}                    # name -> why it is no longer driven
+        self.rec: dict[str, Any] = {
+            "cell": dataclasses.asdict(TARGET_CELL), "rounds_planned": plan.target_rounds,
+            "warmup_s": plan.warmup_s, "duration_s": plan.duration_s, "workers": workers,
+            "peers": [p.name for p in peers], "order": [], "rounds": [], "errors": [], "notes": [], "stops": [],
+        }
+
+    def execute(self) -> dict[str, Any]:
+        c, n = TARGET_CELL, self.plan.target_rounds
+        self.log(f"-- target rounds: {', '.join(p.name for p in self.peers)}; {n} rounds of "
+                 f"{c.app} N={c.conns} D={c.depth} P={c.payload}, {self.plan.warmup_s:g} s + "
+                 f"{self.plan.duration_s:g} s per load, order rotated each round")
+        with contextlib.ExitStack() as stack:    # stops every started server, also on errors and Ctrl-C
+            for peer in self.peers:
+                self._start(peer, stack)
+            up = [p for p in self.peers if p.name in self.servers]
+            self.rec["order"] = [p.name for p in up]
+            if len(up) < 2:
+                self.rec["reason"] = "fewer than two servers came up"
+                self.log(f"-- target rounds: not run, {self.rec['reason']}")
+                return self.rec
+            by_name = {p.name: p for p in up}
+            for r in range(n):
+                names = round_order(self.rec["order"], r)
+                self.log(f"   round {r + 1}/{n}: {', '.join(names)}")
+                self.rec["rounds"].append([self._drive(by_name[name], r) for name in names])
+        return self.rec
+
+    def _start(self, peer: Peer, stack: contextlib.ExitStack) -> None:
+        """Start ``peer``'s echo server as the per-peer pass does; a failure is recorded, the others go on."""
+        launch = Launch(app=TARGET_CELL.app, workers=self.workers, max_conns=TARGET_CELL.conns, repo=self.repo,
+                        rundir=self.rundir, env=_server_env(self.repo),
+                        log_path=self.rundir / f"{peer.name}-rounds.log")
+        try:
+            server = peer.start(launch)
+        except Exception as exc:  # any failure to start (or a harness bug) is recorded; the others still run
+            self._error(peer.name, "start", exc)
+            return
+        stack.callback(self._stop, peer.name, server)
+        baseline = len(server.pids())
+        self.servers[peer.name] = (server, baseline)
+        self.log(f"-- {peer.name} [rounds] up on port {server.port}, {baseline} process(es)")
+
+    def _drive(self, peer: Peer, r: int) -> dict[str, Any]:
+        """One load of round ``r`` on ``peer``; its loadgen result, or the error."""
+        entry: dict[str, Any] = {"peer": peer.name}
+        if peer.name in self.broken:
+            entry["error"] = f"not driven: {self.broken[peer.name]}"
+            return entry
+        server, baseline = self.servers[peer.name]
+        where = f"round {r + 1} {peer.name:<8}"
+        try:
+            note = _settle(server, baseline)
+            if note:
+                self.rec["notes"].append(f"{peer.name}, round {r + 1}: {note}")
+                self.log(f"   {note}")
+            entry["result"] = run_load(self.loadgen, _load_spec(peer, self.plan, server.port, TARGET_CELL))
+            self.log(f"   {where}{_load_line(entry['result'])}")
+            if not server.alive():
+                raise ServerError("server died during the load")
+        except LoadError as exc:            # the server may still be fine: drive it again next round
+            entry["error"] = self._error(peer.name, f"round {r + 1}", exc)
+        except Exception as exc:            # the server died, or a harness bug: stop driving this peer
+            entry["error"] = self.broken[peer.name] = self._error(peer.name, f"round {r + 1}", exc)
+        return entry
+
+    def _error(self, name: str, when: str, exc: Exception) -> str:
+        """Record and log a failure of ``name``; return its text."""
+        known = (ServerError, LoadError, cbuild.BuildError, OSError)
+        text = str(exc) if isinstance(exc, known) else "internal error: " + "".join(traceback.format_exception(exc))
+        self.rec["errors"].append(f"{name}, {when}: {text}")
+        self.log(f"-- {name} [rounds] {when}: FAILED: {text}")
+        return text
+
+    def _stop(self, name: str, server: Server) -> None:
+        report = server.stop()
+        self.rec["stops"].append({"peer": name, **dataclasses.asdict(report)})
+        for note in report.notes:
+            self.log(f"-- {name} [rounds] stop: {note}")
+
+
+def _target_rounds(plan: Plan, peers: list[Peer], recs: list[dict[str, Any]], workers: int, repo: Path,
+                   rundir: Path, loadgen: Path, log: Log) -> dict[str, Any]:
+    """Run the target rounds if the plan asks for them and has the target cell; else say why not."""
+    chosen = round_peers(plan, peers, recs)
+    reason = None
+    if plan.target_rounds <= 0:
+        reason = "the plan has no target rounds (--target-rounds R)"
+    elif TARGET_CELL not in plan.cells:
+        c = TARGET_CELL
+        reason = f"the plan's cells leave out the target cell ({c.app}, N={c.conns}, D={c.depth}, P={c.payload})"
+    elif len(chosen) < 2:
+        reason = (f"needs at least two of {', '.join(ROUND_PEERS)} selected and not skipped "
+                  f"(have: {', '.join(p.name for p in chosen) or 'none'})")
+    if reason is None:
+        return _TargetRounds(chosen, plan, workers, repo, rundir, loadgen, log).execute()
+    if plan.target_rounds > 0:
+        log(f"-- target rounds: not run, {reason}")
+    return {"cell": dataclasses.asdict(TARGET_CELL), "rounds_planned": plan.target_rounds, "reason": reason,
+            "peers": [p.name for p in chosen], "order": [], "rounds": [], "errors": [], "notes": [], "stops": []}
+
+
 def run(plan: Plan, peers: list[Peer], *, workers: int, repo: Path, log: Log = print) -> dict[str, Any]:
     """Measure ``peers`` under ``plan``; return the results (see report.py for their shape)."""
     nofile = raise_nofile()
@@ -244,6 +402,8 @@ def run(plan: Plan, peers: list[Peer], *, workers: int, repo: Path, log: Log = p
     try:
         for peer in peers:
             results["peers"].append(_PeerRun(peer, plan, workers, repo, rundir, loadgen, log).execute())
+        results["target_rounds"] = _target_rounds(plan, peers, results["peers"], workers, repo, rundir,
+                                                  loadgen, log)
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
     return results

@@ -1,4 +1,4 @@
-"""What a benchmark run measures: the matrix, the windows and the probes.
+"""What a benchmark run measures: the matrix, the windows, the probes and the target rounds.
 
 What: a :class:`Plan` per mode (``smoke`` < 30 s, ``quick`` about two
 minutes, ``full`` within 20 minutes on 2 cores) and :func:`custom` to
@@ -35,6 +35,7 @@ class Plan:
     duration_s: float
     setup_timeout_s: float = 60.0
     memory_extrapolate: bool = True     # let peers with a probe cap (fork) extrapolate above it
+    target_rounds: int = 0              # interleaved rounds of TARGET_CELL after the per-peer passes (0: none)
 
     @property
     def apps(self) -> tuple[str, ...]:
@@ -52,21 +53,25 @@ def _grid(app: str, conns: tuple[int, ...], depths: tuple[int, ...], payloads: t
 PLANS: dict[str, Plan] = {
     "smoke": Plan("smoke", _grid("echo", (10,), (1, 4), (64,)) + _grid("kv", (10,), (4,), (64,)),
                   memory_conns=(10,), idle_cpu_conns=10, idle_cpu_s=0.5, warmup_s=0.2, duration_s=0.5,
-                  setup_timeout_s=20.0),
+                  setup_timeout_s=20.0, target_rounds=0),
     "quick": Plan("quick", _grid("echo", (100, 1000), (1, 8), (64,)) + _grid("kv", (100,), (8,), (64,)),
                   memory_conns=(1000, 5000), idle_cpu_conns=1000, idle_cpu_s=2.0, warmup_s=0.5,
-                  duration_s=2.0),
+                  duration_s=2.0, target_rounds=3),
     "full": Plan("full", _grid("echo", (10, 100, 1000, 5000), (1, 8), (64, 1024))
                  + _grid("kv", (10, 100, 1000), (1, 8), (64,)),
                  memory_conns=(10, 100, 1000, 5000), idle_cpu_conns=1000, idle_cpu_s=3.0, warmup_s=1.0,
-                 duration_s=3.0, setup_timeout_s=120.0, memory_extrapolate=False),
+                 duration_s=3.0, setup_timeout_s=120.0, memory_extrapolate=False, target_rounds=5),
 }
 
 
 def custom(base: Plan, *, apps: list[str] | None = None, conns: list[int] | None = None,
            depths: list[int] | None = None, payloads: list[int] | None = None,
-           warmup_s: float | None = None, duration_s: float | None = None) -> Plan:
-    """``base`` with some axes replaced (an axis given replaces it for every app)."""
+           warmup_s: float | None = None, duration_s: float | None = None,
+           target_rounds: int | None = None) -> Plan:
+    """``base`` with some axes replaced (an axis given replaces it for every app).
+
+    The target rounds only run when the cells still include TARGET_CELL.
+    """
     cells: list[Cell] = []
     for app in apps or list(base.apps):
         own = [c for c in base.cells if c.app == app] or [c for c in base.cells if c.app == "echo"]
@@ -79,4 +84,6 @@ def custom(base: Plan, *, apps: list[str] | None = None, conns: list[int] | None
         changes["warmup_s"] = warmup_s
     if duration_s is not None:
         changes["duration_s"] = duration_s
+    if target_rounds is not None:
+        changes["target_rounds"] = target_rounds
     return replace(base, **changes)  # type: ignore[arg-type]

@@ -1,7 +1,8 @@
 """Turns harness results into the printed table, the Markdown file and the JSON file.
 
 What: :func:`targets` computes the issue's target ratios from one run (never
-absolute timings); :func:`text_tables` is what the terminal shows;
+absolute timings): from the medians of the interleaved target rounds when the
+run has them, else from the matrix cell; :func:`text_tables` is what the terminal shows;
 :func:`markdown` is ``benchmarks/results/<stamp>.md``; :func:`write_files`
 writes both files plus the plots.  Why apart from the harness: results can be
 re-rendered from a saved JSON file (``python -m benchmarks --render FILE``).
@@ -10,6 +11,8 @@ re-rendered from a saved JSON file (``python -m benchmarks --render FILE``).
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,30 +47,63 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _rounds(results: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The interleaved target rounds of the run ([] for runs without them, and for older JSON files)."""
+    return (results.get("target_rounds") or {}).get("rounds") or []
+
+
+def _round_series(results: dict[str, Any], name: str, metric: str) -> list[float | None]:
+    """``name``'s replies/s (``metric`` "rate") or p99 in µs ("p99") in each target round; None: no result."""
+    out: list[float | None] = []
+    for rnd in _rounds(results):
+        res = next((e.get("result") for e in rnd if e["peer"] == name), None)
+        out.append(None if not res else res["replies_per_s"] if metric == "rate" else res["lat_us"]["p99"])
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def _per_round(results: dict[str, Any], a: str, b: str, metric: str) -> list[float]:
+    """The ratio ``a`` / ``b`` of ``metric`` in each round where both have a result."""
+    return [x / y for x, y in zip(_round_series(results, a, metric), _round_series(results, b, metric))
+            if x is not None and y]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets as ratios measured in this run; ``met`` is None when not measurable."""
     c = TARGET_CELL
     where = f"{c.app}, N={c.conns}, D={c.depth}, P={c.payload}"
     cell = {name: _cell_result(_peer(results, name), c.app, c.conns, c.depth, c.payload)
             for name in ("duprep", "pyzmq", "asyncio", "cecho")}
-    rate = {k: (v["replies_per_s"] if v else None) for k, v in cell.items()}
-    p99 = {k: (v["lat_us"]["p99"] if v else None) for k, v in cell.items()}
+    matrix = {"rate": {k: (v["replies_per_s"] if v else None) for k, v in cell.items()},
+              "p99": {k: (v["lat_us"]["p99"] if v else None) for k, v in cell.items()}}
     out = []
 
-    def add(what: str, value: float | None, goal: str, ok: bool | None, unit: str = "x") -> None:
+    def add(what: str, value: float | None, goal: str, ok: bool | None, unit: str = "x",
+            per_round: list[float] | None = None) -> None:
         out.append({"target": what, "value": value, "unit": unit, "goal": goal,
-                    "met": None if value is None else ok})
+                    "met": None if value is None else ok, "per_round": per_round})
 
-    r = _ratio(rate["duprep"], rate["pyzmq"])
-    add(f"throughput duprep / pyzmq ({where})", r, "> 1", r is not None and r > 1)
-    r = _ratio(rate["duprep"], rate["asyncio"])
-    add(f"throughput duprep / asyncio+uvloop+pool ({where})", r, "> 1", r is not None and r > 1)
-    r = _ratio(p99["duprep"], p99["pyzmq"])
-    add(f"p99 duprep / pyzmq ({where})", r, "< 1", r is not None and r < 1)
-    r = _ratio(p99["duprep"], p99["asyncio"])
-    add(f"p99 duprep / asyncio+uvloop+pool ({where})", r, "< 1", r is not None and r < 1)
-    r = _ratio(rate["duprep"], rate["cecho"])
-    add(f"throughput duprep / C epoll echo ({where})", r, ">= 0.5", r is not None and r >= 0.5)
+    def pair(metric: str, label: str, other: str, title: str, goal: str, ok: Callable[[float], bool]) -> None:
+        """duprep / ``other``: each one's median over the target rounds if both have round results, else the cell."""
+        per_round = _per_round(results, "duprep", other, metric)
+        if per_round:
+            r = _ratio(_median(_round_series(results, "duprep", metric)),
+                       _median(_round_series(results, other, metric)))
+            how = f"; median of {len(_rounds(results))} interleaved rounds"
+            spread: list[float] | None = [min(per_round), max(per_round)]
+        else:
+            r, how, spread = _ratio(matrix[metric]["duprep"], matrix[metric][other]), "", None
+        add(f"{label} duprep / {title} ({where}{how})", r, goal, r is not None and ok(r), per_round=spread)
+
+    pair("rate", "throughput", "pyzmq", "pyzmq", "> 1", lambda r: r > 1)
+    pair("rate", "throughput", "asyncio", "asyncio+uvloop+pool", "> 1", lambda r: r > 1)
+    pair("p99", "p99", "pyzmq", "pyzmq", "< 1", lambda r: r < 1)
+    pair("p99", "p99", "asyncio", "asyncio+uvloop+pool", "< 1", lambda r: r < 1)
+    pair("rate", "throughput", "cecho", "C epoll echo", ">= 0.5", lambda r: r >= 0.5)
     dm, fm = _memory_at(_peer(results, "duprep"), 5000), _memory_at(_peer(results, "forking"), 5000)
     r = _ratio(dm["rss_bytes"] if dm else None, fm["rss_bytes"] if fm else None)
     note = " (fork RSS extrapolated)" if fm and fm.get("extrapolated") else ""
@@ -174,11 +210,61 @@ def _target_rows(results: dict[str, Any]) -> list[list[str]]:
     for t in targets(results):
         val = _fmt(t["value"], ".3f", t["unit"] if t["unit"] != "x" else "")
         met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-        rows.append([t["target"], val, t["goal"], met])
+        spread = t.get("per_round")
+        rows.append([t["target"], val, f"{spread[0]:.3f}..{spread[1]:.3f}" if spread else "", t["goal"], met])
     return rows
 
 
-TARGET_HEAD = ["target (ratio in this run)", "value", "goal", "met"]
+TARGET_HEAD = ["target (ratio in this run)", "value", "per round min..max", "goal", "met"]
+
+
+def _round_head(results: dict[str, Any]) -> list[str]:
+    return ["peer", *[f"round {i + 1}" for i in range(len(_rounds(results)))], "median"]
+
+
+def _round_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per round peer: replies/s / p99 ms in each round, then the medians."""
+    titles = {p["name"]: p["title"] for p in results["peers"]}
+    rows = []
+    for name in (results.get("target_rounds") or {}).get("order", []):
+        cells = []
+        for rnd in _rounds(results):
+            entry = next((e for e in rnd if e["peer"] == name), {})
+            res = entry.get("result")
+            cells.append(f"{res['replies_per_s']:,.0f} / {res['lat_us']['p99'] / 1e3:.2f}" if res
+                         else "error" if entry.get("error") else "-")
+        rate, p99 = _median(_round_series(results, name, "rate")), _median(_round_series(results, name, "p99"))
+        median = f"{rate:,.0f} / {p99 / 1e3:.2f}" if rate is not None and p99 is not None else "n/a"
+        rows.append([titles.get(name, name), *cells, median])
+    return rows
+
+
+def _round_lines(results: dict[str, Any]) -> list[str]:
+    """What the rounds table does not show: why there are none, the per-round ratios, errors, notes."""
+    tr = results.get("target_rounds") or {}
+    if not _rounds(results):
+        return [f"not run: {tr.get('reason') or 'no round completed'}"] + [f"error: {e}" for e in tr.get("errors", [])]
+    c = tr["cell"]
+    lines = [f"{c['app']}, N={c['conns']}, D={c['depth']}, P={c['payload']}; each cell is replies/s / p99 ms; "
+             f"warm-up {tr['warmup_s']:g} s + {tr['duration_s']:g} s per load; every server up at once, each "
+             f"round drives them in turn, starting one further along the order {', '.join(tr['order'])}"]
+    for other in ("cecho", "pyzmq", "asyncio"):
+        per_round = _per_round(results, "duprep", other, "rate")
+        if per_round:
+            lines.append(f"throughput duprep / {other} per round: {', '.join(f'{r:.3f}' for r in per_round)} "
+                         f"(min {min(per_round):.3f}, max {max(per_round):.3f})")
+    lines += [f"error: {e}" for e in tr["errors"]] + [f"note: {n}" for n in tr["notes"]]
+    lines += [f"stop ({s['peer']}): {n}" for s in tr["stops"] for n in s["notes"]]
+    return lines
+
+
+def _round_section(results: dict[str, Any], table: Callable[[list[str], list[list[str]]], str],
+                   bullet: str = "") -> list[str]:
+    """The TARGET ROUNDS section (text or Markdown); nothing for result files older than the rounds."""
+    if results.get("target_rounds") is None:
+        return []
+    lines = [f"{bullet}{line}" for line in _round_lines(results)]
+    return ([table(_round_head(results), _round_rows(results)), ""] if _rounds(results) else []) + lines
 
 
 def _text_table(head: list[str], rows: list[list[str]]) -> str:
@@ -213,8 +299,11 @@ def text_tables(results: dict[str, Any]) -> str:
     parts = ["PEERS", *_peer_lines(results), "", "THROUGHPUT AND LATENCY (closed loop)",
              _text_table(THROUGHPUT_HEAD, _throughput_rows(results)), "", "MEMORY (idle clients)",
              _text_table(MEMORY_HEAD, _memory_rows(results)), "", "IDLE CPU",
-             _text_table(IDLE_HEAD, _idle_rows(results)), "", "TARGETS",
-             _text_table(TARGET_HEAD, _target_rows(results))]
+             _text_table(IDLE_HEAD, _idle_rows(results)), ""]
+    rounds = _round_section(results, _text_table)
+    if rounds:
+        parts += ["TARGET ROUNDS (interleaved, order rotated each round)", *rounds, ""]
+    parts += ["TARGETS", _text_table(TARGET_HEAD, _target_rows(results))]
     return "\n".join(parts)
 
 
@@ -243,6 +332,7 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
         f"{plan['idle_cpu_s']:g} s with {plan['idle_cpu_conns']} idle clients",
         "- load: C closed-loop generator (N connections x D outstanding requests, payload P bytes); "
         "latency = request written to reply read, in the generator",
+        *([f"- target rounds: {plan['target_rounds']} (see Target rounds)"] if "target_rounds" in plan else []),
         "",
         "## Peers", "",
         *[f"- {line.strip()}" if not line.startswith("    ") else f"  - {line.strip()}"
@@ -250,6 +340,7 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
         "",
         "## Targets", "",
         _md_table(TARGET_HEAD, _target_rows(results)), "",
+        *_md_rounds(results),
         "## Throughput and latency", "",
         _md_table(THROUGHPUT_HEAD, _throughput_rows(results)), "",
         "## Memory with idle clients", "",
@@ -266,6 +357,18 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _md_rounds(results: dict[str, Any]) -> list[str]:
+    section = _round_section(results, _md_table, bullet="- ")
+    if not section:
+        return []
+    return ["## Target rounds", "",
+            "The target cell again, after the per-peer passes: the servers of the target ratios' peers run side "
+            "by side and each round drives each of them in turn, seconds apart, in an order rotated from round "
+            "to round; the targets above use each peer's median over the rounds (the machine's background "
+            "load changes from minute to minute, which the per-peer passes, minutes apart, cannot cancel).",
+            "", *section, ""]
 
 
 def write_files(results: dict[str, Any], out_dir: Path, stamp: str, *, plots: bool = True) -> list[Path]:

@@ -24,3 +24,4 @@ def test_benchmark_smoke_run_writes_its_reports(tmp_path):
     data = json.loads((tmp_path / report).read_text())
     text = json.dumps(data)
     assert "duprep" in text and "C epoll echo" in text
+    assert data["target_rounds"]["rounds"] == [] and data["target_rounds"]["reason"]   # smoke plan: none
