@@ -1,6 +1,6 @@
 """Runs the comparison: every peer in turn, the same loads, the same probes.
 
-What: for each peer and app, start the server (in its own session), run the
+What: for each peer and app, start the server (in its own process group), run the
 plan's throughput cells with the C load generator, then (echo app) probe its
 memory with N idle clients and its CPU while idle, stop it, and record all of
 it, including why a cell or a peer was skipped or failed, in one plain dict

@@ -1,8 +1,8 @@
 """Reads what the benchmark reports about server processes from /proc.
 
-What: the processes of a server (its session: every peer is started with
-``start_new_session=True``, so its session id is its leader's pid and covers
-forked children, pool workers and duprep's roles alike), their memory (RSS and
+What: the processes of a server (its leader and every descendant: forked
+children, pool workers and duprep's roles alike, whatever process group they
+put themselves in), their memory (RSS and
 PSS from ``/proc/PID/smaps_rollup``) and their CPU time (utime + stime from
 ``/proc/PID/stat``), and how many client connections a server still holds
 (``/proc/net/tcp``).  Why /proc: it is what the issue asks for, needs no
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ProcInfo", "session_pids", "memory", "cpu_ticks", "cpu_ns", "tcp_held", "CLK_TCK"]
+__all__ = ["ProcInfo", "descendants", "start_time", "memory", "cpu_ticks", "cpu_ns", "tcp_held", "CLK_TCK"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -29,6 +29,7 @@ class ProcInfo:
     ppid: int
     session: int
     ticks: int          # utime + stime, in CLK_TCK units
+    start: int          # start time after boot, in CLK_TCK units: (pid, start) names a process for good
 
 
 def _stat(pid: int) -> ProcInfo | None:
@@ -38,8 +39,8 @@ def _stat(pid: int) -> ProcInfo | None:
     except OSError:
         return None
     rest = raw[raw.rindex(")") + 2:].split()
-    # rest[0]=state, 1=ppid, 2=pgrp, 3=session, ..., 11=utime, 12=stime
-    return ProcInfo(pid, rest[0], int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]))
+    # rest[0]=state, 1=ppid, 2=pgrp, 3=session, ..., 11=utime, 12=stime, ..., 19=starttime
+    return ProcInfo(pid, rest[0], int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]), int(rest[19]))
 
 
 def _all_stats() -> list[ProcInfo]:
@@ -52,10 +53,24 @@ def _all_stats() -> list[ProcInfo]:
     return out
 
 
-def session_pids(session: int, *, include_zombies: bool = False) -> list[int]:
-    """Live processes whose session id is ``session`` (zombies left out by default)."""
-    return sorted(p.pid for p in _all_stats()
-                  if p.session == session and (include_zombies or p.state != "Z"))
+def descendants(pid: int) -> list[ProcInfo]:
+    """Every live process below ``pid`` in the process tree (zombies left out)."""
+    children: dict[int, list[ProcInfo]] = {}
+    for p in _all_stats():
+        if p.state != "Z":
+            children.setdefault(p.ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child.pid)
+    return out
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of live process ``pid`` (None if it is gone or a zombie)."""
+    info = _stat(pid)
+    return None if info is None or info.state == "Z" else info.start
 
 
 def memory(pids: list[int]) -> tuple[int, int]:

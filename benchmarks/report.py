@@ -344,7 +344,7 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
         "## Throughput and latency", "",
         _md_table(THROUGHPUT_HEAD, _throughput_rows(results)), "",
         "## Memory with idle clients", "",
-        "Sum over every process of the server's session (/proc/PID/smaps_rollup); RSS counts shared pages "
+        "Sum over the server's leader and all its descendants (/proc/PID/smaps_rollup); RSS counts shared pages "
         "once per process, PSS divides them. `~` marks extrapolated values. Probes run on a freshly started "
         "server; the row marked 'after the throughput cells' shows what the load left behind.", "",
         _md_table(MEMORY_HEAD, _memory_rows(results)), "",

@@ -1,10 +1,21 @@
-"""Starting and stopping peer servers, each in a session of its own.
+"""Starting and stopping peer servers, each in a process group of its own.
 
-What: :class:`Server` wraps one server's leader process.  It is started with
-``start_new_session=True`` so that the session id (= leader pid) names every
-process of the server, however it forks; :meth:`Server.stop` signals it,
-waits with a deadline, then SIGKILLs whatever of the session is still alive
-and reports it.  :func:`start_announcing` starts a peer that prints
+What: :class:`Server` wraps one server's leader process, started in a new
+process group (``process_group=0``) but in the harness's session.  Its
+processes are the leader and its descendants, remembered by (pid, start
+time) from the first time they are seen, so that children that outlive the
+leader are still found; :meth:`Server.stop` signals it, waits with a
+deadline, then SIGKILLs whatever is still alive and reports it.
+
+Why not a session of its own (as the first version did): with the kernel's
+autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on by
+default), every session is a scheduling group, and a server in its own
+session competes *as a whole* with the load generator's session.  That
+halves the CPU share of every multi-process server against the
+single-process C line whenever the load generator is busy (measured here:
+duprep 475k against 665k replies/s, same binary, same load).  In one session
+all processes compete one by one, as on a host where the clients are
+elsewhere.  :func:`start_announcing` starts a peer that prints
 ``{"port": N}`` on stdout when it accepts connections and waits for that line.
 Why: every process the benchmark starts must end, on success, on error and on
 Ctrl-C, and the memory probe must know exactly which processes to count.
@@ -40,7 +51,7 @@ class StopReport:
 
     exit_code: int | None
     forced: bool = False                        # had to SIGKILL the leader
-    leftovers_killed: list[int] = field(default_factory=list)   # session members still alive after it
+    leftovers_killed: list[int] = field(default_factory=list)   # processes still alive after it
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,7 +91,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 class Server:
-    """A running server: leader process, port, and the session of its processes."""
+    """A running server: leader process, port, and the processes below it."""
 
     def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path, *,
                  stop_signal_group: bool = True, on_stopped: Callable[[StopReport], None] | None = None) -> None:
@@ -90,6 +101,7 @@ class Server:
         self._group = stop_signal_group
         self._on_stopped = on_stopped
         self._report: StopReport | None = None
+        self._seen: dict[int, int] = {}        # pid -> start time of every process of the server seen so far
 
     @property
     def pid(self) -> int:
@@ -99,8 +111,21 @@ class Server:
         return self.proc.poll() is None
 
     def pids(self) -> list[int]:
-        """Every live process of this server (its session)."""
-        return procfs.session_pids(self.pid)
+        """Every live process of this server: the leader, its descendants, and those seen before that
+        outlived their parent (checked by start time, so a reused pid is never taken for one)."""
+        live = {}
+        start = procfs.start_time(self.pid)
+        if start is not None:
+            live[self.pid] = start
+            live.update((p.pid, p.start) for p in procfs.descendants(self.pid))
+        for pid, start in list(self._seen.items()):
+            if pid not in live:
+                if procfs.start_time(pid) == start:
+                    live[pid] = start
+                else:
+                    del self._seen[pid]
+        self._seen.update(live)
+        return sorted(live)
 
     def stop(self, timeout: float = 15.0) -> StopReport:
         """SIGTERM (the group, or the leader alone for duprep), wait, then SIGKILL what is left."""
@@ -122,8 +147,8 @@ class Server:
                 report.notes.append(f"leader did not exit within {timeout:.0f}s of SIGTERM; SIGKILLed")
                 _killpg(self.pid, signal.SIGKILL)
                 report.exit_code = self.proc.wait(timeout=timeout)
-        # Members of the session that outlive the leader (children finishing up): give them
-        # a moment, then kill them and say so.
+        # Processes that outlive the leader (children finishing up): give them a moment, then
+        # kill them and say so.
         if not wait_until(lambda: not self.pids(), 5.0):
             left = self.pids()
             for pid in left:
@@ -132,7 +157,7 @@ class Server:
                 except ProcessLookupError:
                     pass
             report.leftovers_killed = left
-            report.notes.append(f"{len(left)} process(es) of the session outlived the leader; SIGKILLed")
+            report.notes.append(f"{len(left)} process(es) of the server outlived the leader; SIGKILLed")
             wait_until(lambda: not self.pids(), 5.0)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -157,11 +182,11 @@ def _killpg(pgid: int, sig: int) -> None:
 
 def start_announcing(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path,
                      timeout: float = 60.0) -> Server:
-    """Start ``cmd`` in a new session and wait for its ``{"port": N}`` line on stdout."""
+    """Start ``cmd`` in a new process group and wait for its ``{"port": N}`` line on stdout."""
     log = open(log_path, "ab")
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                cwd=cwd, env=env, start_new_session=True, preexec_fn=term_with_parent)
+                                cwd=cwd, env=env, process_group=0, preexec_fn=term_with_parent)
     finally:
         log.close()
     server = Server(proc, 0, log_path)

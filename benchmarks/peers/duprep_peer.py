@@ -1,7 +1,7 @@
 """Peer 5, duprep itself, started through its own command line.
 
 What: ``python -m duprep serve --port 0 --instance NAME --workers K --app
-benchmarks.apps:<app>`` in a session of its own; readiness is
+benchmarks.apps:<app>`` in a process group of its own; readiness is
 ``python -m duprep status --instance NAME --json`` reporting state "ready"
 and the bound port, polled until a deadline (a serve process that exits
 meanwhile is an error).  Stop: SIGTERM to the acceptor alone (it stops its
@@ -84,7 +84,7 @@ def launch(*, app: str, workers: int, max_conns: int, repo: Path, env: dict[str,
 
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=repo, env=env,
-                                start_new_session=True, preexec_fn=term_with_parent)
+                                process_group=0, preexec_fn=term_with_parent)
     server = Server(proc, 0, log_path, stop_signal_group=False, on_stopped=after_stop)
     try:
         deadline = time.monotonic() + timeout
