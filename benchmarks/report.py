@@ -1,8 +1,8 @@
 """Turns harness results into the printed table, the Markdown file and the JSON file.
 
 What: :func:`targets` computes the issue's target ratios from one run (never
-absolute timings): from the medians of the interleaved target rounds when the
-run has them, else from the matrix cell; :func:`text_tables` is what the terminal shows;
+absolute timings): the median of the ratios measured in each interleaved
+target round when the run has them, else from the matrix cell; :func:`text_tables` is what the terminal shows;
 :func:`markdown` is ``benchmarks/results/<stamp>.md``; :func:`write_files`
 writes both files plus the plots.  Why apart from the harness: results can be
 re-rendered from a saved JSON file (``python -m benchmarks --render FILE``).
@@ -88,12 +88,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": None if value is None else ok, "per_round": per_round})
 
     def pair(metric: str, label: str, other: str, title: str, goal: str, ok: Callable[[float], bool]) -> None:
-        """duprep / ``other``: each one's median over the target rounds if both have round results, else the cell."""
+        """duprep / ``other``: the median of the ratios measured round by round (each pair seconds apart, so
+        drift of the machine between rounds cancels) if both have round results, else the matrix cell."""
         per_round = _per_round(results, "duprep", other, metric)
         if per_round:
-            r = _ratio(_median(_round_series(results, "duprep", metric)),
-                       _median(_round_series(results, other, metric)))
-            how = f"; median of {len(_rounds(results))} interleaved rounds"
+            r = _median(per_round)  # type: ignore[arg-type]
+            how = f"; median of {len(per_round)} per-round ratios, interleaved rounds"
             spread: list[float] | None = [min(per_round), max(per_round)]
         else:
             r, how, spread = _ratio(matrix[metric]["duprep"], matrix[metric][other]), "", None
@@ -366,8 +366,9 @@ def _md_rounds(results: dict[str, Any]) -> list[str]:
     return ["## Target rounds", "",
             "The target cell again, after the per-peer passes: the servers of the target ratios' peers run side "
             "by side and each round drives each of them in turn, seconds apart, in an order rotated from round "
-            "to round; the targets above use each peer's median over the rounds (the machine's background "
-            "load changes from minute to minute, which the per-peer passes, minutes apart, cannot cancel).",
+            "to round; the targets above are the medians of the ratios measured round by round (the machine's "
+            "background load changes from minute to minute, which the per-peer passes, minutes apart, cannot "
+            "cancel).",
             "", *section, ""]
 
 
