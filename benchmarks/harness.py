@@ -39,6 +39,7 @@ __all__ = ["run", "raise_nofile"]
 
 Log = Callable[[str], None]
 SETTLE_TIMEOUT = 20.0       # seconds to wait for a server's process count to come back to baseline
+IDLE_SETTLE_S = 1.5         # seconds between the idle clients' set-up and the idle CPU window
 ROUND_PEERS = ("cecho", "duprep", "pyzmq", "asyncio")  # the target ratios' peers, in target-round order
 
 
@@ -234,6 +235,12 @@ class _PeerRun:
         if rec["errors"]:
             msg += f", errors {rec['errors']} (ERROR codes {rec['error_codes']})"
         if cpu:
+            # Idle means the steady state: let what the clients' set-up left to do (deferred
+            # bookkeeping such as duprep's counters, published up to 1 s late) finish first.
+            if idle:
+                idle.alive_after(IDLE_SETTLE_S)
+            else:
+                wait_until(lambda: not server.alive(), IDLE_SETTLE_S)
             before, before_ns = procfs.cpu_ticks(pids), procfs.cpu_ns(pids)
             window = self.plan.idle_cpu_s
             ok = idle.alive_after(window) if idle else not wait_until(lambda: not server.alive(), window)
