@@ -49,7 +49,10 @@ __all__ = [
 ]
 
 MAGIC: Final = b"DUPREP\x00\x01"
-LAYOUT_VERSION: Final = 1
+# The version of this table's layout *and* of the queue items (frame.py): every process that attaches
+# reads it first, so a worker of another version refuses to serve an instance it would misread.
+# 2: a Chunk's frames are an array of frame bodies, not the prefixed frames (2026-11).
+LAYOUT_VERSION: Final = 2
 ROW_LOCK_BASE: Final = 4096
 READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
 
@@ -270,7 +273,8 @@ class Table:
             self.close()
             raise ProtocolError(
                 f"shared memory {shm.name} is not a duprep table of layout {LAYOUT_VERSION} "
-                f"(magic {h['magic']!r}, layout {h['layout']})")
+                f"(magic {h['magic']!r}, layout {h['layout']}): a gateway and its workers must run the "
+                f"same duprep version")
         self.nslots: int = h["nslots"]
         self.nprocs: int = h["nprocs"]
         self.epoch: int = h["epoch"]
