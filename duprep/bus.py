@@ -122,20 +122,9 @@ class Replier:
 
     def reply(self, request: Request, data: bytes, /) -> None:
         """Answer ``request``; may be called later and from another process."""
-        # The hot path of every worker: _send, inlined for the common case.
         if self._closed:
             self._check()
-        body = _encode(Reply(request.msgid, request.cpid, data))
-        size = len(body) + 4
-        if request.sid == self._open_sid and request.generation == self._open_gen \
-                and self._open_size + size <= self._room:
-            self._open_frames.append(_pack_length(size - 4) + body)
-            self._open_size += size
-            if not self._batch:
-                self._seal()
-                self._push(block=not self._LAZY)
-        else:
-            self._add(request.sid, request.generation, body, Reply)
+        self._add(request.sid, request.generation, _encode(Reply(request.msgid, request.cpid, data)), Reply)
 
     def defer(self, request: Request, /) -> None:
         """Tell the client now that the answer will come later (its request() raises Deferred)."""
@@ -173,6 +162,7 @@ class Replier:
         self._add(sid, gen, _encode(frame), type(frame))
 
     def _add(self, sid: int, gen: int, body: bytes, kind: type) -> None:
+        """Frame ``body`` (of a ``kind`` frame) for (sid, gen): the path of every answer a worker sends."""
         size = len(body) + 4
         if size > self._room:
             raise ProtocolError(f"a {kind.__name__} frame of {size} bytes exceeds the largest frame "
@@ -497,23 +487,7 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
                 counters[C_REQUESTS] += 1
                 continue
             try:
-                if type(result) is bytes:
-                    if request.oneway:
-                        pass
-                    elif batch and request.sid == worker._open_sid and request.generation == worker._open_gen \
-                            and not worker._closed:
-                        # reply(), inlined for the common case: another answer for the same connection,
-                        # more requests in hand (so nothing is sent yet)
-                        body = _encode(Reply(request.msgid, request.cpid, result))
-                        size = len(body) + 4
-                        if worker._open_size + size <= worker._room:
-                            worker._open_frames.append(_pack_length(size - 4) + body)
-                            worker._open_size += size
-                        else:
-                            worker._add(request.sid, request.generation, body, Reply)
-                    else:
-                        reply(request, result)
-                elif result is DEFERRED:
+                if result is DEFERRED:
                     if not request.oneway:
                         worker.defer(request)
                 elif result is not None and not request.oneway:

@@ -31,9 +31,10 @@ __all__ = [
     "Hello", "Call", "Send", "Relay", "CallMe", "NONCE_SIZE",
     "Welcome", "Reply", "Defer", "Push", "Error",
     "ClientFrame", "ServerFrame",
-    "Request", "Chunk", "Deliver", "Close", "chunk_decoder",
+    "Request", "Chunk", "Deliver", "Close",
     "encode_wire", "client_decoder", "server_decoder",
-    "BatchPacker", "bound", "decode_requests", "decode_chunks", "BadFrame", "array_header", "decode_replies", "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
+    "BatchPacker", "bound", "decode_requests", "decode_chunks", "BadFrame", "array_header", "decode_replies",
+    "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -359,11 +360,6 @@ def bound(item: Struct) -> int:
     if type(item) is Chunk:
         return CHUNK_OVERHEAD + 4 * len(item.client) + len(item.frames)
     return 32
-
-
-def chunk_decoder() -> "msgspec.msgpack.Decoder[Call | Send]":
-    """A decoder for the frames inside a Chunk (REQUEST or SEND only)."""
-    return msgspec.msgpack.Decoder(Union[Call, Send])
 
 
 # Worst-case msgpack bytes of a bus item beside its variable fields: array

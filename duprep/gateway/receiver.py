@@ -48,6 +48,7 @@ log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
 HEAD = struct.Struct(">IBB")   # a frame's length prefix and the first two bytes of its body
+HEAD_PAD = bytes(HEAD.size - LENGTH.size)    # what the read buffer holds beyond the bytes read
 BACKLOG_LIMIT = 1 << 20  # bytes of queue messages held while the queues are full
 C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
 
@@ -84,7 +85,7 @@ class Receiver(GatewayChild):
         self.conns: dict[int, Conn] = {}          # by sid
         self.names: dict[str, Conn] = {}
         self.decoder = client_decoder()
-        self.rbuf = bytearray(READ_SIZE)
+        self.rbuf = bytearray(READ_SIZE + len(HEAD_PAD))
         self.rview = memoryview(self.rbuf)
         self.req_out = BatchPacker(self.requests.msgsize)
         self.rep_out = BatchPacker(self.replies.msgsize)
@@ -160,20 +161,23 @@ class Receiver(GatewayChild):
             self.touch()
         if conn.pending:
             conn.pending += self.rview[:n]
+            n = len(conn.pending)
+            conn.pending += HEAD_PAD
             buf = memoryview(bytes(conn.pending))
             conn.pending.clear()
-            n = len(buf)
         else:
-            buf = self.rview[:n]
+            buf = self.rview
         self.split(conn, buf, n)
 
     def split(self, conn: Conn, buf: memoryview, n: int) -> None:
-        """Find the frames in ``buf``: REQUEST/SEND go on as Chunks, undecoded; the rest is handled here.
+        """Find the frames in ``buf[:n]``: REQUEST/SEND go on as Chunks, undecoded; the rest is handled here.
 
         Only the length prefix and the first two bytes of a REQUEST or SEND
         body are looked at (a fixarray of 4+ elements whose first is 2 or 3);
-        whatever else a client sends is decoded and validated here.  This
-        loop runs once per frame read: keep it short.
+        whatever else a client sends is decoded and validated here.  ``buf``
+        has two readable bytes past ``n``, so one unpack reads a frame's head
+        even at the end (those bytes count only in a complete frame of 2+
+        bytes).  This loop runs once per frame read: keep it short.
         """
         off = first = 0              # first: where the frames collected in bodies begin
         others = 0
@@ -183,12 +187,16 @@ class Receiver(GatewayChild):
         add = bodies.append
         ready = conn.ready
         head = HEAD.unpack_from
-        while n - off >= 6:
+        while n - off >= 4:
             size, b0, b1 = head(buf, off)
+            if size > limit:
+                self.forward(conn, bodies)
+                self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
+                return
             end = off + 4 + size
-            if end > n or size > limit:
+            if end > n:
                 break
-            if 0x94 <= b0 <= 0x9F and 2 <= b1 <= 3 and size > 1 and ready:
+            if size > 1 and 0x94 <= b0 <= 0x9F and 2 <= b1 <= 3 and ready:
                 if end - first > room and bodies:
                     self.forward(conn, bodies)
                     bodies = []
@@ -207,22 +215,7 @@ class Receiver(GatewayChild):
                 return
             ready = conn.ready
             room = self.chunk_room - 4 * len(conn.name)
-        if n - off >= 4:             # a frame too large, an incomplete one, or a last one of 0 or 1 bytes
-            size = LENGTH.unpack_from(buf, off)[0]
-            if size > limit:
-                self.forward(conn, bodies)
-                self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
-                return
-            if off + 4 + size <= n:  # complete, and at most 1 byte: not a REQUEST
-                if bodies:
-                    self.forward(conn, bodies)
-                    bodies = []
-                off += 4 + size
-                others += 1
-                if not self.other(conn, buf[off - size:off]):
-                    return
-        if bodies:
-            self.forward(conn, bodies)
+        self.forward(conn, bodies)
         if off < n:
             conn.pending += buf[off:n]
         conn.frames += others
