@@ -382,3 +382,16 @@ def test_seqlock_reader_waits_for_a_slow_writer_and_gives_up_on_a_dead_one(table
     monkeypatch.setattr(t, "READ_PATIENCE", 0.05)
     with pytest.raises(ProtocolError, match="died mid-write"):
         part.read()
+
+
+def test_sched_switches_only_between_other_and_batch():
+    """A policy somebody chose on purpose (here SCHED_IDLE; a unit's real-time one alike) is kept."""
+    code = (
+        "import os; from duprep import sched\n"
+        "p = lambda: os.sched_getscheduler(0)\n"
+        "sched.apply('batch'); a = p()\n"
+        "sched.apply('other'); b = p()\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); sched.apply('batch'); c = p()\n"
+        "print(a == os.SCHED_BATCH, b == os.SCHED_OTHER, c == os.SCHED_IDLE)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.stdout.split() == ["True", "True", "True"], out.stderr
