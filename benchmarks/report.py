@@ -152,12 +152,14 @@ THROUGHPUT_HEAD = ["app", "N", "D", "P", "peer", "replies/s", "p50 ms", "p99 ms"
 
 
 def _run_note(res: dict[str, Any]) -> str:
-    """Non-zero error kinds, and connections that never came up."""
+    """Non-zero error kinds, connections that never came up, a server that answered nothing."""
     parts = [f"{k} {v}" for k, v in res["errors"].items() if v]
     if res.get("error_codes"):
         parts.append("ERROR codes " + ", ".join(f"{_code_name(int(c))} x{n}" for c, n in res["error_codes"].items()))
     if res["mode"] == "persistent" and res["connected"] < res["conns"]:
         parts.append(f"{res['connected']}/{res['conns']} connected")
+    if not res["replies"] and res.get("outstanding"):
+        parts.append(f"STALLED: no reply in the window, {res['outstanding']} requests outstanding")
     return ", ".join(parts)
 MEMORY_HEAD = ["peer", "idle clients", "processes", "total RSS MiB", "total PSS MiB", "set-up s", "note"]
 
