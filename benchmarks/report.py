@@ -158,7 +158,7 @@ def _run_note(res: dict[str, Any]) -> str:
         parts.append("ERROR codes " + ", ".join(f"{_code_name(int(c))} x{n}" for c, n in res["error_codes"].items()))
     if res["mode"] == "persistent" and res["connected"] < res["conns"]:
         parts.append(f"{res['connected']}/{res['conns']} connected")
-    if not res["replies"] and res.get("outstanding"):
+    if not res.get("replies", 1) and res.get("outstanding"):
         parts.append(f"STALLED: no reply in the window, {res['outstanding']} requests outstanding")
     return ", ".join(parts)
 MEMORY_HEAD = ["peer", "idle clients", "processes", "total RSS MiB", "total PSS MiB", "set-up s", "note"]
