@@ -27,7 +27,6 @@ class ProcInfo:
     pid: int
     state: str
     ppid: int
-    session: int
     ticks: int          # utime + stime, in CLK_TCK units
     start: int          # start time after boot, in CLK_TCK units: (pid, start) names a process for good
 
@@ -40,7 +39,7 @@ def _stat(pid: int) -> ProcInfo | None:
         return None
     rest = raw[raw.rindex(")") + 2:].split()
     # rest[0]=state, 1=ppid, 2=pgrp, 3=session, ..., 11=utime, 12=stime, ..., 19=starttime
-    return ProcInfo(pid, rest[0], int(rest[1]), int(rest[3]), int(rest[11]) + int(rest[12]), int(rest[19]))
+    return ProcInfo(pid, rest[0], int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19]))
 
 
 def _all_stats() -> list[ProcInfo]:

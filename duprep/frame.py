@@ -19,7 +19,7 @@ plus the generation that makes a reused ``sid`` harmless.
 from __future__ import annotations
 
 import struct
-from typing import Annotated, Final, Union
+from typing import Annotated, Final, NamedTuple, Union
 
 import msgspec
 from msgspec import Meta, Struct
@@ -276,12 +276,11 @@ def array_header(n: int) -> bytes:
 _FIXARRAY: Final = [bytes([0x90 | i]) for i in range(16)]
 
 
-class BadFrame(Exception):
-    """A frame in a Chunk does not decode: ``requests`` are the good ones before it."""
-
-    def __init__(self, requests: list[Request], reason: str, dropped: int) -> None:
-        super().__init__(reason)
-        self.requests, self.reason, self.dropped = requests, reason, dropped
+class BadFrame(NamedTuple):
+    """What decode_chunks gives for a Chunk with a malformed frame (a result, never raised)."""
+    requests: list[Request]     # the good frames before the bad one, where they could be told apart
+    reason: str
+    dropped: int                # frames of the Chunk that are not in ``requests``
 
 
 def decode_chunks(message: bytes) -> list[tuple[Chunk, list[Request] | BadFrame]]:

@@ -232,16 +232,20 @@ class Receiver(GatewayChild):
         return self.handle(conn, f)
 
     def forward(self, conn: Conn, bodies: list[memoryview]) -> None:
-        """Put REQUEST/SEND bodies on the request queue as one Chunk (a msgpack array of them, in a bin)."""
+        """Put REQUEST/SEND bodies found by split() on the request queue, and count them."""
         if bodies:
             k = len(bodies)
-            frames = array_header(k) + b"".join(bodies)
-            self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
-                             CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
+            self.enqueue(conn, bodies)
             conn.frames += k
             c = self.c
             c[C_FRAMES] += k
             c[C_REQUESTS] += k
+
+    def enqueue(self, conn: Conn, bodies: list[memoryview]) -> None:
+        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin."""
+        frames = array_header(len(bodies)) + b"".join(bodies)
+        self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
+                         CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
 
     def handle(self, conn: Conn, frame: object) -> bool:
         """Act on one frame; False if the connection was ended."""
@@ -256,9 +260,8 @@ class Receiver(GatewayChild):
             return self.not_ready(conn)
         if kind is Call or kind is Send:
             # A REQUEST/SEND the fast path did not recognise (e.g. an array16 header): forward it re-encoded.
-            self.forward(conn, [memoryview(msgspec.msgpack.encode(frame))])
-            conn.frames -= 1         # counted among the others already
-            self.c[C_FRAMES] -= 1
+            self.enqueue(conn, [memoryview(msgspec.msgpack.encode(frame))])   # (a frame split() counted)
+            self.c[C_REQUESTS] += 1
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
         else:
