@@ -9,6 +9,14 @@ REQUEST array as on duprep's wire, and the worker answers [identity, REPLY].
 Clients are DEALER sockets: the load generator speaks ZMTP 3.0 for them, so
 this peer has no HELLO/WELCOME and no length prefix (ZMTP frames instead).
 
+Every socket has its high-water marks off (0: no limit).  ``zmq.proxy``
+forwards in one thread with blocking sends: with libzmq's default of 1,000
+messages per pipe, a closed loop with more requests in flight than the
+workers' pipes hold (N=1000, D=8 and one worker; N=5000, D=8 and two)
+blocks the proxy on the backend while the workers block sending replies to
+it, and the peer deadlocks with nothing answered.  In-flight requests are
+bounded by the load (N x D), so unlimited queues stay bounded here.
+
 Run: python -m benchmarks.peers.zmq_broker --app echo --workers 2 --rundir DIR
 Needs pyzmq (benchmarks/requirements.txt); the harness skips it without.
 """
@@ -27,6 +35,14 @@ from benchmarks.servers import term_with_parent
 __all__ = ["main", "worker"]
 
 
+def _unlimited(sock: Any) -> None:
+    """No high-water marks (see the module docstring: the proxy deadlocks with them)."""
+    import zmq
+
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
 def worker(backend: str, app: str) -> None:
     """Serve requests from the broker forever (a worker process)."""
     import zmq
@@ -35,6 +51,7 @@ def worker(backend: str, app: str) -> None:
     decoder = msgspec.msgpack.Decoder()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    _unlimited(sock)
     sock.connect(backend)
     while True:
         ident, body = sock.recv_multipart()
@@ -65,9 +82,11 @@ def main(argv: list[str] | None = None) -> None:
                 os._exit(code)
     ctx: Any = zmq.Context()
     frontend = ctx.socket(zmq.ROUTER)
+    _unlimited(frontend)
     frontend.bind(f"tcp://{args.host}:{args.port}")
     endpoint = frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
     back = ctx.socket(zmq.DEALER)
+    _unlimited(back)
     back.bind(backend)
     common.announce(int(endpoint.rsplit(":", 1)[1]))
     zmq.proxy(frontend, back)
