@@ -179,6 +179,14 @@ class Replier:
             self._seal()
             self._push(block=not self._LAZY)
 
+    def _add_run(self, sid: int, gen: int, frames: list[bytes], size: int) -> None:
+        """Add prefixed frames for (sid, gen) that fit one Deliver (``size`` bytes): run_handler's path."""
+        self._seal()
+        self._open_sid, self._open_gen = sid, gen
+        self._open_frames = frames
+        self._open_size = size
+        self._seal()
+
     def _seal(self) -> None:
         frames = self._open_frames
         if frames:
@@ -466,7 +474,8 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
     """
     batch = worker._batch
     counters = worker._c
-    reply = worker.reply
+    room = worker._room
+    add_run = worker._add_run
     while True:
         try:
             worker._check()
@@ -476,26 +485,50 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
             if stop():
                 return
             raise
-        while batch:
-            request = batch.popleft()
-            try:
-                result = handler(request)
-            except Exception as e:
-                log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
-                if not request.oneway:
-                    worker.fail(request, f"{type(e).__name__}: {e}")
-                counters[C_REQUESTS] += 1
-                continue
-            try:
-                if result is DEFERRED:
+        # A message's requests come grouped by connection (a Chunk each): the replies to a group
+        # are framed here and handed over together, one Deliver per group, not one call per reply.
+        sid = gen = -1
+        frames: list[bytes] = []
+        size = done = 0
+        try:
+            while batch:
+                request = batch.popleft()
+                try:
+                    result = handler(request)
+                except Exception as e:
+                    done += 1
+                    log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
                     if not request.oneway:
+                        worker.fail(request, f"{type(e).__name__}: {e}")
+                    continue
+                done += 1
+                if request.oneway or result is None:
+                    continue
+                if type(result) is bytes:
+                    body = _encode(Reply(request.msgid, request.cpid, result))
+                    n = len(body) + 4
+                    if request.sid != sid or request.generation != gen or size + n > room:
+                        if frames:
+                            add_run(sid, gen, frames, size)
+                            frames = []
+                            size = 0
+                        sid, gen = request.sid, request.generation
+                    if n <= room:
+                        frames.append(_pack_length(n - 4) + body)
+                        size += n
+                        continue
+                try:
+                    if result is DEFERRED:
                         worker.defer(request)
-                elif result is not None and not request.oneway:
-                    reply(request, result)
-            except ProtocolError as e:        # e.g. a reply larger than the largest frame
-                log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
-                worker.fail(request, str(e))
-            counters[C_REQUESTS] += 1
+                    else:
+                        worker.reply(request, result)
+                except ProtocolError as e:        # e.g. a reply larger than the largest frame
+                    log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
+                    worker.fail(request, str(e))
+        finally:
+            if frames:
+                add_run(sid, gen, frames, size)
+            counters[C_REQUESTS] += done
         if worker._interrupted and stop():
             worker.flush()
             return

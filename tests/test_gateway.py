@@ -664,6 +664,99 @@ def test_worker_api_in_this_process(gateway, instance):
         assert stats.replies == 1 and stats.queue_messages == 1 and stats.held == 0
 
 
+def test_run_handler_answers_every_kind_of_result_in_per_connection_runs(gateway, instance):
+    """run_handler frames a message's replies per connection run: every kind of handler result
+    still gets its own answer, runs longer than one Deliver are split, replies never reach the
+    other connection of the same queue message, and requests and replies are counted once."""
+    gw = gateway("--app", "none", workers=0)
+
+    def handler(request: bus.Request) -> bytes | None:
+        kind = request.data[:4]
+        if kind == b"none":
+            return None
+        if kind == b"defr":
+            return bus.DEFERRED
+        if kind == b"fail":
+            raise RuntimeError("failed on purpose")
+        if kind == b"huge":
+            return b"h" * (1 << 20)                     # larger than any frame this instance carries
+        if kind == b"arry":
+            return bytearray(request.data.upper())
+        if kind == b"dble":
+            return request.data * 20                    # replies outgrow the requests: runs overflow a Deliver
+        return request.data
+
+    kinds = [b"echo", b"none", b"arry", b"defr", b"fail", b"huge", b"echo", b"dble", b"echo"]
+    socks, sent, batches = [], [], []
+    dec = frame.server_decoder()
+    for n in range(2):
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.settimeout(10)
+        s.sendall(encode_wire(Hello(frame.PROTOCOL_VERSION, "")))
+        reader = FrameReader(1 << 20)
+        while not [dec.decode(b) for b in reader.feed(s.recv(65536))]:    # WELCOME
+            pass
+        frames, mine = [], {}
+        for i in range(1, 41):                          # 40 small frames, sent in one write
+            msgid = 1000 * n + i                        # a reply on the wrong connection has an unknown msgid
+            kind = kinds[i % len(kinds)]
+            data = kind + b"|%d|" % msgid + b"p" * 40
+            if i % 13 == 0:
+                frames.append(encode_wire(frame.Send(msgid, 7, data)))     # one-way: never answered
+            else:
+                frames.append(encode_wire(Call(msgid, 7, 10_000, data)))
+                mine[msgid] = (kind, data)
+        socks.append((s, reader))
+        sent.append(mine)
+        batches.append(b"".join(frames))
+    for (s, _), batch in zip(socks, batches):       # both connections' requests wait in one queue message
+        s.sendall(batch)
+
+    def queued() -> int:
+        rows = [r for r in snapshot(instance)["processes"] if r["role"] == "receiver"]
+        return rows[0]["counters"]["requests"] if rows else 0
+    wait_until(lambda: queued() >= 80, 10, "all 80 frames read and queued")
+
+    with bus.Worker(instance) as worker:
+        t = threading.Thread(target=bus.run_handler, args=(worker, handler), kwargs={"stop": lambda: True})
+        t.start()
+        try:
+            for (s, reader), mine in zip(socks, sent):
+                got: dict[int, object] = {}
+                expected = sum(1 for kind, _ in mine.values() if kind != b"none")
+                while len(got) < expected:
+                    for f in map(dec.decode, reader.feed(s.recv(65536))):
+                        assert f.msgid in mine and f.msgid not in got, f"unexpected or repeated msgid {f.msgid}"
+                        got[f.msgid] = f
+                for msgid, (kind, data) in mine.items():
+                    f = got.get(msgid)
+                    if kind == b"none":
+                        assert f is None
+                    elif kind == b"echo":
+                        assert isinstance(f, frame.Reply) and f.data == data
+                    elif kind == b"arry":
+                        assert isinstance(f, frame.Reply) and f.data == data.upper()
+                    elif kind == b"dble":
+                        assert isinstance(f, frame.Reply) and f.data == data * 20
+                    elif kind == b"defr":
+                        assert isinstance(f, frame.Defer)
+                    elif kind == b"fail":
+                        assert isinstance(f, frame.Error) and f.code == ErrorCode.APP_ERROR
+                        assert "failed on purpose" in f.message
+                    else:
+                        assert isinstance(f, frame.Error) and "exceeds the largest frame" in f.message
+            stats = worker.statistics()
+            answered = sum(1 for m in sent for kind, _ in m.values() if kind != b"none")
+            assert (stats.requests, stats.replies, stats.held) == (80, answered, 0)
+            assert stats.queue_messages < 80 / 2              # batched: many requests per queue message
+        finally:
+            worker.interrupt()
+            t.join(10)
+            for s, _ in socks:
+                s.close()
+    assert not t.is_alive()
+
+
 def test_requests_lost_with_a_killed_worker_are_counted(gateway, instance):
     gw = gateway("--drain-timeout", "1", workers=1)     # the lost requests can never be answered
     s = _raw(gw.port)
