@@ -37,7 +37,7 @@ from ..errors import WouldBlock
 from ..fdpass import Op
 from ..frame import (PROTOCOL_VERSION, BatchPacker, Close, Deliver, Error, ErrorCode, Hello,
                      LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Welcome, client_decoder,
-                     encode_wire, Call, Send, array_header)
+                     encode_wire, Call, Send, array_header, FIXARRAY as _FIXARRAY)
 from ..queues import Queue
 from ..table import Role, SlotFlag
 from .base import GatewayChild, child_main
@@ -189,13 +189,13 @@ class Receiver(GatewayChild):
         head = HEAD.unpack_from
         while n - off >= 4:
             size, b0, b1 = head(buf, off)
-            if size > limit:
+            end = off + 4 + size
+            if end > n or size > limit:          # (one test for two rare cases)
+                if size <= limit:
+                    break
                 self.forward(conn, bodies)
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
                 return
-            end = off + 4 + size
-            if end > n:
-                break
             if size > 1 and 0x94 <= b0 <= 0x9F and 2 <= b1 <= 3 and ready:
                 if end - first > room and bodies:
                     self.forward(conn, bodies)
@@ -235,14 +235,16 @@ class Receiver(GatewayChild):
         """Put REQUEST/SEND bodies found by split() on the request queue, and count them."""
         if bodies:
             k = len(bodies)
-            self.enqueue(conn, bodies)
+            frames = (_FIXARRAY[k] if k < 16 else array_header(k)) + b"".join(bodies)
+            self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
+                             CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
             conn.frames += k
             c = self.c
             c[C_FRAMES] += k
             c[C_REQUESTS] += k
 
     def enqueue(self, conn: Conn, bodies: list[memoryview]) -> None:
-        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin."""
+        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin (forward() without counting)."""
         frames = array_header(len(bodies)) + b"".join(bodies)
         self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
                          CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
