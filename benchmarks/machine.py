@@ -69,6 +69,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _python_build() -> str:
+    """Which interpreter, and the configure flags that change its speed.
+
+    Every Python peer runs on this interpreter, and builds of one version
+    differ in speed (a build without PGO/LTO runs pure-Python loops about a
+    quarter slower), so a result says which one it had.
+    """
+    import sys
+    import sysconfig
+    args = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    flags = [f for f in ("--enable-optimizations", "--with-lto", "--enable-shared") if f in args]
+    return f"{os.path.realpath(sys.executable)}, configured with {' '.join(flags) or 'none of --enable-optimizations, --with-lto, --enable-shared'}"
+
+
 def _rlimit_nofile() -> list[int]:
     import resource
     return list(resource.getrlimit(resource.RLIMIT_NOFILE))
@@ -88,6 +102,7 @@ def describe(repo: Path) -> dict[str, Any]:
         "kernel": f"{uname.system} {uname.release}",
         "machine": uname.machine,
         "python": platform.python_version(),
+        "python_build": _python_build(),
         "cc": cbuild.compiler_version(),
         "packages": _versions(),
         "rlimit_nofile": _rlimit_nofile(),

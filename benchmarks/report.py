@@ -322,7 +322,7 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
         f"- commit: `{m['commit']}`{' (with uncommitted changes)' if m['dirty'] else ''}",
         f"- date (UTC): {m['date']}",
         f"- nproc {m['nproc']}, memory {m['mem_total_bytes'] / 2**30:.1f} GiB, {m['kernel']} ({m['machine']})",
-        f"- Python {m['python']}; {pk}",
+        f"- Python {m['python']} ({m.get('python_build', 'build not recorded')}); {pk}",
         f"- cc: {m['cc']}; RLIMIT_NOFILE {results['rlimit_nofile']}",
         f"- load average (1/5/15 min) before the run {m.get('loadavg_start')}, after {m.get('loadavg_end')}; "
         f"run took {results.get('elapsed_s', 0):.0f} s",

@@ -118,7 +118,6 @@ class Sender(GatewayChild):
                         self.c[C_STALE] += item.frames
                         continue
                     conn.out.append(item.frame)
-                    conn.out_bytes += len(item.frame)
                     conn.out_frames += item.frames
                     dirty[conn.sid] = conn
                 elif conn is not None:       # Close
@@ -147,8 +146,9 @@ class Sender(GatewayChild):
                     self.write(conn)
 
     def write(self, conn: Conn) -> None:
-        if conn.out:
-            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
+        out = conn.out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
             try:
                 n = conn.sock.send(data)
             except BlockingIOError:
@@ -157,30 +157,24 @@ class Sender(GatewayChild):
                 self.c[C_WERR] += 1
                 self.end(conn)
                 return
+            c = self.c
             if n:
                 conn.last_out = self.now
                 conn.bytes += n
-                self.c[C_BYTES] += n
+                c[C_BYTES] += n
             if n == len(data):
                 conn.out = []
-                conn.frames += conn.out_frames
-                self.c[C_FRAMES] += conn.out_frames
-                conn.out_frames = 0
-                conn.out_bytes = 0
-            else:
-                conn.out = [memoryview(data)[n:]]
-                conn.out_bytes = len(data) - n
-                if conn.out_bytes > self.cfg.max_outbuf:
-                    self.slow(conn, f"{conn.out_bytes} reply bytes not read")
+                k = conn.out_frames
+                conn.frames += k
+                c[C_FRAMES] += k
+                conn.out_frames = conn.out_bytes = 0
+                if not (conn.watching or conn.stall or conn.closing):    # the common case, kept short
+                    self.dirty_conns.add(conn)
+                    if self.stats_timer is None:
+                        self.touch()
                     return
-                if n or conn.stall is None:
-                    if conn.stall is not None:
-                        conn.stall.cancel()
-                    conn.stall = self.loop.call_later(self.cfg.write_timeout, lambda: self.on_stall(conn))
-                if not conn.watching:
-                    conn.watching = True
-                    self.loop.register(conn.fd, WRITE, lambda ev: self.on_writable(conn, ev))
-                self.touch(conn)
+            else:
+                self.write_later(conn, memoryview(data)[n:], progress=n > 0)
                 return
         if conn.watching:
             conn.watching = False
@@ -192,6 +186,22 @@ class Sender(GatewayChild):
             self.end(conn)
         else:
             self.touch(conn)
+
+    def write_later(self, conn: Conn, rest: memoryview, *, progress: bool) -> None:
+        """The kernel took only part: keep the rest, watch for room, end the connection if it never reads."""
+        conn.out = [rest]
+        conn.out_bytes = len(rest)
+        if conn.out_bytes > self.cfg.max_outbuf:
+            self.slow(conn, f"{conn.out_bytes} reply bytes not read")
+            return
+        if progress or conn.stall is None:
+            if conn.stall is not None:
+                conn.stall.cancel()
+            conn.stall = self.loop.call_later(self.cfg.write_timeout, lambda: self.on_stall(conn))
+        if not conn.watching:
+            conn.watching = True
+            self.loop.register(conn.fd, WRITE, lambda ev: self.on_writable(conn, ev))
+        self.touch(conn)
 
     def on_writable(self, conn: Conn, ev: int) -> None:
         if ev & ERR and not ev & WRITE:
