@@ -25,3 +25,23 @@ def test_benchmark_smoke_run_writes_its_reports(tmp_path):
     text = json.dumps(data)
     assert "duprep" in text and "C epoll echo" in text
     assert data["target_rounds"]["rounds"] == [] and data["target_rounds"]["reason"]   # smoke plan: none
+
+
+def test_sensitivity_slows_down_exactly_the_stage_it_names(tmp_path):
+    """benchmarks.sensitivity must reach each stage's process: a large wait in one stage
+    cuts the throughput of a light load, the baseline does not (or the tool measures nothing)."""
+    from benchmarks import sensitivity
+    from benchmarks.loadgen import LoadSpec
+
+    (tmp_path / "sitecustomize.py").write_text(sensitivity.SITECUSTOMIZE)
+    spec = LoadSpec(port=0, conns=4, depth=1, warmup_s=0.3, duration_s=0.7)
+
+    def rate(stage: str) -> float:
+        res = sensitivity.measure(stage, 2000.0, spec, workers=1, site_dir=tmp_path,
+                                  log_path=tmp_path / f"{stage}.log")
+        return float(res["replies_per_s"])
+
+    # 2 ms of waiting per request in one process: at most 500 requests/s get through it
+    assert rate("none") > 2000
+    for stage in ("receiver", "sender", "workers"):
+        assert rate(stage) < 1000, stage
