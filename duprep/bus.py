@@ -162,7 +162,7 @@ class Replier:
         self._add(sid, gen, _encode(frame), type(frame))
 
     def _add(self, sid: int, gen: int, body: bytes, kind: type) -> None:
-        """Frame ``body`` (of a ``kind`` frame) for (sid, gen): the path of every answer a worker sends."""
+        """Frame ``body`` (of a ``kind`` frame) for (sid, gen): every answer but run_handler's runs of replies."""
         size = len(body) + 4
         if size > self._room:
             raise ProtocolError(f"a {kind.__name__} frame of {size} bytes exceeds the largest frame "

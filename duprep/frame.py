@@ -270,10 +270,10 @@ def decode_requests(message: bytes) -> list[Chunk]:
 
 def array_header(n: int) -> bytes:
     """The msgpack header of an array of ``n`` (< 65536) elements."""
-    return FIXARRAY[n] if n < 16 else _ARRAY16.pack(0xDC, n)
+    return _FIXARRAY[n] if n < 16 else _ARRAY16.pack(0xDC, n)
 
 
-FIXARRAY: Final = [bytes([0x90 | i]) for i in range(16)]    #: array_header(n) for n < 16, without a call
+_FIXARRAY: Final = [bytes([0x90 | i]) for i in range(16)]
 
 
 class BadFrame(NamedTuple):

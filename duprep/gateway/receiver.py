@@ -37,7 +37,7 @@ from ..errors import WouldBlock
 from ..fdpass import Op
 from ..frame import (PROTOCOL_VERSION, BatchPacker, Close, Deliver, Error, ErrorCode, Hello,
                      LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Welcome, client_decoder,
-                     encode_wire, Call, Send, array_header, FIXARRAY as _FIXARRAY)
+                     encode_wire, Call, Send, array_header)
 from ..queues import Queue
 from ..table import Role, SlotFlag
 from .base import GatewayChild, child_main
@@ -235,16 +235,14 @@ class Receiver(GatewayChild):
         """Put REQUEST/SEND bodies found by split() on the request queue, and count them."""
         if bodies:
             k = len(bodies)
-            frames = (_FIXARRAY[k] if k < 16 else array_header(k)) + b"".join(bodies)
-            self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
-                             CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
+            self.enqueue(conn, bodies)
             conn.frames += k
             c = self.c
             c[C_FRAMES] += k
             c[C_REQUESTS] += k
 
     def enqueue(self, conn: Conn, bodies: list[memoryview]) -> None:
-        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin (forward() without counting)."""
+        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin."""
         frames = array_header(len(bodies)) + b"".join(bodies)
         self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
                          CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
