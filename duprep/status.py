@@ -54,7 +54,7 @@ def snapshot(instance: str) -> dict[str, Any]:
             if row["role"] == "receiver":
                 totals["protocol_errors"] = counters.get("protocol_errors", 0)
         return {
-            "instance": instance, "state": GatewayState.names.get(h["state"], str(h["state"])),
+            "instance": instance, "time": now, "state": GatewayState.names.get(h["state"], str(h["state"])),
             "host": h["host"], "port": h["port"], "epoch": h["epoch"], "started": h["started"],
             "uptime": round(now - h["started"], 3), "acceptor_pid": h["acceptor_pid"],
             "max_clients": h["nslots"], "max_per_ip": h["max_per_ip"], "max_frame": h["max_frame"],
@@ -75,8 +75,11 @@ def _ago(t: float, now: float) -> str:
 
 
 def render(snap: dict[str, Any], *, limit: int = 50) -> str:
-    """Human-readable text: header, processes, queues, connections (the first ``limit``), totals."""
-    now = time.time()
+    """Human-readable text: header, processes, queues, connections (the first ``limit``), totals.
+
+    Ages ("up", SINCE, IDLE) are as of the snapshot, however late it is rendered.
+    """
+    now = snap.get("time") or time.time()
     out = [f"instance {snap['instance']}: {snap['state']} on {snap['host']}:{snap['port']}, "
            f"up {_ago(snap['started'], now)}, {snap['totals']['connections']}/{snap['max_clients']} clients, "
            f"accepted {snap['accepted']}, refused {snap['refused']}"]

@@ -19,7 +19,7 @@ import duprep
 from duprep import bus, frame
 from duprep.frame import Call, ErrorCode, Hello, encode_wire
 from duprep.gateway.child import EXIT_BUSY, EXIT_LIMIT
-from duprep.status import snapshot
+from duprep.status import render, snapshot
 from duprep.wire import FrameReader
 
 from .conftest import alive, comm, descendants, duprep_cli, ipc_leftovers, wait_until
@@ -457,6 +457,10 @@ def test_status_text_and_json(gateway, instance):
         [conn] = snap["connections"]
         assert conn["name"] == "watched" and conn["bytes_in"] > 0 and conn["bytes_out"] > 0
         assert {p["role"] for p in snap["processes"]} == {"acceptor", "receiver", "sender", "worker"}
+        # Ages are as of the snapshot, however late it is rendered (the demo renders one at the end).
+        [row] = [line for line in render(snap).splitlines() if "watched" in line]
+        [later] = [line for line in render(dict(snap, time=snap["time"] + 600)).splitlines() if "watched" in line]
+        assert "10m" not in row and later.count("10m") == 2, (row, later)
     missing = duprep_cli("status", "--instance", instance + "-nope")
     assert missing.returncode == 3 and "not running" in missing.stderr
 
