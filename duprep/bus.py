@@ -41,7 +41,8 @@ from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defe
                     Request, decode_chunks)
 from .lock import InstanceLock
 from .queues import Queue
-from .table import ProcRow, Role, SlotInfo, SlotState, Table
+from .recovery import take_over
+from .table import FIRST_WORKER_ROW, ProcRow, Role, SlotInfo, SlotState, Table
 
 __all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
 
@@ -58,10 +59,9 @@ DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 Handler = Callable[[Request], "bytes | None"]
 _encode = msgspec.msgpack.Encoder().encode
 _pack_length = LENGTH.pack
-FIRST_WORKER_ROW = 3
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
-C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)
+C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD, C_LOST = range(6)
 
 
 class WorkerStatistics(msgspec.Struct, frozen=True):
@@ -269,6 +269,7 @@ class Worker(Replier):
     """
 
     _LAZY = True
+    _in_hand_n = 0
 
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
         self._ep = select.epoll()
@@ -276,6 +277,15 @@ class Worker(Replier):
         super().__init__(instance, wait=wait)
         try:
             row = self._lock.claim_row(FIRST_WORKER_ROW, self._table.nprocs)
+            self._in_hand = self._table.in_hand(row)
+            self._in_hand_n = 0       # requests of the message in hand; -1 while it is being unpacked
+            lost = take_over(self._table, row)      # a worker before us died in this row
+            if lost is not None:
+                log.error("worker %d died in row %d holding %d requests and %d sends; answered them with "
+                          "ERROR WORKER_LOST", lost.pid, row, lost.requests, lost.sends)
+                for message in lost.answered:
+                    self._pending.append(message)
+                    self._pending_bytes += len(message)
             previous = list(self._table.proc_part(row).read()[7:])
             self._row = ProcRow(self._table, row, Role.WORKER, index=row - FIRST_WORKER_ROW)
             self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
@@ -298,6 +308,8 @@ class Worker(Replier):
         self._watching_replies = False   # the reply queue is in the epoll set (replies wait for room)
         self._interrupted = False
         self._row.beat()
+        if self._pending:
+            self._push(block=False)
 
     # --- receiving ---------------------------------------------------------
 
@@ -373,11 +385,20 @@ class Worker(Replier):
         return self._hand(self._batch.popleft())
 
     def _expand(self, message: bytes) -> None:
-        """Turn one request-queue message into Requests (the frames come undecoded from the receiver)."""
+        """Turn one request-queue message into Requests (the frames come undecoded from the receiver).
+
+        The message is copied to the row's HAND region first: if this
+        process dies before its answers are out, whoever takes the row
+        answers its requests with ERROR WORKER_LOST (recovery.py).
+        """
+        self._in_hand_n = -1
+        self._in_hand.hold(message)
         try:
             chunks = decode_chunks(message)
         except (msgspec.DecodeError, ValueError) as e:
             log.error("dropped an undecodable request-queue message: %s", e)
+            self._in_hand_n = 0
+            self._in_hand.clear()
             return
         extend = self._batch.extend
         for chunk, requests in chunks:
@@ -388,6 +409,20 @@ class Worker(Replier):
                 extend(requests.requests)
                 self._c[C_REQUESTS] += requests.dropped   # dropped with the connection: handled
                 self._bad_frame(chunk.sid, chunk.generation, requests.reason)
+        self._in_hand_n = n = len(self._batch)
+        if not n:
+            self._in_hand.clear()
+
+    def _push(self, *, block: bool, timeout: float | None = 30.0) -> None:
+        super()._push(block=block, timeout=timeout)
+        n = self._in_hand_n
+        if n > 0 and not self._pending:        # every answer so far is on the queue
+            handed = n - len(self._batch)      # (counting one still being handled, if any)
+            if handed == n:
+                self._in_hand_n = 0
+                self._in_hand.clear()
+            else:
+                self._in_hand.answered(handed)
 
     def _bad_frame(self, sid: int, gen: int, why: str) -> None:
         """A REQUEST/SEND the receiver passed on unchecked is malformed: tell the client, end it."""

@@ -61,12 +61,13 @@ class ErrorCode:
     SHUTTING_DOWN = 10      # gateway is stopping: closed
     APP_ERROR = 11          # the business handler raised (connection stays)
     SLOW_CONSUMER = 12      # client did not read its replies in time: closed
+    WORKER_LOST = 13        # the worker handling the REQUEST died before answering (connection stays)
 
     names: Final = {
         1: "BAD_FRAME", 2: "FRAME_TOO_LARGE", 3: "BAD_HELLO", 4: "BAD_VERSION",
         5: "NAME_TAKEN", 6: "SERVER_FULL", 7: "TOO_MANY_FROM_IP",
         8: "UNKNOWN_TARGET", 9: "HANDSHAKE_TIMEOUT", 10: "SHUTTING_DOWN",
-        11: "APP_ERROR", 12: "SLOW_CONSUMER",
+        11: "APP_ERROR", 12: "SLOW_CONSUMER", 13: "WORKER_LOST",
     }
 
 

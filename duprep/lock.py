@@ -113,6 +113,19 @@ class InstanceLock:
                     raise
         raise InstanceBusyError(f"all {last - first} worker rows of instance {self.instance!r} are taken")
 
+    def take_row(self, row: int) -> bool:
+        """Lock process row ``row`` if nobody holds it (its worker is gone); False if a worker does."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ROW_LOCK_BASE + row)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return False
+
+    def release_row(self, row: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ROW_LOCK_BASE + row)
+
 
 class _Expired(Exception):
     pass

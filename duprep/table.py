@@ -6,6 +6,7 @@ unlinked by the acceptor, read by everyone (``duprep status``, workers)::
     offset 0            HEADER (256 bytes)      written by the acceptor
     256                 SLOT[0] .. SLOT[n-1]    256 bytes each
     256 + 256*n         PROC[0] .. PROC[m-1]    128 bytes each
+    ... + 128*m         HAND[3] .. HAND[m-1]    8 + msgsize bytes each, rounded up to 64
 
 A slot is split into three parts, each with exactly one writer and its own
 seqlock, because multi-field records written by one process tear when read
@@ -23,7 +24,10 @@ connection, so ``(sid, generation)`` names one connection for ever.
 PROC rows: 0 acceptor, 1 receiver, 2 sender, 3.. business workers.  A worker
 claims a row by taking a POSIX record lock on byte ``ROW_LOCK_BASE + row`` of
 the instance lock file; the kernel drops the lock when the worker dies, so a
-row is free exactly when nobody holds its lock.
+row is free exactly when nobody holds its lock.  Each worker row has a HAND
+region: a copy of the request-queue message the worker is working on, so
+that whoever takes the row after the worker died can answer what it held
+(``recovery.py``).
 
 Seqlock: the writer makes ``seq`` odd, writes, makes it even; a reader retries
 while ``seq`` is odd or changed under it.  All integers little-endian.
@@ -45,14 +49,15 @@ from .errors import ConfigError, ProtocolError
 
 __all__ = [
     "MAGIC", "LAYOUT_VERSION", "Table", "SlotState", "Role", "COUNTERS",
-    "SlotInfo", "ProcInfo", "HEADER_SIZE", "SLOT_SIZE", "PROC_SIZE",
+    "SlotInfo", "ProcInfo", "HEADER_SIZE", "SLOT_SIZE", "PROC_SIZE", "InHand", "FIRST_WORKER_ROW",
 ]
 
 MAGIC: Final = b"DUPREP\x00\x01"
 # The version of this table's layout *and* of the queue items (frame.py): every process that attaches
 # reads it first, so a worker of another version refuses to serve an instance it would misread.
 # 2: a Chunk's frames are an array of frame bodies, not the prefixed frames (2026-11).
-LAYOUT_VERSION: Final = 2
+# 3: the HAND regions after the process rows; the worker counter "lost" (2026-11).
+LAYOUT_VERSION: Final = 3
 ROW_LOCK_BASE: Final = 4096
 READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
 
@@ -69,6 +74,8 @@ S_FORMAT: Final = "<IIIIdQQQQ"       # seq gen pad pad last_out frames_out bytes
 SLOT_SIZE: Final = 256
 PROC_FORMAT: Final = "<IIIIIIdd8Q"    # seq pid role state index pad started heartbeat counters[8]
 PROC_SIZE: Final = 128
+HAND_FORMAT: Final = "<II"            # length (0: nothing in hand) answered, then the message
+FIRST_WORKER_ROW: Final = 3
 
 _HEADER = struct.Struct(HEADER_FORMAT)
 _A = struct.Struct(A_FORMAT)
@@ -77,6 +84,7 @@ _S = struct.Struct(S_FORMAT)
 _PROC = struct.Struct(PROC_FORMAT)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_HAND = struct.Struct(HAND_FORMAT)
 A_OFFSET: Final = 0
 R_OFFSET: Final = 72
 S_OFFSET: Final = 176
@@ -141,7 +149,7 @@ COUNTERS: Final[dict[int, tuple[str, ...]]] = {
                     "handshake_timeouts", "backpressure_pauses", "relays"),
     Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",
                   "slow_disconnects", "write_errors", "closes"),
-    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held"),
+    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held", "lost"),
 }
 
 
@@ -278,7 +286,10 @@ class Table:
         self.nslots: int = h["nslots"]
         self.nprocs: int = h["nprocs"]
         self.epoch: int = h["epoch"]
+        self.msgsize: int = h["msgsize"]
         self._procs_off = HEADER_SIZE + SLOT_SIZE * self.nslots
+        self._hands_off = self._procs_off + PROC_SIZE * self.nprocs
+        self._hand_size = hand_size(self.msgsize)
 
     # --- life cycle -------------------------------------------------------
 
@@ -287,7 +298,8 @@ class Table:
         """Create the segment (acceptor only) and write the header."""
         if nslots < 1 or nprocs < 4:
             raise ConfigError("a table needs at least one slot and four process rows")
-        size = HEADER_SIZE + SLOT_SIZE * nslots + PROC_SIZE * nprocs
+        size = HEADER_SIZE + SLOT_SIZE * nslots + PROC_SIZE * nprocs + \
+            hand_size(fields.get("msgsize", 0)) * (nprocs - FIRST_WORKER_ROW)
         shm = _attach(name, create=True, size=size)
         values: dict[str, Any] = dict.fromkeys(HEADER_FIELDS, 0)
         values.update(magic=MAGIC, layout=LAYOUT_VERSION, epoch=epoch, nslots=nslots, nprocs=nprocs,
@@ -402,6 +414,73 @@ class Table:
             yield ProcInfo(row=row, pid=pid, role=Role.names.get(role, str(role)), state=state,
                            index=index, started=started, heartbeat=heartbeat,
                            counters={n: counters[i] for i, n in enumerate(names)})
+
+    def in_hand(self, row: int) -> "InHand":
+        """Worker row ``row``'s HAND region."""
+        if not FIRST_WORKER_ROW <= row < self.nprocs:
+            raise IndexError(row)
+        return InHand(self.buf, self._hands_off + self._hand_size * (row - FIRST_WORKER_ROW), self.msgsize)
+
+
+def hand_size(msgsize: int) -> int:
+    """Bytes of one HAND region: its head and one queue message, rounded up to a cache line."""
+    return (_HAND.size + msgsize + 63) // 64 * 64
+
+
+class InHand:
+    """A worker row's copy of the request-queue message the worker is working on.
+
+    Why: a worker that dies takes the requests it took with it, and only
+    it knew which they were.  With this copy, whoever takes the row next
+    (the acceptor when it reaps the worker, or the next worker to claim the
+    row) can answer them with ERROR WORKER_LOST instead of letting their
+    clients wait for a timeout.
+
+    One writer (the row's owner) and readers only once the owner is dead
+    (they hold the row's lock), so no seqlock: the owner stores the length
+    last when it takes a message, and 0 when every answer to it is on the
+    reply queue.  ``answered`` counts the message's requests, in order,
+    whose answers were already on the reply queue when the owner last
+    pushed answers but still held some of the message.
+    """
+
+    __slots__ = ("buf", "off", "capacity", "active")
+
+    def __init__(self, buf: memoryview, off: int, capacity: int) -> None:
+        self.buf, self.off, self.capacity = buf, off, capacity
+        self.active = _HAND.unpack_from(buf, off)[0] != 0
+
+    def hold(self, message: bytes) -> None:
+        """Record ``message`` (just taken off the request queue) as in hand, none of it answered."""
+        n = len(message)
+        if n > self.capacity:
+            raise ProtocolError(f"a request-queue message of {n} bytes exceeds the table's msgsize {self.capacity}")
+        buf, off = self.buf, self.off
+        _HAND.pack_into(buf, off, 0, 0)
+        start = off + _HAND.size
+        buf[start:start + n] = message
+        _U32.pack_into(buf, off, n)
+        self.active = True
+
+    def answered(self, k: int) -> None:
+        """The first ``k`` requests of the message in hand have their answers on the reply queue."""
+        _U32.pack_into(self.buf, self.off + 4, k)
+
+    def clear(self) -> None:
+        """Every request of the message in hand is answered."""
+        if self.active:
+            _U32.pack_into(self.buf, self.off, 0)
+            self.active = False
+
+    def read(self) -> tuple[bytes, int] | None:
+        """``(message, answered)`` of what a dead owner held, or None if it held nothing."""
+        n, k = _HAND.unpack_from(self.buf, self.off)
+        if n == 0:
+            return None
+        if n > self.capacity:
+            raise ProtocolError(f"HAND region at offset {self.off} says {n} bytes, more than msgsize {self.capacity}")
+        start = self.off + _HAND.size
+        return bytes(self.buf[start:start + n]), k
 
 
 class ProcRow:

@@ -33,7 +33,7 @@ def test_every_frame_and_bus_item_tag_is_documented_as_coded():
 
 
 def test_table_layout_strings_match_the_code():
-    for name in ("HEADER_FORMAT", "A_FORMAT", "R_FORMAT", "S_FORMAT", "PROC_FORMAT"):
+    for name in ("HEADER_FORMAT", "A_FORMAT", "R_FORMAT", "S_FORMAT", "PROC_FORMAT", "HAND_FORMAT"):
         documented = re.findall(rf'`{name} = "([^"]+)"`', DOC)
         assert documented, f"{name} missing from docs/protocol.md"
         assert set(documented) == {getattr(table, name)}, name

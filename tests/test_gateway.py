@@ -761,21 +761,96 @@ def test_run_handler_answers_every_kind_of_result_in_per_connection_runs(gateway
     assert not t.is_alive()
 
 
-def test_requests_lost_with_a_killed_worker_are_counted(gateway, instance):
-    gw = gateway("--drain-timeout", "1", workers=1)     # the lost requests can never be answered
-    s = _raw(gw.port)
-    try:
-        s.sendall(encode_wire(Hello(1, "")) + b"".join(encode_wire(Call(i, 7, 0, b"sleep:30")) for i in range(1, 4)))
+def _frames(sock: socket.socket, reader: FrameReader, n: int, timeout: float = 20.0) -> list[object]:
+    """The next ``n`` frames the gateway sends on ``sock``."""
+    dec, out = frame.server_decoder(), []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(65536)
+        assert data, f"connection closed after {out}"
+        out += map(dec.decode, reader.feed(data))
+    return out
 
-        def worker_holding():
-            rows = [p for p in snapshot(instance)["processes"] if p["role"] == "worker"]
-            return rows if rows and rows[0]["counters"]["held"] >= 1 else None
-        [row] = wait_until(worker_holding, what="the worker to take the requests")
+
+def _worker_rows(instance: str) -> list[dict]:
+    return [p for p in snapshot(instance)["processes"] if p["role"] == "worker"]
+
+
+def test_a_killed_workers_requests_are_answered_worker_lost(gateway, instance):
+    """kill -9 of a supervised worker holding requests: each gets ERROR WORKER_LOST at once (not a
+    client timeout), counted; the connection carries on with the restarted worker; the counters add
+    up so a stop does not wait; a worker killed while idle makes no false WORKER_LOST."""
+    gw = gateway(workers=1)
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    try:
+        s.sendall(encode_wire(Hello(1, "")) +
+                  b"".join(encode_wire(Call(i, 7, 0, b"sleep:30|%d" % i)) for i in range(1, 4)))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        [row] = wait_until(lambda: [r for r in _worker_rows(instance) if r["counters"]["held"] == 3] or None,
+                           what="the worker to take the three requests in one message")
         os.kill(row["pid"], signal.SIGKILL)
-        wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["acceptor"]["counters"]
-                   ["lost_in_workers"] >= 1, what="the lost requests to be counted")
+        lost = _frames(s, reader, 3)
+        assert sorted((f.msgid, f.cpid, f.code) for f in lost) == [(i, 7, ErrorCode.WORKER_LOST) for i in range(1, 4)]
+        assert all("died before answering" in f.message for f in lost)
+
+        def counters():
+            procs = snapshot(instance)["processes"]
+            by_role = {p["role"]: p["counters"] for p in procs}
+            return by_role["acceptor"], by_role["receiver"], [p["counters"] for p in procs if p["role"] == "worker"]
+        acceptor, receiver, workers = counters()
+        assert acceptor["lost_in_workers"] == 3 and sum(w["lost"] for w in workers) == 3
+        assert sum(w["requests"] for w in workers) == 3      # what the drain compares with the receiver's
+        wait_until(lambda: counters()[1]["requests"] == 3, what="the receiver's count (published within 1 s)")
+
+        s.sendall(encode_wire(Call(4, 7, 0, b"after")))
+        [reply] = _frames(s, reader, 1)                                 # the restarted worker answers
+        assert isinstance(reply, frame.Reply) and (reply.msgid, reply.data) == (4, b"after")
+        [idle] = wait_until(lambda: [r for r in _worker_rows(instance)
+                                     if alive(r["pid"]) and r["counters"]["held"] == 0] or None,
+                            what="the restarted worker to wait for work")
+        os.kill(idle["pid"], signal.SIGKILL)                           # holding nothing: nothing to answer
+        wait_until(lambda: counters()[0]["restarts"] == 2, what="the second restart")
+        s.sendall(encode_wire(Call(5, 7, 0, b"again")))
+        [reply] = _frames(s, reader, 1)
+        assert isinstance(reply, frame.Reply) and reply.msgid == 5
+        assert counters()[0]["lost_in_workers"] == 3
     finally:
         s.close()
+
+
+def test_the_next_worker_in_a_dead_external_workers_row_answers_what_it_held(gateway, instance):
+    """An external worker (not supervised by the acceptor) killed holding requests: the next worker
+    to attach takes its row and answers them with ERROR WORKER_LOST before serving."""
+    import subprocess
+    import sys
+    gw = gateway("--app", "none", workers=0)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ext = subprocess.Popen([sys.executable, "-m", "duprep", "worker", "--instance", instance,
+                            "--app", "tests.apps:handle", "-n", "1"], env=env)
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    try:
+        wait_until(lambda: _worker_rows(instance) or None, what="the external worker to attach")
+        s.sendall(encode_wire(Hello(1, "")) +
+                  b"".join(encode_wire(Call(i, 9, 0, b"sleep:30|%d" % i)) for i in range(1, 3)))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        [row] = wait_until(lambda: [r for r in _worker_rows(instance) if r["counters"]["held"] == 2] or None,
+                           what="the worker to take both requests")
+        ext.kill()
+        ext.wait()
+        with bus.Worker(instance) as worker:             # claims the free row: the dead one's
+            assert worker._row.part.off == row["row"] * 128 + worker._table._procs_off
+            lost = _frames(s, reader, 2)
+            assert sorted((f.msgid, f.code) for f in lost) == [(1, ErrorCode.WORKER_LOST), (2, ErrorCode.WORKER_LOST)]
+            [me] = [r for r in _worker_rows(instance) if r["pid"] == os.getpid()]
+            assert (me["counters"]["lost"], me["counters"]["requests"], me["counters"]["held"]) == (2, 2, 0)
+    finally:
+        s.close()
+        if ext.poll() is None:
+            ext.kill()
+            ext.wait()
 
 
 @pytest.mark.parametrize("policy, expected", [((), os.SCHED_BATCH), (("--sched", "other"), os.SCHED_OTHER)])

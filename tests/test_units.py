@@ -11,9 +11,10 @@ import sys
 import msgspec
 import pytest
 
-from duprep import fdpass, frame, ipcnames, queues
+from duprep import fdpass, frame, ipcnames, queues, recovery
 from duprep.config import GatewayConfig, resolve_port
 from duprep.errors import ConfigError, LimitError, ProtocolError, WouldBlock
+from duprep.frame import ErrorCode
 from duprep.gateway.loop import READ, EventLoop
 from duprep.lock import InstanceLock
 from duprep.table import ProcRow, Role, SlotState, Table
@@ -185,6 +186,51 @@ def test_proc_rows(table):
     assert p.role == "receiver" and p.pid == os.getpid() and p.counters["frames_in"] == 11
 
 
+def test_a_dead_workers_hand_is_answered_once_from_the_first_unanswered_request(instance):
+    """take_over: ERROR WORKER_LOST for each REQUEST of the message in hand from ``answered`` on,
+    grouped per connection; SENDs only counted; the row's counters add up again; done only once."""
+    t = Table.create(ipcnames.table_name(instance), nslots=8, nprocs=8, epoch=7, msgsize=8192)
+    try:
+        row = ProcRow(t, 4, Role.WORKER, index=1)
+        row.counters[:6] = [10, 9, 0, 3, 4, 0]          # requests replies errors qmsgs held lost
+        row.beat()
+        a = [frame.Call(1, 7, 0, b"a1"), frame.Send(2, 7, b"a2"), frame.Call(3, 7, 0, b"a3")]
+        b = [frame.Call(4, 8, 0, b"b1")]
+
+        def chunk(sid, frames):
+            bodies = [msgspec.msgpack.encode(f) for f in frames]
+            return frame.Chunk(sid, 100 + sid, "", 1.0, frame.array_header(len(bodies)) + b"".join(bodies))
+        message = msgspec.msgpack.encode([chunk(1, a), chunk(2, b)])
+        assert [r.msgid for r in recovery.requests_of(message)] == [1, 2, 3, 4]
+        assert recovery.take_over(t, 4) is None                      # nothing in hand
+        hand = t.in_hand(4)
+        hand.hold(message)
+        hand.answered(1)                                             # msgid 1's answer left already
+        other = Table.attach(ipcnames.table_name(instance))          # another process's view
+        lost = recovery.take_over(other, 4)
+        assert lost is not None and (lost.pid, lost.requests, lost.sends) == (os.getpid(), 2, 1)
+        items = [i for m in lost.answered for i in frame.decode_replies(m)]
+        assert [(i.sid, i.generation) for i in items] == [(1, 101), (2, 102)]
+        dec, reader = frame.server_decoder(), FrameReader(1 << 20)
+        errors = [dec.decode(body) for i in items for body in reader.feed(i.frame)]
+        assert [(e.msgid, e.cpid, e.code) for e in errors] == [(3, 7, ErrorCode.WORKER_LOST), (4, 8, ErrorCode.WORKER_LOST)]
+        [p] = [p for p in t.procs() if p.row == 4]
+        assert (p.counters["requests"], p.counters["held"], p.counters["lost"]) == (13, 0, 3)
+        assert recovery.take_over(other, 4) is None                  # answered once
+        other.close()
+        hand.hold(message)
+        hand.answered(4)                                             # all answered: nothing to do
+        assert recovery.take_over(t, 4) is None and t.in_hand(4).read() is None
+        hand.hold(message)
+        hand.clear()
+        assert recovery.take_over(t, 4) is None
+        with pytest.raises(ProtocolError, match="msgsize"):
+            hand.hold(bytes(8193))
+    finally:
+        t.close()
+        t.unlink()
+
+
 def test_attach_rejects_foreign_segments(instance):
     from multiprocessing import shared_memory
     name = ipcnames.table_name(instance)
@@ -221,10 +267,10 @@ def test_create_over_rlimit_names_the_limit(instance):
         with pytest.raises(LimitError, match="RLIMIT_MSGQUEUE"):
             for i in range(200):
                 name = f"/duprep.{instance}.fill{i}"
-                queues.create(name, queues.QueuePlan(10, 8192))
-                made.append(name)
+                made.append((name, queues.create(name, queues.QueuePlan(10, 8192))))
     finally:
-        for name in made:
+        for name, mq in made:      # the kernel charges a queue's bytes until it is unlinked *and* closed
+            mq.close()
             queues.unlink(name)
 
 

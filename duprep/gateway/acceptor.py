@@ -37,9 +37,9 @@ import time
 from collections import deque
 import msgspec
 
-from .. import fdpass, ipcnames, queues, sched
+from .. import fdpass, ipcnames, queues, recovery, sched
 from ..config import GatewayConfig
-from ..errors import DuprepError, LimitError
+from ..errors import DuprepError, LimitError, WouldBlock
 from ..fdpass import Op
 from ..frame import CHUNK_OVERHEAD, LENGTH, MAX_NAME, CallMe, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock
@@ -49,7 +49,7 @@ from .control import Control
 from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CRASH, EXIT_OK, NO_RESPAWN, boot_failure, setup_logging,
                     set_title)
 from .base import STATS_INTERVAL
-from .loop import READ, EventLoop, Timer
+from .loop import READ, WRITE, EventLoop, Timer
 
 log = logging.getLogger("duprep")
 
@@ -128,6 +128,7 @@ class Acceptor:
         self.step = ""                  # stop sequence: receiver, sender, workers, done
         self.stats_timer: Timer | None = None
         self.step_asked = False
+        self.lost_out: deque[bytes] = deque()   # ERROR WORKER_LOST messages waiting for reply-queue room
 
     # ======================================================================
     # 1. boot
@@ -542,7 +543,7 @@ class Acceptor:
             self.halt(EXIT_BOOT_ERROR if code not in NO_RESPAWN else code)
             return
         if child.role == "worker":
-            self.count_lost(child)
+            self.answer_for(child)
         self.row.counters[C_RESTARTS] += 1     # type: ignore[union-attr]
         self.row.beat()                         # type: ignore[union-attr]
         if time.monotonic() - child.started > 10:
@@ -555,17 +556,39 @@ class Acceptor:
         log.error("%r died (%s); restarting in %.2f s", child, how, delay)
         self.loop.call_later(delay, lambda: self.respawn(child))
 
-    def count_lost(self, child: Child) -> None:
-        """A worker died: the requests it had taken and not finished are lost; say how many."""
+    def answer_for(self, child: Child) -> None:
+        """A worker died: answer the requests it held with ERROR WORKER_LOST (recovery.py).
+
+        Only if its row is still free: a worker that already claimed the row answered them itself.
+        """
         assert self.table is not None and self.row is not None
-        for proc in self.table.procs():
-            if proc.role == "worker" and proc.pid == child.pid:
-                held = proc.counters.get("held", 0)
-                if held:
-                    self.row.counters[C_LOST] += held
-                    log.error("%r died holding up to %d requests; their clients get no answer "
-                              "(they time out)", child, held)
+        row = next((p.row for p in self.table.procs() if p.role == "worker" and p.pid == child.pid), None)
+        if row is None or not self.lock.take_row(row):
+            return
+        try:
+            lost = recovery.take_over(self.table, row)
+        finally:
+            self.lock.release_row(row)
+        if lost is None:
+            return
+        self.row.counters[C_LOST] += lost.requests + lost.sends
+        log.error("%r died holding %d requests and %d sends; answered the requests with ERROR WORKER_LOST",
+                  child, lost.requests, lost.sends)
+        self.lost_out.extend(lost.answered)
+        self.send_lost()
+
+    def send_lost(self) -> None:
+        """Put the WORKER_LOST answers on the reply queue; if it is full, again when it has room."""
+        q = self.qs[1]                    # the reply queue (boot creates the request queue first)
+        while self.lost_out:
+            try:
+                q.put_nowait(self.lost_out[0])
+            except WouldBlock:
+                if not self.loop.registered(q.fileno()):
+                    self.loop.register(q.fileno(), WRITE, lambda ev: self.send_lost())
                 return
+            self.lost_out.popleft()
+        self.loop.unregister(q.fileno())
 
     def respawn(self, child: Child) -> None:
         if self.state == "ready":          # not if a stop began meanwhile
