@@ -14,7 +14,7 @@ by another (pitfalls.md measured 26k torn reads in 1.7M without a protocol)::
 
     SLOT  +0   A part (acceptor)  seq gen state port connected_at addr
           +72  R part (receiver)  seq gen flags - last_in frames_in bytes_in name
-          +176 S part (sender)    seq gen - - last_out frames_out bytes_out dropped queued
+          +176 S part (sender)    seq gen flags - last_out frames_out bytes_out dropped queued
 
 A part's ``gen`` says which incarnation of the slot its counters belong to;
 a reader ignores R and S parts whose gen differs from the A part's.  The
@@ -56,7 +56,7 @@ MAGIC: Final = b"DUPREP\x00\x01"
 # The version of this table's layout *and* of the queue items (frame.py): every process that attaches
 # reads it first, so a worker of another version refuses to serve an instance it would misread.
 # 2: a Chunk's frames are an array of frame bodies, not the prefixed frames (2026-11).
-# 3: the HAND regions after the process rows; the worker counter "lost" (2026-11).
+# 3: the HAND regions after the process rows; the worker counter "lost"; the S part's flags (2026-11).
 LAYOUT_VERSION: Final = 3
 ROW_LOCK_BASE: Final = 4096
 READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
@@ -70,7 +70,7 @@ HEADER_FIELDS: Final = (
 HEADER_SIZE: Final = 256
 A_FORMAT: Final = "<IIIId48s"        # seq gen state port connected_at addr
 R_FORMAT: Final = "<IIIIdQQ64s"      # seq gen flags pad last_in frames_in bytes_in name
-S_FORMAT: Final = "<IIIIdQQQQ"       # seq gen pad pad last_out frames_out bytes_out dropped queued
+S_FORMAT: Final = "<IIIIdQQQQ"       # seq gen flags pad last_out frames_out bytes_out dropped queued
 SLOT_SIZE: Final = 256
 PROC_FORMAT: Final = "<IIIIIIdd8Q"    # seq pid role state index pad started heartbeat counters[8]
 PROC_SIZE: Final = 128
@@ -124,6 +124,11 @@ class SlotFlag:
     READY = 1     # HELLO accepted, WELCOME queued
 
 
+class SendFlag:
+    """Bits of the S part's ``flags``."""
+    HALF_WRITTEN = 1   # the stream ends inside a frame: it can take no other frame (sender.py)
+
+
 class GatewayState:
     """Values of the header's ``state``."""
     BOOTING = 0
@@ -148,7 +153,7 @@ COUNTERS: Final[dict[int, tuple[str, ...]]] = {
     Role.RECEIVER: ("frames_in", "bytes_in", "queue_messages", "requests", "protocol_errors",
                     "handshake_timeouts", "backpressure_pauses", "relays"),
     Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",
-                  "slow_disconnects", "write_errors", "closes"),
+                  "slow_disconnects", "write_errors", "closes", "half_written"),
     Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held", "lost"),
 }
 

@@ -488,6 +488,53 @@ def test_a_crashed_child_is_restarted_and_clients_carry_on(gateway, instance, ro
         assert restarts == 1
 
 
+def test_a_connection_the_dead_sender_left_inside_a_frame_is_ended_not_corrupted(gateway, instance):
+    """The sender dies with half a frame written to a client that does not read: the new sender must
+    end that connection (the next frame would be read as the rest of the cut one), and only that one."""
+    from duprep import ipcnames
+    from duprep.table import SendFlag, Table
+    gw = gateway()
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", gw.port))
+    hog.settimeout(20)
+    table = Table.attach(ipcnames.table_name(instance))
+    try:
+        with duprep.Client("127.0.0.1", gw.port, name="bystander") as other:
+            hog.sendall(encode_wire(Hello(1, "hog")) +
+                        b"".join(encode_wire(Call(i, 1, 0, b"h" * 7000)) for i in range(1, 41)))  # 280 KB back
+            [sid] = wait_until(lambda: [c["sid"] for c in snapshot(instance)["connections"] if c["name"] == "hog"]
+                               or None, what="the hog's HELLO")
+            wait_until(lambda: table.s_part(sid).read()[1] & SendFlag.HALF_WRITTEN,
+                       what="a write to the hog to stop inside a frame")
+            [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-sender"]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["sender"]["counters"]
+                       .get("half_written") == 1, what="the new sender to end the hog's connection")
+            try:
+                hog.sendall(encode_wire(Call(99, 1, 0, b"after")))  # its reply would follow the cut frame
+            except OSError:
+                pass                                                # (reset: the connection is gone)
+            reader, dec, replies = FrameReader(1 << 20), frame.server_decoder(), []
+            try:
+                while data := hog.recv(65536):                      # until the end (a timeout fails the test)
+                    replies += map(dec.decode, reader.feed(data))
+            except ConnectionResetError:
+                pass
+            assert all(isinstance(f, frame.Welcome) or (isinstance(f, frame.Reply) and f.data == b"h" * 7000)
+                       for f in replies)
+            deadline = time.monotonic() + 20
+            while True:                # a request racing the restart may be lost; a later one must work
+                try:
+                    assert other.request(b"still here", timeout=2) == b"still here"
+                    break
+                except duprep.Timeout:
+                    assert time.monotonic() < deadline, "the bystander got no reply after the restart"
+    finally:
+        hog.close()
+        table.close()
+
+
 def test_request_with_an_unusual_array_header_is_served(gateway):
     """msgpack allows array16 for 5 elements; the receiver's fast path does not, the slow path does."""
     gw = gateway()

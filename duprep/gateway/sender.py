@@ -17,6 +17,14 @@ Only a connection whose kernel buffer is full is watched for EPOLLOUT.  A
 connection that lets more than ``max_outbuf`` bytes pile up, or blocks our
 writes for ``write_timeout`` seconds, is ended and counted (slow_disconnects;
 its unwritten frames count as dropped); no one else waits for it.
+
+A sender that dies loses what it had not written.  Worse, a connection it
+left in the middle of a frame cannot take another frame: the client would
+read the rest of the next one as the end of the cut one.  So a partial
+write is published at once (``SendFlag.HALF_WRITTEN`` in the slot's S part)
+and the sender that takes over ends such a connection instead of writing
+to it (counted as ``half_written``); the client sees the connection end,
+as for a slow consumer.
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ from ..errors import ProtocolError, WouldBlock
 from ..fdpass import Op
 from ..frame import Deliver, Error, ErrorCode, decode_replies, encode_wire
 from ..queues import Queue
-from ..table import COUNTERS, Role
+from ..table import COUNTERS, Role, SendFlag
 from .base import GatewayChild, child_main
 from ..table import Part
 from .loop import ERR, READ, WRITE, Timer
 
 log = logging.getLogger("duprep")
 
-C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES = range(7)
+C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES, C_HALF = range(8)
 MAX_MESSAGES_PER_WAKE = 256
 DRAIN_CHECK = 0.05
 
@@ -47,7 +55,7 @@ class Conn:
     """The sender's state for one connection."""
 
     __slots__ = ("sid", "gen", "sock", "fd", "out", "out_bytes", "out_frames", "frames", "bytes",
-                 "dropped", "last_out", "watching", "closing", "stall", "part")
+                 "dropped", "last_out", "watching", "closing", "stall", "part", "half")
 
     def __init__(self, sid: int, gen: int, sock: socket.socket) -> None:
         self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
@@ -59,6 +67,7 @@ class Conn:
         self.watching = False
         self.closing = False
         self.stall: Timer | None = None
+        self.half = False               # the stream ends inside a frame (out holds the rest of it)
         self.part: Part = None  # type: ignore[assignment]   # set right after construction
 
 
@@ -90,6 +99,15 @@ class Sender(GatewayChild):
         conn = Conn(sid, gen, sock)
         conn.part = self.table.s_part(sid)
         self.conns[sid] = conn
+        sgen, flags, _, last_out, frames, nbytes, dropped, _ = conn.part.read()
+        if sgen == gen:       # a sender before us (which died) wrote to this connection: go on counting
+            conn.last_out, conn.frames, conn.bytes, conn.dropped = last_out, frames, nbytes, dropped
+            if flags & SendFlag.HALF_WRITTEN:
+                self.c[C_HALF] += 1
+                log.warning("sid %d gen %d: the previous sender died in the middle of a frame; "
+                            "ending the connection", sid, gen)
+                self.end(conn)
+                return
         self.publish(conn)
 
     # --- reply queue ----------------------------------------------------------------
@@ -176,6 +194,9 @@ class Sender(GatewayChild):
             else:
                 self.write_later(conn, memoryview(data)[n:], progress=n > 0)
                 return
+        if conn.half:                  # back at a frame boundary: say so before anything else can fail
+            conn.half = False
+            self.publish(conn)
         if conn.watching:
             conn.watching = False
             self.loop.unregister(conn.fd)
@@ -191,6 +212,9 @@ class Sender(GatewayChild):
         """The kernel took only part: keep the rest, watch for room, end the connection if it never reads."""
         conn.out = [rest]
         conn.out_bytes = len(rest)
+        if progress and not conn.half:    # now the stream ends inside a frame: tell a successor at once
+            conn.half = True
+            self.publish(conn)
         if conn.out_bytes > self.cfg.max_outbuf:
             self.slow(conn, f"{conn.out_bytes} reply bytes not read")
             return
@@ -244,8 +268,8 @@ class Sender(GatewayChild):
         self.control.send(Op.RELEASED, conn.sid, conn.gen)
 
     def publish(self, conn: Conn) -> None:
-        conn.part.write(conn.gen, 0, 0, conn.last_out, conn.frames, conn.bytes, conn.dropped,
-                        conn.out_bytes)
+        conn.part.write(conn.gen, SendFlag.HALF_WRITTEN if conn.half else 0, 0, conn.last_out, conn.frames,
+                        conn.bytes, conn.dropped, conn.out_bytes)
 
     # --- graceful stop ----------------------------------------------------------------
 
