@@ -56,7 +56,7 @@ MAGIC: Final = b"DUPREP\x00\x01"
 # The version of this table's layout *and* of the queue items (frame.py): every process that attaches
 # reads it first, so a worker of another version refuses to serve an instance it would misread.
 # 2: a Chunk's frames are an array of frame bodies, not the prefixed frames (2026-11).
-# 3: the HAND regions after the process rows; the worker counter "lost"; the S part's flags (2026-11).
+# 3: the HAND regions after the process rows; the worker counter "lost"; the S part's flags; R HALF_READ (2026-11).
 LAYOUT_VERSION: Final = 3
 ROW_LOCK_BASE: Final = 4096
 READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
@@ -121,7 +121,8 @@ class SlotState:
 
 class SlotFlag:
     """Bits of the R part's ``flags``."""
-    READY = 1     # HELLO accepted, WELCOME queued
+    READY = 1       # HELLO accepted, WELCOME queued
+    HALF_READ = 2   # the bytes read so far end inside a frame: its start is in the receiver's memory
 
 
 class SendFlag:

@@ -535,6 +535,48 @@ def test_a_connection_the_dead_sender_left_inside_a_frame_is_ended_not_corrupted
         table.close()
 
 
+def test_a_connection_the_dead_receiver_left_inside_a_frame_is_ended_not_misread(gateway, instance):
+    """The receiver dies holding the start of a frame: the new one must end that connection, not read
+    the rest of the frame as new frames (here the rest is itself a well-formed REQUEST: a phantom)."""
+    from duprep import ipcnames
+    from duprep.table import SlotFlag, Table
+    gw = gateway()
+    s = _raw(gw.port)
+    table = Table.attach(ipcnames.table_name(instance))
+    try:
+        inner = encode_wire(Call(666, 1, 0, b"phantom"))
+        outer = encode_wire(Call(1, 1, 0, inner))
+        s.sendall(encode_wire(Hello(1, "")) + outer[:len(outer) - len(inner)])   # cut where inner starts
+        reader, dec = FrameReader(1 << 20), frame.server_decoder()
+        [welcome] = map(dec.decode, reader.feed(s.recv(65536)))
+        assert isinstance(welcome, frame.Welcome)
+        wait_until(lambda: table.r_part(welcome.sid).read()[1] & SlotFlag.HALF_READ,
+                   what="the receiver to hold the start of the frame")
+        [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: [p for p in snapshot(instance)["processes"]
+                            if p["role"] == "receiver" and p["pid"] != victim and alive(p["pid"])],
+                   what="a new receiver")
+        try:
+            s.sendall(inner)
+        except OSError:
+            pass                                   # reset: the connection is gone already
+        got = []
+        try:
+            while data := s.recv(65536):          # until the end
+                got += map(dec.decode, reader.feed(data))
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail(f"the connection was not ended; frames received after the restart: {got}")
+        assert not [f for f in got if getattr(f, "msgid", 0) == 666], "the rest of a frame was read as a frame"
+        with duprep.Client("127.0.0.1", gw.port) as c:      # everyone else carries on
+            assert c.request(b"fine", timeout=20) == b"fine"
+    finally:
+        s.close()
+        table.close()
+
+
 def test_request_with_an_unusual_array_header_is_served(gateway):
     """msgpack allows array16 for 5 elements; the receiver's fast path does not, the slow path does."""
     gw = gateway()

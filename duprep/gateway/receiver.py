@@ -18,6 +18,14 @@ memory growing.  (Parking at the first full queue made it flap: two
 epoll_ctl calls per connection, more than its reads.)
 Items for the reply queue (WELCOME, ERROR, relays, closes) are flushed
 before requests, so a client never gets an answer before its WELCOME.
+
+A receiver that dies loses what it had read and not queued.  A connection
+whose last read ended inside a frame has lost the start of that frame: a
+successor would take the rest of it for a new frame (and might even find a
+well-formed one in a payload).  So the receiver publishes at once when a
+connection's reads stop inside a frame and when they are back at a frame
+boundary (``SlotFlag.HALF_READ`` in the slot's R part), and a receiver that
+takes over ends such a connection instead of reading it.
 """
 
 from __future__ import annotations
@@ -57,7 +65,7 @@ class Conn:
     """The receiver's state for one connection."""
 
     __slots__ = ("sid", "gen", "sock", "fd", "pending", "name", "ready", "timer",
-                 "frames", "bytes", "last_in", "parked", "part")
+                 "frames", "bytes", "last_in", "parked", "part", "half")
 
     def __init__(self, sid: int, gen: int, sock: socket.socket) -> None:
         self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
@@ -68,6 +76,7 @@ class Conn:
         self.frames = self.bytes = 0
         self.last_in = 0.0
         self.parked = False
+        self.half = False               # the bytes read so far end inside a frame (its start is in pending)
         self.part: Part = None  # type: ignore[assignment]   # set right after construction
 
 
@@ -112,6 +121,13 @@ class Receiver(GatewayChild):
         conn.part = self.table.r_part(sid)
         self.conns[sid] = conn
         rgen, flags, _, last_in, frames, nbytes, name = conn.part.read()
+        if rgen == gen and flags & SlotFlag.HALF_READ:
+            # The receiver before us died holding the start of a frame: the stream cannot be resynchronised.
+            log.warning("sid %d gen %d: the previous receiver died in the middle of a frame; ending the "
+                        "connection", sid, gen)
+            conn.last_in, conn.frames, conn.bytes = last_in, frames, nbytes
+            self.end(conn)
+            return
         if rgen == gen and flags & SlotFlag.READY:
             # A receiver before us (which crashed) already took this client's HELLO.
             conn.ready = True
@@ -218,6 +234,12 @@ class Receiver(GatewayChild):
         self.forward(conn, bodies)
         if off < n:
             conn.pending += buf[off:n]
+            if not conn.half:        # tell a successor at once: it could not find the next frame
+                conn.half = True
+                self.publish(conn)
+        elif conn.half:
+            conn.half = False
+            self.publish(conn)
         conn.frames += others
         self.c[C_FRAMES] += others
 
@@ -349,8 +371,8 @@ class Receiver(GatewayChild):
             self.control.send(Op.RELEASED, conn.sid, conn.gen)
 
     def publish(self, conn: Conn) -> None:
-        conn.part.write(conn.gen, SlotFlag.READY if conn.ready else 0, 0, conn.last_in,
-                        conn.frames, conn.bytes, conn.name.encode())
+        flags = (SlotFlag.READY if conn.ready else 0) | (SlotFlag.HALF_READ if conn.half else 0)
+        conn.part.write(conn.gen, flags, 0, conn.last_in, conn.frames, conn.bytes, conn.name.encode())
 
     # --- flushing and backpressure ------------------------------------------------
 
