@@ -42,7 +42,7 @@ from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defe
 from .lock import InstanceLock
 from .queues import Queue
 from .recovery import take_over
-from .table import FIRST_WORKER_ROW, ProcRow, Role, SlotInfo, SlotState, Table
+from .table import FIRST_WORKER_ROW, NCOUNTERS, ProcRow, Role, SlotInfo, SlotState, Table
 
 __all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
 
@@ -103,7 +103,7 @@ class Replier:
         self._lock = InstanceLock(instance)
         self._closed = False
         self._batch: deque[Request] = deque()
-        self._c = [0] * 8
+        self._c = [0] * NCOUNTERS
         try:
             self._lock.attach()
             self._replies = Queue(ipcnames.reply_queue(instance))

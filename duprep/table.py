@@ -49,14 +49,15 @@ from .errors import ConfigError, ProtocolError
 
 __all__ = [
     "MAGIC", "LAYOUT_VERSION", "Table", "SlotState", "Role", "COUNTERS",
-    "SlotInfo", "ProcInfo", "HEADER_SIZE", "SLOT_SIZE", "PROC_SIZE", "InHand", "FIRST_WORKER_ROW",
+    "SlotInfo", "ProcInfo", "HEADER_SIZE", "SLOT_SIZE", "PROC_SIZE", "InHand", "FIRST_WORKER_ROW", "NCOUNTERS",
 ]
 
 MAGIC: Final = b"DUPREP\x00\x01"
 # The version of this table's layout *and* of the queue items (frame.py): every process that attaches
 # reads it first, so a worker of another version refuses to serve an instance it would misread.
 # 2: a Chunk's frames are an array of frame bodies, not the prefixed frames (2026-11).
-# 3: the HAND regions after the process rows; the worker counter "lost"; the S part's flags; R HALF_READ (2026-11).
+# 3: HAND regions after the process rows; 11 counters per row (worker "lost", sender "half_written",
+# receiver "half_read"); the S part's flags; the R flag HALF_READ (2026-11).
 LAYOUT_VERSION: Final = 3
 ROW_LOCK_BASE: Final = 4096
 READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
@@ -72,7 +73,8 @@ A_FORMAT: Final = "<IIIId48s"        # seq gen state port connected_at addr
 R_FORMAT: Final = "<IIIIdQQ64s"      # seq gen flags pad last_in frames_in bytes_in name
 S_FORMAT: Final = "<IIIIdQQQQ"       # seq gen flags pad last_out frames_out bytes_out dropped queued
 SLOT_SIZE: Final = 256
-PROC_FORMAT: Final = "<IIIIIIdd8Q"    # seq pid role state index pad started heartbeat counters[8]
+NCOUNTERS: Final = 11
+PROC_FORMAT: Final = f"<IIIIIIdd{NCOUNTERS}Q"    # seq pid role state index pad started heartbeat counters
 PROC_SIZE: Final = 128
 HAND_FORMAT: Final = "<II"            # length (0: nothing in hand) answered, then the message
 FIRST_WORKER_ROW: Final = 3
@@ -148,11 +150,11 @@ class Role:
     names: Final = {0: "none", 1: "acceptor", 2: "receiver", 3: "sender", 4: "worker"}
 
 
-# What each role's eight counters mean (unused ones are zero).
+# What each role's NCOUNTERS counters mean (unused ones are zero).
 COUNTERS: Final[dict[int, tuple[str, ...]]] = {
     Role.ACCEPTOR: ("accepted", "refused_full", "refused_per_ip", "released", "restarts", "lost_in_workers"),
     Role.RECEIVER: ("frames_in", "bytes_in", "queue_messages", "requests", "protocol_errors",
-                    "handshake_timeouts", "backpressure_pauses", "relays"),
+                    "handshake_timeouts", "backpressure_pauses", "relays", "half_read"),
     Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",
                   "slow_disconnects", "write_errors", "closes", "half_written"),
     Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held", "lost"),
@@ -501,7 +503,7 @@ class ProcRow:
         self.index = index
         self.started = time.time()
         self.state = 0
-        self.counters = [0] * 8
+        self.counters = [0] * NCOUNTERS
         self.beat()
 
     def beat(self) -> None:
@@ -510,4 +512,4 @@ class ProcRow:
                         time.monotonic(), *self.counters)
 
     def clear(self) -> None:
-        self.part.write(0, 0, 0, 0, 0, 0.0, 0.0, *([0] * 8))
+        self.part.write(0, 0, 0, 0, 0, 0.0, 0.0, *([0] * NCOUNTERS))

@@ -570,6 +570,8 @@ def test_a_connection_the_dead_receiver_left_inside_a_frame_is_ended_not_misread
         except TimeoutError:
             pytest.fail(f"the connection was not ended; frames received after the restart: {got}")
         assert not [f for f in got if getattr(f, "msgid", 0) == 666], "the rest of a frame was read as a frame"
+        wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["receiver"]["counters"]
+                   ["half_read"] == 1, what="the cut connection to be counted")
         with duprep.Client("127.0.0.1", gw.port) as c:      # everyone else carries on
             assert c.request(b"fine", timeout=20) == b"fine"
     finally:

@@ -47,7 +47,7 @@ from ..frame import (PROTOCOL_VERSION, BatchPacker, Close, Deliver, Error, Error
                      LENGTH, MAX_NAME, CHUNK_OVERHEAD, CallMe, Chunk, Push, Relay, Reply, Welcome, client_decoder,
                      encode_wire, Call, Send, array_header)
 from ..queues import Queue
-from ..table import Role, SlotFlag
+from ..table import COUNTERS, Role, SlotFlag
 from .base import GatewayChild, child_main
 from ..table import Part
 from .loop import ERR, READ, WRITE, Timer
@@ -58,7 +58,7 @@ READ_SIZE = 65536
 HEAD = struct.Struct(">IBB")   # a frame's length prefix and the first two bytes of its body
 HEAD_PAD = bytes(HEAD.size - LENGTH.size)    # what the read buffer holds beyond the bytes read
 BACKLOG_LIMIT = 1 << 20  # bytes of queue messages held while the queues are full
-C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS = range(8)
+C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS, C_HALF = range(9)
 
 
 class Conn:
@@ -125,6 +125,8 @@ class Receiver(GatewayChild):
             # The receiver before us died holding the start of a frame: the stream cannot be resynchronised.
             log.warning("sid %d gen %d: the previous receiver died in the middle of a frame; ending the "
                         "connection", sid, gen)
+            self.c[C_HALF] += 1
+            self.touch()
             conn.last_in, conn.frames, conn.bytes = last_in, frames, nbytes
             self.end(conn)
             return
@@ -449,6 +451,9 @@ class Receiver(GatewayChild):
             self.control.send(Op.STOPPED)
         if not self.control.outbox:
             self.loop.stop()
+
+
+assert COUNTERS[Role.RECEIVER][C_HALF] == "half_read"
 
 
 def main(argv: list[str] | None = None) -> None:

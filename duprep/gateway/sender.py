@@ -326,7 +326,7 @@ class Sender(GatewayChild):
         self.loop.stop()
 
 
-assert COUNTERS[Role.SENDER][C_STALE] == "dropped_stale"
+assert COUNTERS[Role.SENDER][C_STALE] == "dropped_stale" and COUNTERS[Role.SENDER][C_HALF] == "half_written"
 
 
 def main(argv: list[str] | None = None) -> None:
