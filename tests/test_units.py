@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 
 import msgspec
 import pytest
@@ -241,6 +242,59 @@ def test_attach_rejects_foreign_segments(instance):
     finally:
         shm.close()
         shm.unlink()
+
+
+# --- client daemon: dialing ------------------------------------------------------------
+
+def test_dial_resolves_a_name_off_the_loop_and_connects(monkeypatch):
+    """A name is looked up in a thread: the loop keeps running (a timer fires) while the lookup
+    hangs, then the dial connects; a numeric address needs no thread; a failed lookup fails the dial."""
+    from duprep.clienthost import dial
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def slow_dns(host, *args, **kw):
+        if host == "gateway.example" and not kw.get("flags"):
+            assert release.wait(10), "the loop did not run while the lookup hung"
+            return real("127.0.0.1", *args, **kw)
+        if host == "nowhere.example" and not kw.get("flags"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kw)
+    monkeypatch.setattr(dial.socket, "getaddrinfo", slow_dns)
+    loop = EventLoop()
+    loop.running = True                          # run_once() below, as run() would
+    results: list[object] = []
+    threads = threading.active_count()
+
+    def dial_to(host: str) -> None:
+        d = dial.DirectDial(loop, host, port, timeout=10, on_done=lambda r, w: results.append(r),
+                            on_fail=lambda why: results.append(why))
+        d.start()
+
+    try:
+        loop.call_later(0.05, release.set)       # runs only if the loop is not blocked in the lookup
+        dial_to("gateway.example")
+        while not results:
+            loop.run_once()
+        [sock] = results
+        assert isinstance(sock, socket.socket) and sock.getpeername()[1] == port
+        sock.close()
+        results.clear()
+        dial_to("127.0.0.1")                         # numeric: no thread
+        assert threading.active_count() <= threads
+        while not results:
+            loop.run_once()
+        assert isinstance(results[0], socket.socket)
+        results.pop().close()
+        dial_to("nowhere.example")
+        while not results:
+            loop.run_once()
+        assert "cannot resolve 'nowhere.example'" in str(results[0])
+    finally:
+        loop.close()
+        listener.close()
 
 
 # --- queues --------------------------------------------------------------------------

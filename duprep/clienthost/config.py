@@ -38,7 +38,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     uplink_size: int = 8192
     reply_depth: int = 4
     reply_size: int = 1024
-    connect_timeout: float = 5.0      # seconds for TCP connect (and, callback mode, the callbacks)
+    connect_timeout: float = 5.0      # seconds for name lookup and TCP connect (and, callback mode, the callbacks)
     handshake_timeout: float = 5.0    # seconds from connected to WELCOME
     min_backoff: float = 0.1          # first reconnect delay; doubles up to max_backoff
     max_backoff: float = 5.0

@@ -1,7 +1,7 @@
 """Opening the link to the gateway: direct, or the seed's dual links by callback.
 
 Both dialers work inside the daemon's :class:`EventLoop` without blocking
-it (except name resolution, see below) and end in exactly one call:
+it and end in exactly one call:
 ``on_done(rsock, wsock)`` with connected non-blocking sockets that the
 caller now owns -- the same socket twice for a direct link -- or
 ``on_fail(reason)`` after closing everything they opened.
@@ -16,9 +16,10 @@ caller now owns -- the same socket twice for a direct link -- or
   deadline.  L0 is closed once both links stand (or when the gateway
   closes it); an ERROR frame on L0 is the gateway's refusal.
 
-Name resolution uses the blocking ``getaddrinfo``: a numeric address or
-/etc/hosts entry costs nothing, a slow DNS server stalls the loop for its
-timeout (documented in docs/clienthost.md).
+Name resolution (:class:`Resolve`): a numeric address at once; a name with
+``getaddrinfo`` in a short-lived thread that reports back through a
+socketpair, so a slow DNS server delays only this dial, never the loop
+that serves the local processes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import functools
 import logging
 import secrets
 import socket
-from typing import Callable, Protocol
+import threading
+from typing import Any, Callable, Protocol
 
 import msgspec
 
@@ -37,7 +39,7 @@ from ..gateway.callback import NONCE_SIZE, CallMe
 from ..gateway.loop import ERR, READ, WRITE, EventLoop, Timer
 from ..wire import FrameReader
 
-__all__ = ["Dial", "DirectDial", "CallbackDial", "OnDone", "OnFail"]
+__all__ = ["Dial", "DirectDial", "CallbackDial", "Resolve", "OnDone", "OnFail"]
 
 log = logging.getLogger("duprep")
 
@@ -50,9 +52,63 @@ class Dial(Protocol):
     def cancel(self) -> None: ...
 
 
-def _connect(host: str, port: int) -> socket.socket:
+AddrInfo = tuple[Any, ...]       # one getaddrinfo() entry: family, type, proto, canonname, sockaddr
+
+
+class Resolve:
+    """``getaddrinfo(host, port)`` without blocking the loop; ends in one call of ``on_done(info)``
+    or ``on_fail(reason)``, unless cancelled."""
+
+    def __init__(self, loop: EventLoop, host: str, port: int, *, on_done: Callable[[AddrInfo], None],
+                 on_fail: OnFail) -> None:
+        self.loop, self.host, self.port = loop, host, port
+        self.on_done, self.on_fail = on_done, on_fail
+        self.rsock: socket.socket | None = None
+        self.result: AddrInfo | str = ""
+
+    def start(self) -> None:
+        try:             # a numeric address needs no lookup: no thread
+            info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            pass
+        else:
+            self.on_done(info[0])
+            return
+        self.rsock, wsock = socket.socketpair()
+        self.rsock.setblocking(False)
+        self.loop.register(self.rsock.fileno(), READ, self._on_result)
+        threading.Thread(target=self._lookup, args=(wsock,), name="duprep-resolve", daemon=True).start()
+
+    def _lookup(self, wsock: socket.socket) -> None:
+        """In the thread: look up, then wake the loop.  The thread owns ``wsock`` (closing it from the
+        loop while this thread may still write to it could hit a reused descriptor number)."""
+        try:
+            self.result = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        except OSError as e:
+            self.result = f"cannot resolve {self.host!r}: {e.strerror or e}"
+        try:
+            wsock.send(b"\0")
+        except OSError:
+            pass         # cancelled: nobody listens any more
+        finally:
+            wsock.close()
+
+    def _on_result(self, _ev: int) -> None:
+        self.cancel()
+        if isinstance(self.result, str):
+            self.on_fail(self.result)
+        else:
+            self.on_done(self.result)
+
+    def cancel(self) -> None:
+        if self.rsock is not None:
+            self.loop.close_later(self.rsock)
+            self.rsock = None
+
+
+def _connect(info: AddrInfo) -> socket.socket:
     """A non-blocking socket with connect() started; raises OSError."""
-    family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    family, type_, proto, _, addr = info
     sock = socket.socket(family, type_, proto)
     sock.setblocking(False)
     err = sock.connect_ex(addr)
@@ -80,15 +136,22 @@ class DirectDial:
         self.on_done, self.on_fail = on_done, on_fail
         self.sock: socket.socket | None = None
         self.timer: Timer | None = None
+        self.resolve: Resolve | None = None
 
     def start(self) -> None:
+        self.timer = self.loop.call_later(self.timeout, lambda: self._fail(
+            f"connecting to {self.host}:{self.port} timed out after {self.timeout:g} s"))
+        self.resolve = Resolve(self.loop, self.host, self.port, on_done=self._on_resolved,
+                               on_fail=lambda why: self._fail(f"cannot connect to {self.host}:{self.port}: {why}"))
+        self.resolve.start()
+
+    def _on_resolved(self, info: AddrInfo) -> None:
+        self.resolve = None
         try:
-            self.sock = _connect(self.host, self.port)
+            self.sock = _connect(info)
         except OSError as e:
             self._fail(f"cannot connect to {self.host}:{self.port}: {e.strerror or e}")
             return
-        self.timer = self.loop.call_later(self.timeout, lambda: self._fail(
-            f"connecting to {self.host}:{self.port} timed out after {self.timeout:g} s"))
         self.loop.register(self.sock.fileno(), WRITE, self._on_writable)
 
     def _on_writable(self, ev: int) -> None:
@@ -111,6 +174,9 @@ class DirectDial:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.resolve is not None:
+            self.resolve.cancel()
+            self.resolve = None
         if self.sock is not None:
             self.loop.close_later(self.sock)
             self.sock = None
