@@ -26,11 +26,25 @@ import msgspec
 
 from .errors import (BrokenResourceError, ClosedResourceError, Deferred, ProtocolError, RefusedError,
                      RemoteError, Timeout, UnknownTarget)
-from .frame import (PROTOCOL_VERSION, Call, Defer, Error, ErrorCode, Hello, Push, Relay, Reply, Send,
+from .frame import (MAX_NAME, PROTOCOL_VERSION, Call, Defer, Error, ErrorCode, Hello, Push, Relay, Reply, Send,
                     Welcome, encode_wire, server_decoder)
 from .wire import FrameReader
 
 __all__ = ["Client", "Message"]
+
+MAX_TIMEOUT_MS = 2**32 - 1      # a REQUEST's timeout_ms is a U32: about 49.7 days
+
+
+def timeout_ms(timeout: float | None) -> int:
+    """A REQUEST's ``timeout_ms`` for a timeout in seconds: 0 for none, else 1 .. MAX_TIMEOUT_MS."""
+    return min(MAX_TIMEOUT_MS, max(1, int(timeout * 1000))) if timeout else 0
+
+
+def check_target(target: str) -> None:
+    """Refuse a RELAY target the gateway would take as a protocol violation (and end the connection)."""
+    if len(target) > MAX_NAME:
+        raise ProtocolError(f"a relay target is a client name of at most {MAX_NAME} characters, "
+                            f"not {len(target)}: nothing was sent")
 
 Kind = Literal["push", "relay", "late", "deferred", "error"]
 
@@ -152,7 +166,7 @@ class Client:
         """
         timeout = self.timeout if timeout is None else timeout
         msgid, waiter = self._register()
-        self._write(Call(msgid, self._cpid, max(1, int(timeout * 1000)) if timeout else 0, data))
+        self._write(Call(msgid, self._cpid, timeout_ms(timeout), data))
         return self._wait(msgid, waiter, timeout)
 
     def send(self, data: bytes) -> None:
@@ -165,6 +179,7 @@ class Client:
         Returns once the gateway has queued it for the target; raises
         UnknownTarget if no client of that name is connected.
         """
+        check_target(target)
         timeout = self.timeout if timeout is None else timeout
         msgid, waiter = self._register()
         self._write(Relay(msgid, self._cpid, target, data))

@@ -55,7 +55,7 @@ import msgspec
 import posix_ipc
 
 from . import ipcnames, queues
-from .client import Message
+from .client import Message, check_target, timeout_ms
 from .clienthost import procid
 from .clienthost.instance import DaemonInfo, read_info
 from .clienthost.protocol import (
@@ -216,7 +216,7 @@ class Client:
         deadline = time.monotonic() + timeout
         s = self._ready()
         msgid, waiter = self._register(s)
-        self._put(s, LCall(s.ep, self._pid, msgid, max(1, int(timeout * 1000)) if timeout else 0, data),
+        self._put(s, LCall(s.ep, self._pid, msgid, timeout_ms(timeout), data),
                   msgid, deadline)
         return self._wait(msgid, waiter, timeout, deadline)
 
@@ -236,6 +236,7 @@ class Client:
         Returns once the gateway has queued it; raises UnknownTarget if no
         client of that name is connected.
         """
+        check_target(target)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         s = self._ready()

@@ -30,6 +30,7 @@ from duprep import bus, ipcnames, queues
 from duprep.bus import Request
 from duprep.client import Client as DirectClient
 from duprep.clienthost.launch import DaemonProcess, start_daemon
+from duprep.clienthost import procid
 from duprep.clienthost.procid import start_time
 from duprep.errors import BrokenResourceError, Deferred, RemoteError, Timeout
 from duprep.frame import (
@@ -422,6 +423,58 @@ def test_pushes_and_relays_reach_the_right_process(host: Host) -> None:
     assert d.status()["counters"]["pushes"] == 1
 
 
+def test_a_push_for_a_dead_process_reaches_nobody_else(host: Host) -> None:
+    """A worker pushes to the cpid of a local process that has died: the push is dropped and counted,
+    never handed to another process (not even one that takes pushes for the host)."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname3")
+    d.wait_link("up")
+    [victim] = start_locals(host, 1, 0)
+    dead_cpid = procid.cpid(victim.pid, start_time(victim.pid))
+    victim.kill()
+    wait_until(lambda: victim.pid not in [p["pid"] for p in d.status()["processes"]],
+               what="the daemon to notice the death")
+    taker = host.client(pushes=True)
+    with bus.Replier(host.instance) as replier:
+        replier.push("hostname3", b"for the dead one", cpid=dead_cpid)
+        replier.push("hostname3", b"for the host")
+    msg = taker.receive(timeout=10)
+    assert (msg.kind, msg.data) == ("push", b"for the host")      # the first one went nowhere
+    assert d.status()["counters"]["pushes_unrouted"] == 1
+
+
+def test_bad_attaches_are_refused_and_the_daemon_serves_on(host: Host) -> None:
+    """Attach messages no real process sends (pid 0, a pid beyond pid_max, a reply queue of 1-byte
+    messages) are refused and counted; the daemon stays up for everyone, and its next start is not
+    blocked by the queues they left."""
+    from duprep.clienthost.instance import read_info
+    from duprep.clienthost.protocol import LOCAL_VERSION, Attach, encode
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    good = host.client()
+    assert good.request(b"before") == b"before"
+    info = read_info(host.instance)
+    me, start = os.getpid(), start_time(os.getpid())
+    made = []
+    try:
+        for pid, st, n, size in ((0, 0, 1, 256), (2**40, 5, 1, 256), (me, start, 77, 1)):
+            name = ipcnames.clienthost_reply_queue(host.instance, pid, st, n)
+            made.append(posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=2, max_message_size=size))
+            up = posix_ipc.MessageQueue(info.uplink)
+            up.send(encode(Attach(LOCAL_VERSION, pid, st, n)))
+            up.close()
+        wait_until(lambda: d.status()["counters"]["refused"] == 3, what="three refusals")
+        assert good.request(b"after") == b"after"
+    finally:
+        for q in made:
+            q.close()
+            try:
+                q.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+
+
 def test_late_deferred_and_addressed_push_as_with_a_direct_client(host: Host, tmp_path: Any) -> None:
     gw = host.gateway()
     d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname2")
@@ -436,7 +489,7 @@ def test_late_deferred_and_addressed_push_as_with_a_direct_client(host: Host, tm
         c.request(f"defer:{tmp_path}".encode(), timeout=10)
     with open(tmp_path / "request", "rb") as f:
         request = msgspec.msgpack.decode(f.read(), type=Request)
-    assert request.cpid == os.getpid() and request.client == "hostname2"
+    assert request.cpid == procid.cpid(os.getpid(), start_time(os.getpid())) and request.client == "hostname2"
     with bus.Replier(host.instance) as replier:
         replier.push("hostname2", b"just for you", cpid=request.cpid)   # addressed to this pid
         replier.reply(request, b"answer after all")

@@ -208,16 +208,20 @@ class ClientDaemon:
                 log.warning("dropped an undecodable uplink message: %s", e)
                 continue
             kind = type(msg)
-            if kind is LCall:
-                self.on_call(msg)
-            elif kind is LSend:
-                self.on_send(msg)
-            elif kind is LRelay:
-                self.on_relay(msg)
-            elif kind is Attach:
-                self.on_attach(msg)
-            elif kind is Detach:
-                self.on_detach(msg)
+            try:
+                if kind is LCall:
+                    self.on_call(msg)
+                elif kind is LSend:
+                    self.on_send(msg)
+                elif kind is LRelay:
+                    self.on_relay(msg)
+                elif kind is Attach:
+                    self.on_attach(msg)
+                elif kind is Detach:
+                    self.on_detach(msg)
+            except Exception:       # one local process's bad message must not end the service for all
+                self.c["bad_messages"] += 1
+                log.exception("dropped an uplink message the daemon could not handle: %r", msg)
             if self.link.out_bytes > self.cfg.max_outbuf:
                 return                 # before_sleep pauses the uplink until the link drains
 
@@ -229,7 +233,8 @@ class ClientDaemon:
             log.warning("refused attach of pid %d: %s", msg.pid, e)
             if e.queue is not None:
                 try:
-                    e.queue.put_nowait(split_down(encode(Refused(str(e))), e.queue.msgsize)[0])
+                    for piece in split_down(encode(Refused(str(e))), e.queue.msgsize):
+                        e.queue.put_nowait(piece)
                 except (WouldBlock, OSError, ValueError):
                     pass
                 e.queue.close()
@@ -286,7 +291,7 @@ class ClientDaemon:
             return
         wire = self.routes.add(ep.ep, msg.msgid)
         self.c["requests"] += 1
-        self._forward(ep, msg.msgid, Call(wire, msg.pid, msg.timeout_ms, msg.data), wire)
+        self._forward(ep, msg.msgid, Call(wire, ep.proc.cpid, msg.timeout_ms, msg.data), wire)
 
     def on_relay(self, msg: LRelay) -> None:
         ep = self._endpoint(msg.ep, msg.pid)
@@ -294,7 +299,7 @@ class ClientDaemon:
             return
         wire = self.routes.add(ep.ep, msg.msgid)
         self.c["requests"] += 1
-        self._forward(ep, msg.msgid, Relay(wire, msg.pid, msg.target, msg.data), wire)
+        self._forward(ep, msg.msgid, Relay(wire, ep.proc.cpid, msg.target, msg.data), wire)
 
     def on_send(self, msg: LSend) -> None:
         ep = self._endpoint(msg.ep, msg.pid)
@@ -302,7 +307,7 @@ class ClientDaemon:
             return
         self.c["sends"] += 1
         wire = self.routes.next_id()
-        data = encode_wire(Send(wire, msg.pid, msg.data))
+        data = encode_wire(Send(wire, ep.proc.cpid, msg.data))
         if self.max_frame and len(data) - 4 > self.max_frame:
             self.c["too_large"] += 1
             self.endpoints.deliver(ep, encode(Error(
@@ -338,12 +343,12 @@ class ClientDaemon:
         if ep is None:                        # cannot happen: routes are orphaned with their endpoint
             self.c["orphan_replies"] += 1
             return
-        if kind is Reply:
-            out: msgspec.Struct = Reply(route.msgid, frame.cpid, frame.data)   # type: ignore[attr-defined]
+        if kind is Reply:            # (locally, cpid is the process's own pid again)
+            out: msgspec.Struct = Reply(route.msgid, ep.pid, frame.data)       # type: ignore[attr-defined]
         elif kind is Defer:
-            out = Defer(route.msgid, frame.cpid)                               # type: ignore[attr-defined]
+            out = Defer(route.msgid, ep.pid)
         else:
-            out = Error(route.msgid, frame.cpid, frame.code, frame.message)    # type: ignore[attr-defined]
+            out = Error(route.msgid, ep.pid, frame.code, frame.message)        # type: ignore[attr-defined]
         self._deliver(ep, out)
 
     def _deliver(self, ep: Endpoint, out: msgspec.Struct) -> None:
@@ -353,11 +358,14 @@ class ClientDaemon:
             self.c["dropped_slow"] += 1
 
     def on_push(self, push: Push) -> None:
-        """A PUSH goes to the process named by its cpid, else to every endpoint that takes pushes."""
-        targets = self.endpoints.of_pid(push.cpid) if push.cpid else []
-        if targets:
+        """A PUSH with a cpid goes to that process only (dropped if it is gone: never to another one);
+        one without goes to every endpoint that takes pushes."""
+        if push.cpid:
+            proc = self.endpoints.process(*procid.from_cpid(push.cpid))
+            targets = list(proc.endpoints.values()) if proc is not None else []
             takers = [e for e in targets if e.pushes]
             targets = takers or targets[:1]
+            push = Push(proc.pid if proc is not None else 0, push.source, push.data)
         else:
             targets = self.endpoints.push_takers()
         if not targets:

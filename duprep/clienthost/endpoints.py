@@ -38,6 +38,8 @@ from . import procid
 from .instance import LiveLeftover
 from .protocol import LOCAL_VERSION, Attach, split_down
 
+MIN_REPLY_SIZE = 64      # bytes per reply-queue message a local process must offer (answers travel in pieces)
+
 __all__ = ["AttachError", "Endpoint", "LocalProcess", "Endpoints"]
 
 log = logging.getLogger("duprep")
@@ -80,11 +82,12 @@ class Endpoint:
 class LocalProcess:
     """A live local process: its pidfd, endpoints, and leftover queues of an earlier run."""
 
-    __slots__ = ("pid", "start", "pidfd", "endpoints", "leftovers")
+    __slots__ = ("pid", "start", "cpid", "pidfd", "endpoints", "leftovers")
 
     def __init__(self, pid: int, start: int, pidfd: int) -> None:
         self.pid = pid
         self.start = start
+        self.cpid = procid.cpid(pid, start)      # its name on the wire
         self.pidfd = pidfd
         self.endpoints: dict[int, Endpoint] = {}
         self.leftovers: list[str] = []
@@ -125,8 +128,9 @@ class Endpoints:
     def processes(self) -> list[LocalProcess]:
         return list(self._procs.values())
 
-    def of_pid(self, pid: int) -> list[Endpoint]:
-        return [e for (p, _s), proc in self._procs.items() if p == pid for e in proc.endpoints.values()]
+    def process(self, pid: int, start: int) -> LocalProcess | None:
+        """The live process ``(pid, start)``, if it is attached."""
+        return self._procs.get((pid, start))
 
     def push_takers(self) -> list[Endpoint]:
         return [e for e in self._eps.values() if e.pushes]
@@ -144,9 +148,12 @@ class Endpoints:
         name = ipcnames.clienthost_reply_queue(self.instance, msg.pid, msg.start, msg.n)
         try:
             queue = queues.Queue(name)
-        except (BrokenResourceError, ConfigError) as e:
+        except (BrokenResourceError, ConfigError, OSError, posix_ipc.Error) as e:   # e.g. out of descriptors
             raise AttachError(f"cannot open reply queue {name}: {e}", None) from None
         try:
+            if queue.msgsize < MIN_REPLY_SIZE:
+                raise AttachError(f"reply queue {name} takes messages of {queue.msgsize} bytes; "
+                                  f"at least {MIN_REPLY_SIZE} are needed", None)
             if msg.version != LOCAL_VERSION:
                 raise AttachError(f"local protocol version {msg.version} not supported; "
                                   f"this daemon speaks {LOCAL_VERSION}", queue)

@@ -12,6 +12,10 @@ makes the answer exact: open the pidfd first, then compare the start time,
 then make sure the pidfd's process has not exited yet.  While it is alive
 its pid cannot be reused, so the stat we read was its own.
 
+On the wire a local process is named by :func:`cpid`: its start time and
+pid in one number, so an answer or push for a process that died can never
+reach the stranger who got its pid (a pid alone would).
+
 Owns nothing: the caller closes the returned pidfd.
 """
 
@@ -19,8 +23,11 @@ from __future__ import annotations
 
 import os
 import select
+from typing import Final
 
-__all__ = ["ProcessGone", "start_time", "watch", "exited"]
+__all__ = ["ProcessGone", "start_time", "watch", "exited", "cpid", "from_cpid", "PID_BITS"]
+
+PID_BITS: Final = 22     # Linux's pid_max is at most 2**22
 
 
 class ProcessGone(LookupError):
@@ -33,6 +40,8 @@ def start_time(pid: int) -> int:
     The command name (field 2) may hold spaces and parentheses, so fields
     are counted after the *last* ')'.
     """
+    if not 0 < pid < 1 << PID_BITS:
+        raise ProcessGone(f"{pid} is not a process id")
     try:
         with open(f"/proc/{int(pid)}/stat", "rb") as f:
             stat = f.read()
@@ -44,7 +53,9 @@ def start_time(pid: int) -> int:
 
 def exited(pidfd: int) -> bool:
     """True once the process behind ``pidfd`` has exited (zombie or reaped)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
+    p = select.poll()              # (not select(): it cannot take descriptors >= 1024)
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def watch(pid: int, start: int) -> int:
@@ -52,6 +63,8 @@ def watch(pid: int, start: int) -> int:
 
     **Resource handling**: the caller owns the returned descriptor.
     """
+    if not 0 < pid < 1 << PID_BITS:
+        raise ProcessGone(f"{pid} is not a process id")
     try:
         pidfd = os.pidfd_open(int(pid))
     except ProcessLookupError:
@@ -65,3 +78,13 @@ def watch(pid: int, start: int) -> int:
         os.close(pidfd)
         raise
     return pidfd
+
+
+def cpid(pid: int, start: int) -> int:
+    """The wire name of process ``(pid, start)``: unique while the host is up, the pid in its low bits."""
+    return start << PID_BITS | pid
+
+
+def from_cpid(value: int) -> tuple[int, int]:
+    """``(pid, start)`` of a :func:`cpid`."""
+    return value & ((1 << PID_BITS) - 1), value >> PID_BITS
