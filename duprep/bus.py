@@ -417,7 +417,7 @@ class Worker(Replier):
         super()._push(block=block, timeout=timeout)
         n = self._in_hand_n
         if n > 0 and not self._pending:        # every answer so far is on the queue
-            handed = n - len(self._batch)      # (counting one still being handled, if any)
+            handed = n - len(self._batch) - self._holding     # (one still being handled is not answered)
             if handed == n:
                 self._in_hand_n = 0
                 self._in_hand.clear()
