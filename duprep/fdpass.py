@@ -34,7 +34,9 @@ class Op:
     READY = 3       # child -> acceptor: booted, serving
     STOP = 4        # acceptor -> child: stop gracefully (receiver: stop reading; sender: drain)
     STOPPED = 5     # child -> acceptor: graceful stop done, about to exit 0
-    names: Final = {1: "conn", 2: "released", 3: "ready", 4: "stop", 5: "stopped"}
+    HANDED = 6      # acceptor -> child: every connection open at your READY is handed to you (CONNs above)
+    CLOSE = 7       # acceptor -> sender, before HANDED: the receiver let go of (sid, gen) already; end it
+    names: Final = {1: "conn", 2: "released", 3: "ready", 4: "stop", 5: "stopped", 6: "handed", 7: "close"}
 
 
 class Record(NamedTuple):

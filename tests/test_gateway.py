@@ -488,6 +488,25 @@ def test_a_crashed_child_is_restarted_and_clients_carry_on(gateway, instance, ro
         assert restarts == 1
 
 
+def test_what_is_queued_while_the_sender_restarts_is_delivered_and_closes_free_slots(gateway, instance):
+    """While the sender is down, one client's request is answered into the reply queue and 20 others
+    close: the new sender must deliver the answer and end the closed connections (it used to read
+    the queue before it had the connections back, drop all that as stale, and leak the slots)."""
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, name="waiting", timeout=20) as waiting:
+        leaving = [duprep.Client("127.0.0.1", gw.port, name=f"leaving{i}") for i in range(20)]
+        [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-sender"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not alive(victim), what="the sender to die")
+        for c in leaving:
+            c.close()
+        assert waiting.request(b"across the restart", timeout=20) == b"across the restart"
+        wait_until(lambda: [c["name"] for c in snapshot(instance)["connections"]] == ["waiting"],
+                   what="the slots of the clients that left to be freed")
+        procs = {p["role"]: p for p in snapshot(instance)["processes"]}
+        assert procs["sender"]["counters"]["dropped_stale"] == 0
+
+
 def test_a_connection_the_dead_sender_left_inside_a_frame_is_ended_not_corrupted(gateway, instance):
     """The sender dies with half a frame written to a client that does not read: the new sender must
     end that connection (the next frame would be read as the rest of the cut one), and only that one."""

@@ -516,6 +516,11 @@ class Acceptor:
         for conn in list(self.conns.values()):           # a restarted child gets every connection back
             if child.role not in conn.released and id(conn) not in held:
                 self.hand_over(child, conn)
+                if child.role == "sender" and "receiver" in conn.released and child.control is not None:
+                    # Its Close may have died with the old sender: the new one must end it anyway.
+                    child.control.send(Op.CLOSE, conn.sid, conn.gen)
+        if child.control is not None:
+            child.control.send(Op.HANDED)       # the sender reads the reply queue only after this
         if child.role == "sender":
             self.release_held()
         if self.state == "booting" and all(self.children[r].ready for r in ("receiver", "sender")):

@@ -36,6 +36,7 @@ import time
 from .. import ipcnames
 from ..config import GatewayConfig
 from ..errors import ProtocolError, WouldBlock
+from .. import fdpass
 from ..fdpass import Op
 from ..frame import Deliver, Error, ErrorCode, decode_replies, encode_wire
 from ..queues import Queue
@@ -81,13 +82,36 @@ class Sender(GatewayChild):
         self.requests = Queue(ipcnames.request_queue(cfg.instance))  # for its depth while draining
         self.conns: dict[int, Conn] = {}
         self.dirty: dict[int, Conn] = {}         # connections with new output this batch
+        self.to_close: list[tuple[int, int]] = []  # Op.CLOSE records waiting for Op.HANDED
         self.draining = False
         self.stopped = False
         self.drain_deadline = 0.0
         self.now = time.time()
 
     def setup(self) -> None:
+        """The reply queue is read only once the acceptor has handed over every open connection
+        (Op.HANDED): a restarted sender that read it earlier would drop the answers, Closes and
+        WELCOMEs queued while it was down as meant for unknown connections."""
+
+    def on_record(self, rec: fdpass.Record) -> None:
+        if rec.op == Op.CLOSE:
+            self.to_close.append((rec.sid, rec.generation))
+        elif rec.op == Op.HANDED:
+            self.handed()
+        else:
+            super().on_record(rec)
+
+    def handed(self) -> None:
+        if self.loop.registered(self.replies.fileno()):
+            return
         self.loop.register(self.replies.fileno(), READ, self.on_replies)
+        self.on_replies(0)                # what waited for us first, so that a Close below comes after it
+        for sid, gen in self.to_close:   # connections the receiver let go of before we started
+            conn = self.conns.get(sid)
+            if conn is not None and conn.gen == gen:
+                conn.closing = True
+                self.dirty[sid] = conn
+        self.to_close = []
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
