@@ -286,7 +286,7 @@ class Worker(Replier):
                 for message in lost.answered:
                     self._pending.append(message)
                     self._pending_bytes += len(message)
-            previous = list(self._table.proc_part(row).read()[7:])
+            previous = list(self._table.proc_part(row).read_own()[7:])     # the row is ours now
             self._row = ProcRow(self._table, row, Role.WORKER, index=row - FIRST_WORKER_ROW)
             self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
             self._c = self._row.counters

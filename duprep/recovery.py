@@ -82,7 +82,7 @@ def take_over(table: Table, row: int) -> Lost | None:
             packer.add(Deliver(r.sid, r.generation,
                                encode_wire(Error(r.msgid, r.cpid, ErrorCode.WORKER_LOST, MESSAGE))))
     part = table.proc_part(row)
-    pid, role, _state, index, pad, started, heartbeat, *counters = part.read()
+    pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()   # the row is ours now
     counters[C_REQUESTS] += len(requests)      # handled, as far as the drain arithmetic goes
     counters[C_HELD] = 0
     counters[C_LOST] += len(requests)

@@ -270,6 +270,16 @@ class Part:
                     return values[1:]
         raise ProtocolError(f"table record stayed locked for {READ_PATIENCE} s: its writer died mid-write")
 
+    def read_own(self) -> tuple[Any, ...]:
+        """The record as it is, for the process that took over as its only writer.
+
+        Why: a writer killed inside a write leaves ``seq`` odd until the next
+        write, and the only process that will ever write the record again is
+        the one reading it now (its predecessor is dead), so waiting would
+        never end.  The values may be half updated; the next write is whole.
+        """
+        return self.fmt.unpack_from(self.buf, self.off)[1:]
+
 
 class Table:
     """A view of an instance's connection table.
@@ -415,7 +425,12 @@ class Table:
     def procs(self) -> Iterator[ProcInfo]:
         """Snapshots of every row that has ever been used."""
         for row in range(self.nprocs):
-            pid, role, state, index, _, started, heartbeat, *counters = self.proc_part(row).read()
+            part = self.proc_part(row)
+            try:
+                values = part.read()
+            except ProtocolError:        # its writer died mid-write and nobody took the row over yet
+                values = part.read_own()
+            pid, role, state, index, _, started, heartbeat, *counters = values
             if pid == 0 and role == Role.NONE:
                 continue
             names = COUNTERS.get(role, ())

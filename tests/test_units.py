@@ -482,6 +482,13 @@ def test_seqlock_reader_waits_for_a_slow_writer_and_gives_up_on_a_dead_one(table
     monkeypatch.setattr(t, "READ_PATIENCE", 0.05)
     with pytest.raises(ProtocolError, match="died mid-write"):
         part.read()
+    assert part.read_own()[0] == 5                            # its successor, the only writer now, reads it
+    part.write(6, SlotState.OPEN, 1, 1.0, b"x")               # ... and its next write is whole again
+    assert part.read()[0] == 6
+    row = table.proc_part(3)
+    ProcRow(table, 3, Role.WORKER).beat()
+    struct.pack_into("<I", table.buf, row.off, struct.unpack_from("<I", table.buf, row.off)[0] + 1)
+    assert [p.row for p in table.procs()] == [3]               # a dead writer's row does not break procs()
 
 
 def test_sched_switches_only_between_other_and_batch():

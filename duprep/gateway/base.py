@@ -38,7 +38,7 @@ class GatewayChild:
         self.cfg = cfg
         self.ctl = ctl
         self.table = Table.attach(ipcnames.table_name(cfg.instance))
-        previous = list(self.table.proc_part(self.ROW).read()[7:])
+        previous = list(self.table.proc_part(self.ROW).read_own()[7:])     # we are its writer now
         self.row = ProcRow(self.table, self.ROW, self.ROLE)
         self.row.counters[:] = previous        # a restarted child continues its predecessor's counts
         self.c = self.row.counters

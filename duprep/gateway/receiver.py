@@ -120,7 +120,7 @@ class Receiver(GatewayChild):
         conn = Conn(sid, gen, sock)
         conn.part = self.table.r_part(sid)
         self.conns[sid] = conn
-        rgen, flags, _, last_in, frames, nbytes, name = conn.part.read()
+        rgen, flags, _, last_in, frames, nbytes, name = conn.part.read_own()   # we are its writer now
         if rgen == gen and flags & SlotFlag.HALF_READ:
             # The receiver before us died holding the start of a frame: the stream cannot be resynchronised.
             log.warning("sid %d gen %d: the previous receiver died in the middle of a frame; ending the "

@@ -123,7 +123,7 @@ class Sender(GatewayChild):
         conn = Conn(sid, gen, sock)
         conn.part = self.table.s_part(sid)
         self.conns[sid] = conn
-        sgen, flags, _, last_out, frames, nbytes, dropped, _ = conn.part.read()
+        sgen, flags, _, last_out, frames, nbytes, dropped, _ = conn.part.read_own()   # we are its writer now
         if sgen == gen:       # a sender before us (which died) wrote to this connection: go on counting
             conn.last_out, conn.frames, conn.bytes, conn.dropped = last_out, frames, nbytes, dropped
             if flags & SendFlag.HALF_WRITTEN:
