@@ -374,6 +374,55 @@ def test_graceful_stop_delivers_replies_already_in_flight(gateway, instance):
         assert result == [b"sleep:0.5|last"]
 
 
+def test_a_stop_that_finds_the_sender_restarting_still_delivers_what_is_queued(gateway, instance):
+    """SIGTERM while the sender is down (killed, inside its restart delay) with answers on the reply
+    queue: the gateway starts a sender for the drain, so every client gets its answer and then
+    SHUTTING_DOWN (the stop used to skip the sender step: answers lost, exit 0 all the same)."""
+    gw = gateway()
+    socks = [_raw(gw.port) for _ in range(5)]
+    readers = [FrameReader(1 << 20) for _ in socks]
+    try:
+        for s, r in zip(socks, readers):
+            s.sendall(encode_wire(Hello(1, "")))
+            assert isinstance(_frames(s, r, 1)[0], frame.Welcome)
+        [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-sender"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not alive(victim), what="the sender to die")
+        for i, s in enumerate(socks):
+            s.sendall(encode_wire(Call(1, 1, 0, b"r%d" % i)))
+        wait_until(lambda: snapshot(instance)["queues"]["replies"]["messages"] >= 1, timeout=2,
+                   what="answers on the reply queue")          # (the restart comes after 0.25 s)
+        assert gw.stop() == 0
+        for i, (s, r) in enumerate(zip(socks, readers)):
+            got = _frames(s, r, 2)
+            assert isinstance(got[0], frame.Reply) and got[0].data == b"r%d" % i
+            assert isinstance(got[1], frame.Error) and got[1].code == ErrorCode.SHUTTING_DOWN
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_worker_killed_during_the_stop_is_answered_for_and_the_drain_ends(gateway, instance):
+    """A worker dies holding a request while the stop drains: its client gets WORKER_LOST, not a
+    wait for the whole drain_timeout and then SHUTTING_DOWN."""
+    gw = gateway("--drain-timeout", "30", workers=1)
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    try:
+        s.sendall(encode_wire(Hello(1, "")) + encode_wire(Call(1, 1, 0, b"sleep:60")))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        [row] = wait_until(lambda: [r for r in _worker_rows(instance) if r["counters"]["held"] == 1] or None,
+                           what="the worker to take the request")
+        gw.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: snapshot(instance)["state"] == "stopping", what="the stop to begin")
+        os.kill(row["pid"], signal.SIGKILL)
+        lost, bye = _frames(s, reader, 2, timeout=20)          # long before the 30 s drain timeout
+        assert (lost.msgid, lost.code) == (1, ErrorCode.WORKER_LOST) and bye.code == ErrorCode.SHUTTING_DOWN
+        assert gw.proc.wait(20) == 0
+    finally:
+        s.close()
+
+
 def test_restart_after_kill_9_of_everything(gateway, instance):
     gw = gateway()
     with duprep.Client("127.0.0.1", gw.port) as c:

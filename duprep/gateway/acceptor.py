@@ -129,6 +129,7 @@ class Acceptor:
         self.stats_timer: Timer | None = None
         self.step_asked = False
         self.lost_out: deque[bytes] = deque()   # ERROR WORKER_LOST messages waiting for reply-queue room
+        self.sender_for_drain = False           # a sender was started for the stop's drain
 
     # ======================================================================
     # 1. boot
@@ -525,6 +526,8 @@ class Acceptor:
             self.release_held()
         if self.state == "booting" and all(self.children[r].ready for r in ("receiver", "sender")):
             self.became_ready()
+        elif self.state in ("stopping", "halting"):
+            self.stop_step()
 
     def on_child_exit(self, child: Child) -> None:
         assert child.proc is not None
@@ -539,6 +542,8 @@ class Acceptor:
             child.control = None
         was_ready, child.ready = child.ready, False
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if child.role == "worker":         # also while stopping: the sender may still be draining
+            self.answer_for(child)
         if self.state in ("stopping", "halting"):
             log.info("%r exited (%s)", child, how)
             self.stop_step()
@@ -547,8 +552,6 @@ class Acceptor:
             log.error("%r cannot start (%s); stopping the gateway", child, how)
             self.halt(EXIT_BOOT_ERROR if code not in NO_RESPAWN else code)
             return
-        if child.role == "worker":
-            self.answer_for(child)
         self.row.counters[C_RESTARTS] += 1     # type: ignore[union-attr]
         self.row.beat()                         # type: ignore[union-attr]
         if time.monotonic() - child.started > 10:
@@ -644,10 +647,21 @@ class Acceptor:
         while self.step != "done":
             alive = [c for c in self.children.values() if self.matches(c, self.step) and c.proc
                      and c.proc.poll() is None]
+            if not alive and self.step == "sender" and not self.step_asked and self.state == "stopping" \
+                    and self.conns and not self.sender_for_drain:
+                # The stop found the sender down (between a crash and its restart): start it now,
+                # or what is queued for the clients would never reach them.
+                self.sender_for_drain = True
+                log.info("starting a sender to deliver what is queued before stopping")
+                self.spawn(self.children["sender"])
+                self.arm_stop_timer(STEP_TIMEOUT)
+                return
             if not alive:
                 self.step = order[order.index(self.step) + 1]
                 self.step_asked = False
                 continue
+            if self.step == "sender" and not all(c.ready for c in alive):
+                return            # still booting: child_ready() calls us again
             if not self.step_asked:
                 self.step_asked = True
                 for c in alive:
@@ -655,12 +669,14 @@ class Acceptor:
                         c.control.send(Op.STOP)
                     else:
                         c.proc.send_signal(signal.SIGTERM)   # type: ignore[union-attr]
-                limit = STEP_TIMEOUT + (self.cfg.drain_timeout if self.step == "sender" else 0)
-                if self.stop_timer is not None:
-                    self.stop_timer.cancel()
-                self.stop_timer = self.loop.call_later(limit, self.on_step_timeout)
+                self.arm_stop_timer(STEP_TIMEOUT + (self.cfg.drain_timeout if self.step == "sender" else 0))
             return
         self.loop.stop()
+
+    def arm_stop_timer(self, limit: float) -> None:
+        if self.stop_timer is not None:
+            self.stop_timer.cancel()
+        self.stop_timer = self.loop.call_later(limit, self.on_step_timeout)
 
     @staticmethod
     def matches(child: Child, step: str) -> bool:
