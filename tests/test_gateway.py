@@ -647,6 +647,60 @@ def test_a_connection_the_dead_receiver_left_inside_a_frame_is_ended_not_misread
         table.close()
 
 
+def test_connections_a_dead_receiver_had_ended_stay_ended(gateway, instance):
+    """The receiver ends two connections for protocol violations (HELLO twice; a frame above max_frame)
+    while the reply queue is full, so their ERROR and Close wait in its backlog; then it is killed.
+    Its successor must not read them again (the rest of the refused frame would be executed as a
+    phantom request), and the sender must end them although their Close died with the receiver."""
+    from duprep.frame import LENGTH
+    gw = gateway()
+    filler, bad_hello, too_large = (_raw(gw.port) for _ in range(3))
+    readers = {}
+    try:
+        for s in (filler, bad_hello, too_large):
+            readers[s] = FrameReader(1 << 20)
+            s.sendall(encode_wire(Hello(1, "")))
+            assert isinstance(_frames(s, readers[s], 1)[0], frame.Welcome)
+        [sender] = [p for p in descendants(gw.pid) if comm(p) == "duprep-sender"]
+        os.kill(sender, signal.SIGSTOP)
+        try:
+            filler.setblocking(False)
+            try:
+                filler.send(b"".join(encode_wire(Call(i, 1, 0, b"f" * 3000)) for i in range(1, 200)))
+            except BlockingIOError:
+                pass
+            wait_until(lambda: snapshot(instance)["queues"]["replies"]["messages"] == 10,
+                       what="the reply queue to fill up")
+            bad_hello.sendall(encode_wire(Hello(1, "again")))
+            too_large.sendall(LENGTH.pack(10_000_000))
+            wait_until(lambda: snapshot(instance)["processes"][1]["counters"]["protocol_errors"] == 2,
+                       timeout=5, what="both violations to be seen")
+            [receiver] = [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"]
+            os.kill(receiver, signal.SIGKILL)
+            wait_until(lambda: [p for p in snapshot(instance)["processes"]
+                                if p["role"] == "receiver" and p["pid"] != receiver and alive(p["pid"])],
+                       what="a new receiver")
+        finally:
+            os.kill(sender, signal.SIGCONT)
+        for s, msgid in ((bad_hello, 77), (too_large, 666)):
+            try:
+                s.sendall(encode_wire(Call(msgid, 1, 0, b"must never run")))
+            except OSError:
+                pass
+            got = []
+            try:
+                while data := s.recv(65536):
+                    got += map(frame.server_decoder().decode, readers[s].feed(data))
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail(f"connection not ended; frames after the restart: {got}")
+            assert not [f for f in got if isinstance(f, frame.Reply)], got
+    finally:
+        for s in (filler, bad_hello, too_large):
+            s.close()
+
+
 def test_request_with_an_unusual_array_header_is_served(gateway):
     """msgpack allows array16 for 5 elements; the receiver's fast path does not, the slow path does."""
     gw = gateway()

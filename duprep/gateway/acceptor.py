@@ -558,9 +558,18 @@ class Acceptor:
             child.failures = 0
         delay = min(30.0, 0.25 * 2 ** child.failures)
         child.failures += 1
-        if child.role != "worker":     # the released marks of the dead one no longer mean anything
+        if child.role == "sender":     # its successor gets every connection again and releases it again
             for conn in list(self.conns.values()):
                 conn.released.discard(child.role)
+        elif child.role == "receiver":
+            # What it let go of (client gone, protocol violation) stays let go: its successor must not
+            # read those connections again (it would take a cut or refused frame's rest for frames).
+            # Their Close may have died in its backlog: the sender ends them itself.
+            sender = self.children["sender"]
+            for conn in list(self.conns.values()):
+                if "receiver" in conn.released and "sender" not in conn.released and sender.ready \
+                        and sender.control is not None:
+                    sender.control.send(Op.CLOSE, conn.sid, conn.gen)
         log.error("%r died (%s); restarting in %.2f s", child, how, delay)
         self.loop.call_later(delay, lambda: self.respawn(child))
 

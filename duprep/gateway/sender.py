@@ -91,22 +91,26 @@ class Sender(GatewayChild):
     def setup(self) -> None:
         """The reply queue is read only once the acceptor has handed over every open connection
         (Op.HANDED): a restarted sender that read it earlier would drop the answers, Closes and
-        WELCOMEs queued while it was down as meant for unknown connections."""
+        WELCOMEs queued while it was down as meant for unknown connections.  Op.CLOSE names a
+        connection the receiver let go of whose Close item may have been lost (with a dead sender
+        or receiver)."""
 
     def on_record(self, rec: fdpass.Record) -> None:
         if rec.op == Op.CLOSE:
             self.to_close.append((rec.sid, rec.generation))
+            if self.loop.registered(self.replies.fileno()):
+                self.close_now()
         elif rec.op == Op.HANDED:
-            self.handed()
+            if not self.loop.registered(self.replies.fileno()):
+                self.loop.register(self.replies.fileno(), READ, self.on_replies)
+                self.close_now()
         else:
             super().on_record(rec)
 
-    def handed(self) -> None:
-        if self.loop.registered(self.replies.fileno()):
-            return
-        self.loop.register(self.replies.fileno(), READ, self.on_replies)
-        self.on_replies(0)                # what waited for us first, so that a Close below comes after it
-        for sid, gen in self.to_close:   # connections the receiver let go of before we started
+    def close_now(self) -> None:
+        """End the connections the acceptor says the receiver let go of, after what is queued for them."""
+        self.on_replies(0)                # what waits in the reply queue first, so the Close comes after it
+        for sid, gen in self.to_close:
             conn = self.conns.get(sid)
             if conn is not None and conn.gen == gen:
                 conn.closing = True
