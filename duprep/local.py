@@ -25,8 +25,9 @@ Differences from a direct client, all consequences of sharing a link:
   BrokenResourceError; the next call attaches again (to a restarted
   daemon) or raises BrokenResourceError if none runs.
 * ``send()`` returns once the message is on the uplink queue; if the daemon
-  cannot forward it (link down), ``receive()`` returns an "error" Message
-  with ``code == LINK_LOST`` for its msgid.
+  cannot forward it (link down, or lost before it was written to the
+  socket), ``receive()`` returns an "error" Message with
+  ``code == LINK_LOST`` for its msgid.
 * Pushes addressed to this process's pid (a worker's
   ``push(name, data, cpid=request.cpid)``) reach it; pushes and relays
   addressed to the host as a whole reach the clients made with
@@ -378,6 +379,8 @@ class Client:
     def _register(self, s: _Session) -> tuple[int, _Waiter]:
         waiter = _Waiter(s)
         with self._lock:
+            if s.broken is not None:       # the reader failed the waiters already: this one would wait in vain
+                raise type(s.broken)(str(s.broken))
             msgid = next(self._ids)
             self._waiting[msgid] = waiter
         return msgid, waiter

@@ -297,6 +297,36 @@ def test_dial_resolves_a_name_off_the_loop_and_connects(monkeypatch):
         listener.close()
 
 
+def test_link_reports_the_sends_it_drops_before_writing_them():
+    """SENDs still in the daemon's link buffer when the link fails come back from take_unsent();
+    those the kernel took whole do not (a request has a route to fail it; a SEND has only this)."""
+    from duprep.clienthost.config import DaemonConfig
+    from duprep.clienthost.link import Link
+    loop = EventLoop()
+    link = Link(DaemonConfig(), loop, on_up=lambda w: None, on_frame=lambda f: None, on_down=lambda r: None)
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        loop.register(a.fileno(), READ, lambda ev: None)
+        link.rsock = link.wsock = a
+        link.state = "up"
+        frames = [bytes(3000) for _ in range(100)]              # 300 KB: far more than the buffers take
+        for i, f in enumerate(frames):
+            link.send(f, send_of=(7, i))
+        link.flush()
+        written = link.written
+        assert 0 < written < sum(map(len, frames))
+        link.fail("test")
+        unsent = link.take_unsent()
+        assert unsent == [(7, i) for i in range(written // 3000, 100)]   # a SEND cut in two counts as unsent
+        assert link.take_unsent() == [] and link.queued == link.written == 0
+    finally:
+        link.stop()
+        loop.close()
+        b.close()
+
+
 # --- queues --------------------------------------------------------------------------
 
 def test_plan_fits_the_stock_kernel():

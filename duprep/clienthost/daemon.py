@@ -315,7 +315,7 @@ class ClientDaemon:
                 f"frame of {len(data) - 4} bytes exceeds the gateway's max_frame {self.max_frame}")))
             return
         ep.requests += 1
-        self.link.send(data)
+        self.link.send(data, send_of=(ep.ep, msg.msgid))
 
     # ======================================================================
     # gateway side: the link
@@ -377,7 +377,10 @@ class ClientDaemon:
     def on_link_down(self, reason: str) -> None:
         """Fail every request the lost link was carrying, at once."""
         text = f"lost the link to gateway {self.cfg.server}: {reason}" if self.state == "running" else reason
-        for ep_id, msgids in self.routes.fail_all().items():
+        failed = self.routes.fail_all()
+        for ep_id, msgid in self.link.take_unsent():    # SENDs the link dropped before writing them
+            failed.setdefault(ep_id, []).append(msgid)
+        for ep_id, msgids in failed.items():
             ep = self.endpoints.get(ep_id)
             if ep is None:
                 continue
@@ -495,7 +498,8 @@ class ClientDaemon:
                      "last_error": link.last_error,
                      "next_attempt_in": round(max(0.0, link.next_attempt - self.loop.clock()), 3)
                      if link.state == "down" else 0.0,
-                     "out_bytes": link.out_bytes, "frames_in": link.frames_in, "frames_out": link.frames_out},
+                     "out_bytes": link.out_bytes, "sends_unwritten": len(link.sends),
+                     "frames_in": link.frames_in, "frames_out": link.frames_out},
             "uplink": uplink, "reply_depth": self.cfg.reply_depth, "reply_size": self.cfg.reply_size,
             "in_flight": self.routes.waiting(), "orphans_remembered": self.routes.orphans,
             "counters": dict(self.c), "processes": procs,

@@ -26,6 +26,7 @@ import logging
 import random
 import socket
 import time
+from collections import deque
 from typing import Callable
 
 import msgspec
@@ -87,6 +88,11 @@ class Link:
         self.rview = memoryview(self.rbuf)
         self.out: list[bytes | bytearray | memoryview] = []
         self.out_bytes = 0
+        # SENDs not completely written yet, as (end offset in the stream, endpoint, local msgid): a SEND
+        # has no answer to fail it, so the ones the link drops are reported from here (take_unsent()).
+        self.sends: deque[tuple[int, int, int]] = deque()
+        self.queued = self.written = 0    # stream offsets since the link came up
+        self.unsent: list[tuple[int, int]] = []
         self.writing = False
         self.welcome: Welcome | None = None
         self.attempts = 0             # failed attempts since the link was last up
@@ -216,11 +222,23 @@ class Link:
 
     # --- writing ---------------------------------------------------------------------
 
-    def send(self, data: bytes | bytearray) -> None:
-        """Queue one encoded wire frame; it leaves at the next :meth:`flush`."""
+    def send(self, data: bytes | bytearray, *, send_of: tuple[int, int] | None = None) -> None:
+        """Queue one encoded wire frame; it leaves at the next :meth:`flush`.
+
+        ``send_of`` (endpoint, local msgid) marks a SEND, reported by
+        :meth:`take_unsent` if the link goes down before it is written.
+        """
         self.out.append(data)
         self.out_bytes += len(data)
+        self.queued += len(data)
         self.frames_out += 1
+        if send_of is not None:
+            self.sends.append((self.queued, *send_of))
+
+    def take_unsent(self) -> list[tuple[int, int]]:
+        """(endpoint, local msgid) of every SEND the last link dropped before writing it whole."""
+        unsent, self.unsent = self.unsent, []
+        return unsent
 
     def flush(self) -> None:
         """Write what is queued, without blocking; watch for EPOLLOUT if the kernel is full."""
@@ -235,6 +253,10 @@ class Link:
         except OSError as e:
             self.fail(f"writing to {self.cfg.server} failed: {e.strerror or e}")
             return
+        self.written += n
+        sends = self.sends
+        while sends and sends[0][0] <= self.written:
+            sends.popleft()
         if n == len(data):
             self.out.clear()
             self.out_bytes = 0
@@ -294,6 +316,9 @@ class Link:
         self.rsock = self.wsock = None
         self.out.clear()
         self.out_bytes = 0
+        self.unsent += [(ep, msgid) for _, ep, msgid in self.sends]
+        self.sends.clear()
+        self.queued = self.written = 0
         self.writing = False
         self.welcome = None
 
