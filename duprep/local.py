@@ -316,10 +316,20 @@ class Client:
             raise BrokenResourceError(
                 f"the client daemon of instance {self.instance!r} (pid {info.pid}) is not running; "
                 f"start it with 'duprep client-daemon --instance {self.instance} --server HOST:PORT'") from None
-        n = next(_queue_numbers)
-        name = ipcnames.clienthost_reply_queue(self.instance, self._pid, self._start, n)
         try:
-            mq = queues.create(name, queues.QueuePlan(depth=info.reply_depth, msgsize=info.reply_size))
+            for _ in range(1000):
+                n = next(_queue_numbers)
+                name = ipcnames.clienthost_reply_queue(self.instance, self._pid, self._start, n)
+                try:
+                    mq = queues.create(name, queues.QueuePlan(depth=info.reply_depth, msgsize=info.reply_size))
+                    break
+                except posix_ipc.ExistentialError:
+                    # Ours from before an exec() (same pid and start time, numbering restarted at 1):
+                    # the daemon drops it when this process exits; take the next number.
+                    continue
+            else:
+                raise BrokenResourceError(f"cannot create a reply queue for process {self._pid}: "
+                                          f"1000 names in a row are taken")
         except LimitError as e:
             os.close(pidfd)
             raise LimitError(f"{e} (this is the reply queue of local process {self._pid}; the client "

@@ -475,6 +475,23 @@ def test_bad_attaches_are_refused_and_the_daemon_serves_on(host: Host) -> None:
                 pass
 
 
+def test_a_process_that_execs_without_closing_can_attach_again(host: Host) -> None:
+    """exec() keeps the pid and start time, and the new program numbers its reply queues from 1
+    again: its Client must take the next free name instead of failing on the old program's queue."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    stage2 = ("import sys; from duprep.local import Client; "
+              "print(Client(sys.argv[1], timeout=10).request(b'after exec').decode(), flush=True)")
+    stage1 = ("import os, sys; from duprep.local import Client; c = Client(sys.argv[1], timeout=10); "
+              "print(c.request(b'before exec').decode(), flush=True); "
+              "os.execv(sys.executable, [sys.executable, '-c', sys.argv[2], sys.argv[1]])")
+    out = subprocess.run([sys.executable, "-c", stage1, host.instance, stage2], env=ENV, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.split() == ["before", "exec", "after", "exec"], out.stderr[-2000:]
+    wait_until(lambda: not host.reply_queues(), what="the daemon to drop both programs' queues")
+
+
 def test_late_deferred_and_addressed_push_as_with_a_direct_client(host: Host, tmp_path: Any) -> None:
     gw = host.gateway()
     d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname2")

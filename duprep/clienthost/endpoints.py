@@ -36,7 +36,7 @@ from ..errors import BrokenResourceError, ConfigError, WouldBlock
 from ..gateway.loop import READ, WRITE, EventLoop
 from . import procid
 from .instance import LiveLeftover
-from .protocol import LOCAL_VERSION, Attach, split_down
+from .protocol import LOCAL_VERSION, MORE, Attach, split_down
 
 MIN_REPLY_SIZE = 64      # bytes per reply-queue message a local process must offer (answers travel in pieces)
 
@@ -225,11 +225,12 @@ class Endpoints:
         self._drop_process(proc)
         gone = list(proc.endpoints.values())
         discarded = 0
-        for ep in gone:
-            discarded += len(ep.pending)
+        for ep in gone:                 # count whole messages, not the pieces large ones travel in
+            discarded += sum(1 for part in ep.pending if part[0] != MORE)
             try:
-                discarded += ep.queue.depth_now()
-            except (OSError, posix_ipc.Error):
+                while True:
+                    discarded += ep.queue.get_nowait()[0] != MORE
+            except (WouldBlock, OSError, posix_ipc.Error, IndexError):
                 pass
             ep.pending.clear()
             self._forget(ep)
