@@ -392,7 +392,7 @@ class Worker(Replier):
         answers its requests with ERROR WORKER_LOST (recovery.py).
         """
         self._in_hand_n = -1
-        self._in_hand.hold(message)
+        self._in_hand.hold(message, self._c[C_REQUESTS])
         try:
             chunks = decode_chunks(message)
         except (msgspec.DecodeError, ValueError) as e:
@@ -534,6 +534,10 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
                     done += 1
                     log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
                     if not request.oneway:
+                        if frames:           # the run first: fail() may push, and the HAND must not
+                            add_run(sid, gen, frames, size)    # be cleared with these still here
+                            frames = []
+                            size = 0
                         worker.fail(request, f"{type(e).__name__}: {e}")
                     continue
                 done += 1
@@ -552,6 +556,10 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
                         frames.append(_pack_length(n - 4) + body)
                         size += n
                         continue
+                if frames:                   # (as above)
+                    add_run(sid, gen, frames, size)
+                    frames = []
+                    size = 0
                 try:
                     if result is DEFERRED:
                         worker.defer(request)

@@ -50,10 +50,20 @@ def requests_of(message: bytes) -> list[Request]:
     in ``Worker._expand`` (the worker answered the bad one and ended that
     connection the moment it took the message).
     """
+    return _frames_of(message)[0]
+
+
+def _frames_of(message: bytes) -> tuple[list[Request], int]:
+    """:func:`requests_of`, and how many frames the worker counted as handled when it dropped them."""
     out: list[Request] = []
+    dropped = 0
     for _chunk, requests in decode_chunks(message):
-        out.extend(requests if type(requests) is list else requests.requests)  # type: ignore[union-attr]
-    return out
+        if type(requests) is list:
+            out.extend(requests)
+        else:
+            out.extend(requests.requests)    # type: ignore[union-attr]
+            dropped += requests.dropped      # type: ignore[union-attr]
+    return out, dropped
 
 
 def take_over(table: Table, row: int) -> Lost | None:
@@ -67,12 +77,13 @@ def take_over(table: Table, row: int) -> Lost | None:
     held = hand.read()
     if held is None:
         return None
-    message, done = held
+    message, done, base = held
     try:
-        requests = requests_of(message)[done:]
+        every, dropped = _frames_of(message)
     except (msgspec.DecodeError, ValueError) as e:     # cannot happen: the worker decoded it
         log.error("row %d: the message its worker held is undecodable (%s); its requests are lost", row, e)
-        requests = []
+        every, dropped = [], 0
+    requests = every[done:]
     packer = BatchPacker(table.msgsize)
     sends = 0
     for r in requests:
@@ -83,7 +94,9 @@ def take_over(table: Table, row: int) -> Lost | None:
                                encode_wire(Error(r.msgid, r.cpid, ErrorCode.WORKER_LOST, MESSAGE))))
     part = table.proc_part(row)
     pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()   # the row is ours now
-    counters[C_REQUESTS] += len(requests)      # handled, as far as the drain arithmetic goes
+    # Every frame of the message counts as handled now (answered, WORKER_LOST, or dropped), whatever the
+    # dead worker had published of them: the drain compares this sum with the receiver's count.
+    counters[C_REQUESTS] = base + len(every) + dropped
     counters[C_HELD] = 0
     counters[C_LOST] += len(requests)
     part.write(pid, role, 0, index, pad, started, heartbeat, *counters)

@@ -6,7 +6,7 @@ unlinked by the acceptor, read by everyone (``duprep status``, workers)::
     offset 0            HEADER (256 bytes)      written by the acceptor
     256                 SLOT[0] .. SLOT[n-1]    256 bytes each
     256 + 256*n         PROC[0] .. PROC[m-1]    128 bytes each
-    ... + 128*m         HAND[3] .. HAND[m-1]    8 + msgsize bytes each, rounded up to 64
+    ... + 128*m         HAND[3] .. HAND[m-1]    16 + msgsize bytes each, rounded up to 64
 
 A slot is split into three parts, each with exactly one writer and its own
 seqlock, because multi-field records written by one process tear when read
@@ -76,7 +76,7 @@ SLOT_SIZE: Final = 256
 NCOUNTERS: Final = 11
 PROC_FORMAT: Final = f"<IIIIIIdd{NCOUNTERS}Q"    # seq pid role state index pad started heartbeat counters
 PROC_SIZE: Final = 128
-HAND_FORMAT: Final = "<II"            # length (0: nothing in hand) answered, then the message
+HAND_FORMAT: Final = "<IIQ"           # length (0: nothing in hand), answered, base; then the message
 FIRST_WORKER_ROW: Final = 3
 
 _HEADER = struct.Struct(HEADER_FORMAT)
@@ -464,7 +464,9 @@ class InHand:
     last when it takes a message, and 0 when every answer to it is on the
     reply queue.  ``answered`` counts the message's requests, in order,
     whose answers were already on the reply queue when the owner last
-    pushed answers but still held some of the message.
+    pushed answers but still held some of the message.  ``base`` is the
+    row's ``requests`` counter before the message, so that a successor
+    can set it right whatever the owner had published when it died.
     """
 
     __slots__ = ("buf", "off", "capacity", "active")
@@ -473,13 +475,14 @@ class InHand:
         self.buf, self.off, self.capacity = buf, off, capacity
         self.active = _HAND.unpack_from(buf, off)[0] != 0
 
-    def hold(self, message: bytes) -> None:
-        """Record ``message`` (just taken off the request queue) as in hand, none of it answered."""
+    def hold(self, message: bytes, base: int) -> None:
+        """Record ``message`` (just taken off the request queue) as in hand, none of it answered;
+        ``base``: the owner's ``requests`` counter before it."""
         n = len(message)
         if n > self.capacity:
             raise ProtocolError(f"a request-queue message of {n} bytes exceeds the table's msgsize {self.capacity}")
         buf, off = self.buf, self.off
-        _HAND.pack_into(buf, off, 0, 0)
+        _HAND.pack_into(buf, off, 0, 0, base)
         start = off + _HAND.size
         buf[start:start + n] = message
         _U32.pack_into(buf, off, n)
@@ -495,15 +498,15 @@ class InHand:
             _U32.pack_into(self.buf, self.off, 0)
             self.active = False
 
-    def read(self) -> tuple[bytes, int] | None:
-        """``(message, answered)`` of what a dead owner held, or None if it held nothing."""
-        n, k = _HAND.unpack_from(self.buf, self.off)
+    def read(self) -> tuple[bytes, int, int] | None:
+        """``(message, answered, base)`` of what a dead owner held, or None if it held nothing."""
+        n, k, base = _HAND.unpack_from(self.buf, self.off)
         if n == 0:
             return None
         if n > self.capacity:
             raise ProtocolError(f"HAND region at offset {self.off} says {n} bytes, more than msgsize {self.capacity}")
         start = self.off + _HAND.size
-        return bytes(self.buf[start:start + n]), k
+        return bytes(self.buf[start:start + n]), k, base
 
 
 class ProcRow:

@@ -402,6 +402,29 @@ def test_a_stop_that_finds_the_sender_restarting_still_delivers_what_is_queued(g
             s.close()
 
 
+def test_a_sender_killed_during_the_drain_is_replaced_and_the_answer_still_arrives(gateway, instance):
+    """The sender dies while the stop drains, with an answer still to come: another sender is started,
+    and the client gets its REPLY and then SHUTTING_DOWN (it used to get EOF, exit 0 all the same)."""
+    gw = gateway()
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    try:
+        s.sendall(encode_wire(Hello(1, "")) + encode_wire(Call(1, 7, 0, b"sleep:2")))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        wait_until(lambda: any(r["counters"]["held"] for r in _worker_rows(instance)), what="a worker to take it")
+        [sender] = [p for p in descendants(gw.pid) if comm(p) == "duprep-sender"]
+        gw.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: not [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"],
+                   what="the stop to reach the sender's drain")
+        os.kill(sender, signal.SIGKILL)
+        reply, bye = _frames(s, reader, 2, timeout=20)
+        assert isinstance(reply, frame.Reply) and reply.data == b"sleep:2"
+        assert isinstance(bye, frame.Error) and bye.code == ErrorCode.SHUTTING_DOWN
+        assert gw.proc.wait(30) == 0
+    finally:
+        s.close()
+
+
 def test_a_worker_killed_during_the_stop_is_answered_for_and_the_drain_ends(gateway, instance):
     """A worker dies holding a request while the stop drains: its client gets WORKER_LOST, not a
     wait for the whole drain_timeout and then SHUTTING_DOWN."""

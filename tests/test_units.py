@@ -205,7 +205,7 @@ def test_a_dead_workers_hand_is_answered_once_from_the_first_unanswered_request(
         assert [r.msgid for r in recovery.requests_of(message)] == [1, 2, 3, 4]
         assert recovery.take_over(t, 4) is None                      # nothing in hand
         hand = t.in_hand(4)
-        hand.hold(message)
+        hand.hold(message, 10)                                       # the row had counted 10 before it
         hand.answered(1)                                             # msgid 1's answer left already
         other = Table.attach(ipcnames.table_name(instance))          # another process's view
         lost = recovery.take_over(other, 4)
@@ -216,17 +216,17 @@ def test_a_dead_workers_hand_is_answered_once_from_the_first_unanswered_request(
         errors = [dec.decode(body) for i in items for body in reader.feed(i.frame)]
         assert [(e.msgid, e.cpid, e.code) for e in errors] == [(3, 7, ErrorCode.WORKER_LOST), (4, 8, ErrorCode.WORKER_LOST)]
         [p] = [p for p in t.procs() if p.row == 4]
-        assert (p.counters["requests"], p.counters["held"], p.counters["lost"]) == (13, 0, 3)
+        assert (p.counters["requests"], p.counters["held"], p.counters["lost"]) == (14, 0, 3)   # 10 + all 4
         assert recovery.take_over(other, 4) is None                  # answered once
         other.close()
-        hand.hold(message)
+        hand.hold(message, 14)
         hand.answered(4)                                             # all answered: nothing to do
         assert recovery.take_over(t, 4) is None and t.in_hand(4).read() is None
-        hand.hold(message)
+        hand.hold(message, 14)
         hand.clear()
         assert recovery.take_over(t, 4) is None
         with pytest.raises(ProtocolError, match="msgsize"):
-            hand.hold(bytes(8193))
+            hand.hold(bytes(8193), 0)
     finally:
         t.close()
         t.unlink()

@@ -74,6 +74,7 @@ class Child:
         self.ready = False
         self.started = 0.0
         self.failures = 0
+        self.stopped = False          # said STOPPED: its graceful stop is done
 
     @property
     def pid(self) -> int:
@@ -129,7 +130,7 @@ class Acceptor:
         self.stats_timer: Timer | None = None
         self.step_asked = False
         self.lost_out: deque[bytes] = deque()   # ERROR WORKER_LOST messages waiting for reply-queue room
-        self.sender_for_drain = False           # a sender was started for the stop's drain
+        self.drain_senders = 0                  # senders started for the stop's drain (at most 3)
 
     # ======================================================================
     # 1. boot
@@ -446,6 +447,7 @@ class Acceptor:
         elif rec.op == Op.READY:
             self.child_ready(child)
         elif rec.op == Op.STOPPED:
+            child.stopped = True
             log.debug("%s finished its graceful stop", child.role)
 
     def released(self, role: str, sid: int, gen: int) -> None:
@@ -501,6 +503,7 @@ class Acceptor:
             if pass_fds:
                 child_end.close()
         child.started = time.monotonic()
+        child.stopped = False
         child.ready = child.role == "worker"
         child.pidfd = os.pidfd_open(child.proc.pid)
         self.loop.register(child.pidfd, READ, lambda ev: self.on_child_exit(child))
@@ -656,11 +659,12 @@ class Acceptor:
         while self.step != "done":
             alive = [c for c in self.children.values() if self.matches(c, self.step) and c.proc
                      and c.proc.poll() is None]
-            if not alive and self.step == "sender" and not self.step_asked and self.state == "stopping" \
-                    and self.conns and not self.sender_for_drain:
-                # The stop found the sender down (between a crash and its restart): start it now,
-                # or what is queued for the clients would never reach them.
-                self.sender_for_drain = True
+            if not alive and self.step == "sender" and self.state == "stopping" and self.conns \
+                    and not self.children["sender"].stopped and self.drain_senders < 3:
+                # The sender is down (the stop found it between a crash and its restart, or it died
+                # while draining): start one, or what is queued would never reach the clients.
+                self.drain_senders += 1
+                self.step_asked = False
                 log.info("starting a sender to deliver what is queued before stopping")
                 self.spawn(self.children["sender"])
                 self.arm_stop_timer(STEP_TIMEOUT)

@@ -96,14 +96,12 @@ class Sender(GatewayChild):
         or receiver)."""
 
     def on_record(self, rec: fdpass.Record) -> None:
+        # (May run inside on_replies, through lookup(): CLOSE only takes note; flush() acts on it.)
         if rec.op == Op.CLOSE:
             self.to_close.append((rec.sid, rec.generation))
-            if self.loop.registered(self.replies.fileno()):
-                self.close_now()
         elif rec.op == Op.HANDED:
             if not self.loop.registered(self.replies.fileno()):
                 self.loop.register(self.replies.fileno(), READ, self.on_replies)
-                self.close_now()
         else:
             super().on_record(rec)
 
@@ -185,6 +183,8 @@ class Sender(GatewayChild):
 
     def flush(self) -> None:
         self.now = time.time()
+        if self.to_close and self.loop.registered(self.replies.fileno()):
+            self.close_now()
         if self.dirty:
             dirty, self.dirty = self.dirty, {}
             for conn in dirty.values():
