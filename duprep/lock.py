@@ -105,12 +105,8 @@ class InstanceLock:
     def claim_row(self, first: int, last: int) -> int:
         """Claim the first free process row in [first, last); raise if none."""
         for row in range(first, last):
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ROW_LOCK_BASE + row)
+            if self.take_row(row):
                 return row
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
         raise InstanceBusyError(f"all {last - first} worker rows of instance {self.instance!r} are taken")
 
     def take_row(self, row: int) -> bool:

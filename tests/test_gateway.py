@@ -186,6 +186,30 @@ def _raw(port: int) -> socket.socket:
     return s
 
 
+def _frames_until_end(sock: socket.socket, reader: FrameReader) -> list[object]:
+    """Every frame until the gateway ends the connection (EOF or reset); fails the test if it does not."""
+    dec, got = frame.server_decoder(), []
+    try:
+        while data := sock.recv(65536):
+            got += map(dec.decode, reader.feed(data))
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection was not ended; frames received: {got}")
+    return got
+
+
+def _request_after_restart(client: duprep.Client, data: bytes) -> None:
+    """A request racing a restart may be lost; a later one must be answered (within 20 s)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert client.request(data, timeout=2) == data
+            return
+        except duprep.Timeout:
+            assert time.monotonic() < deadline, "no reply after the restart"
+
+
 def test_bad_input_ends_only_the_offending_connection(gateway, instance):
     gw = gateway("--handshake-timeout", "1")
     good = [duprep.Client("127.0.0.1", gw.port, name=f"good{i}") for i in range(50)]
@@ -549,13 +573,7 @@ def test_a_crashed_child_is_restarted_and_clients_carry_on(gateway, instance, ro
                    what=f"a new {role}")
         wait_until(lambda: [p for p in snapshot(instance)["processes"]
                             if p["pid"] != victim and comm(p["pid"]) == role], what="the new one to be up")
-        deadline = time.monotonic() + 20
-        while True:                # a request racing the restart may be lost; a later one must work
-            try:
-                assert c.request(b"after", timeout=2) == b"after"
-                break
-            except duprep.Timeout:
-                assert time.monotonic() < deadline, "no reply after the restart"
+        _request_after_restart(c, b"after")
         restarts = {p["role"]: p for p in snapshot(instance)["processes"]}["acceptor"]["counters"]["restarts"]
         assert restarts == 1
 
@@ -606,21 +624,10 @@ def test_a_connection_the_dead_sender_left_inside_a_frame_is_ended_not_corrupted
                 hog.sendall(encode_wire(Call(99, 1, 0, b"after")))  # its reply would follow the cut frame
             except OSError:
                 pass                                                # (reset: the connection is gone)
-            reader, dec, replies = FrameReader(1 << 20), frame.server_decoder(), []
-            try:
-                while data := hog.recv(65536):                      # until the end (a timeout fails the test)
-                    replies += map(dec.decode, reader.feed(data))
-            except ConnectionResetError:
-                pass
+            replies = _frames_until_end(hog, FrameReader(1 << 20))
             assert all(isinstance(f, frame.Welcome) or (isinstance(f, frame.Reply) and f.data == b"h" * 7000)
                        for f in replies)
-            deadline = time.monotonic() + 20
-            while True:                # a request racing the restart may be lost; a later one must work
-                try:
-                    assert other.request(b"still here", timeout=2) == b"still here"
-                    break
-                except duprep.Timeout:
-                    assert time.monotonic() < deadline, "the bystander got no reply after the restart"
+            _request_after_restart(other, b"still here")
     finally:
         hog.close()
         table.close()
@@ -652,14 +659,7 @@ def test_a_connection_the_dead_receiver_left_inside_a_frame_is_ended_not_misread
             s.sendall(inner)
         except OSError:
             pass                                   # reset: the connection is gone already
-        got = []
-        try:
-            while data := s.recv(65536):          # until the end
-                got += map(dec.decode, reader.feed(data))
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            pytest.fail(f"the connection was not ended; frames received after the restart: {got}")
+        got = _frames_until_end(s, reader)
         assert not [f for f in got if getattr(f, "msgid", 0) == 666], "the rest of a frame was read as a frame"
         wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["receiver"]["counters"]
                    ["half_read"] == 1, what="the cut connection to be counted")
@@ -710,14 +710,7 @@ def test_connections_a_dead_receiver_had_ended_stay_ended(gateway, instance):
                 s.sendall(encode_wire(Call(msgid, 1, 0, b"must never run")))
             except OSError:
                 pass
-            got = []
-            try:
-                while data := s.recv(65536):
-                    got += map(frame.server_decoder().decode, readers[s].feed(data))
-            except ConnectionResetError:
-                pass
-            except TimeoutError:
-                pytest.fail(f"connection not ended; frames after the restart: {got}")
+            got = _frames_until_end(s, readers[s])
             assert not [f for f in got if isinstance(f, frame.Reply)], got
     finally:
         for s in (filler, bad_hello, too_large):
