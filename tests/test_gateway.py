@@ -199,6 +199,15 @@ def _frames_until_end(sock: socket.socket, reader: FrameReader) -> list[object]:
     return got
 
 
+def _kill_receiver(gw, instance: str) -> None:
+    """kill -9 the receiver; return once its successor is up (in the table, alive)."""
+    [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: [p for p in snapshot(instance)["processes"]
+                        if p["role"] == "receiver" and p["pid"] != victim and alive(p["pid"])],
+               what="a new receiver")
+
+
 def _request_after_restart(client: duprep.Client, data: bytes) -> None:
     """A request racing a restart may be lost; a later one must be answered (within 20 s)."""
     deadline = time.monotonic() + 20
@@ -650,11 +659,7 @@ def test_a_connection_the_dead_receiver_left_inside_a_frame_is_ended_not_misread
         assert isinstance(welcome, frame.Welcome)
         wait_until(lambda: table.r_part(welcome.sid).read()[1] & SlotFlag.HALF_READ,
                    what="the receiver to hold the start of the frame")
-        [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"]
-        os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: [p for p in snapshot(instance)["processes"]
-                            if p["role"] == "receiver" and p["pid"] != victim and alive(p["pid"])],
-                   what="a new receiver")
+        _kill_receiver(gw, instance)
         try:
             s.sendall(inner)
         except OSError:
@@ -698,11 +703,7 @@ def test_connections_a_dead_receiver_had_ended_stay_ended(gateway, instance):
             too_large.sendall(LENGTH.pack(10_000_000))
             wait_until(lambda: snapshot(instance)["processes"][1]["counters"]["protocol_errors"] == 2,
                        timeout=5, what="both violations to be seen")
-            [receiver] = [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"]
-            os.kill(receiver, signal.SIGKILL)
-            wait_until(lambda: [p for p in snapshot(instance)["processes"]
-                                if p["role"] == "receiver" and p["pid"] != receiver and alive(p["pid"])],
-                       what="a new receiver")
+            _kill_receiver(gw, instance)
         finally:
             os.kill(sender, signal.SIGCONT)
         for s, msgid in ((bad_hello, 77), (too_large, 666)):
