@@ -59,10 +59,10 @@ if _stage != "none" and _us > 0:
     if _stage == "receiver":
         _add = _frame.BatchPacker.add
 
-        def add(self, item, size=-1):
+        def add(self, item, size=-1, count=0):
             if type(item) is _frame.Chunk:
                 _wait(_frame._count(item.frames))
-            return _add(self, item, size)
+            return _add(self, item, size, count)
         _frame.BatchPacker.add = add
     elif _stage == "sender":
         _decode_replies = _frame.decode_replies

@@ -377,17 +377,20 @@ class BatchPacker:
     message never exceeds the limit.
     """
 
-    __slots__ = ("limit", "_items", "_size", "_done", "_encode")
+    __slots__ = ("limit", "_items", "_size", "_count", "_done", "_counts", "_encode")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._items: list[Struct] = []
         self._size = 3          # worst-case array header (array 16)
+        self._count = 0
         self._done: list[bytes] = []
+        self._counts: list[int] = []
         self._encode = msgspec.msgpack.Encoder().encode
 
-    def add(self, item: Struct, size: int = -1) -> None:
-        """Queue ``item``; ``size`` is its :func:`bound` if the caller knows it already."""
+    def add(self, item: Struct, size: int = -1, count: int = 0) -> None:
+        """Queue ``item``; ``size`` is its :func:`bound` if the caller knows it already; ``count``
+        is added to its message's count (:meth:`take_counted`)."""
         if size < 0:
             size = bound(item)
         if size + 3 > self.limit:
@@ -396,12 +399,15 @@ class BatchPacker:
             self._seal()
         self._items.append(item)
         self._size += size
+        self._count += count
 
     def _seal(self) -> None:
         if self._items:
             self._done.append(self._encode(self._items))
+            self._counts.append(self._count)
             self._items = []
             self._size = 3
+            self._count = 0
 
     def __bool__(self) -> bool:
         return bool(self._items) or bool(self._done)
@@ -410,4 +416,12 @@ class BatchPacker:
         """All packed messages so far; the packer is empty afterwards."""
         self._seal()
         done, self._done = self._done, []
+        self._counts = []
+        return done
+
+    def take_counted(self) -> list[tuple[bytes, int]]:
+        """:meth:`take`, each message with the sum of its items' counts."""
+        self._seal()
+        done = list(zip(self._done, self._counts))
+        self._done, self._counts = [], []
         return done

@@ -718,6 +718,39 @@ def test_connections_a_dead_receiver_had_ended_stay_ended(gateway, instance):
             s.close()
 
 
+def test_requests_that_die_in_the_receivers_backlog_are_not_counted(gateway, instance):
+    """Requests a killed receiver still held in its backlog (request queue full) never reach a worker:
+    they must not count as queued, or every later stop waits drain_timeout for their answers."""
+    gw = gateway()
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    workers = [r["pid"] for r in wait_until(lambda: len(_worker_rows(instance)) == 2 and _worker_rows(instance),
+                                            what="both workers")]
+    try:
+        s.sendall(encode_wire(Hello(1, "")))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        for i in range(1, 11):              # one queue message each, until the queue is full
+            s.sendall(encode_wire(Call(i, 7, 0, b"r%d" % i)))
+            wait_until(lambda: snapshot(instance)["queues"]["requests"]["messages"] == i, what=f"request {i} queued")
+        s.sendall(b"".join(encode_wire(Call(i, 7, 0, b"r%d" % i)) for i in range(11, 16)))   # the backlog
+        wait_until(lambda: snapshot(instance)["processes"][1]["counters"]["frames_in"] == 16,
+                   what="the last five to be read")
+        _kill_receiver(gw, instance)
+    finally:
+        for w in workers:
+            os.kill(w, signal.SIGCONT)
+    try:
+        def counts():
+            procs = snapshot(instance)["processes"]
+            return (procs[1]["counters"]["requests"],
+                    sum(p["counters"]["requests"] for p in procs if p["role"] == "worker"))
+        wait_until(lambda: counts() == (10, 10), what="the receiver's count to match what the workers got")
+    finally:
+        s.close()
+
+
 def test_request_with_an_unusual_array_header_is_served(gateway):
     """msgpack allows array16 for 5 elements; the receiver's fast path does not, the slow path does."""
     gw = gateway()

@@ -100,7 +100,7 @@ class Receiver(GatewayChild):
         self.rep_out = BatchPacker(self.replies.msgsize)
         # Queue messages that did not fit yet, in order; reading pauses above BACKLOG_LIMIT bytes
         # (not at the first full queue: that made the receiver flap, two epoll_ctl per connection).
-        self.backlog: deque[tuple[Queue, bytes]] = deque()
+        self.backlog: deque[tuple[Queue, bytes, int]] = deque()   # (queue, message, requests in it)
         self.backlog_bytes = 0
         self.waiting_on = -1      # the queue descriptor watched for room, -1 if none
         self.full = False         # the head of the backlog was refused; wait for on_room
@@ -261,15 +261,17 @@ class Receiver(GatewayChild):
             k = len(bodies)
             self.enqueue(conn, bodies)
             conn.frames += k
-            c = self.c
-            c[C_FRAMES] += k
-            c[C_REQUESTS] += k
+            self.c[C_FRAMES] += k
 
     def enqueue(self, conn: Conn, bodies: list[memoryview]) -> None:
-        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin."""
+        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin.
+
+        Its requests are counted (``requests``) when its queue message is on the queue, not now: what
+        dies in our backlog must not count, or the sender's drain would wait for answers that cannot come.
+        """
         frames = array_header(len(bodies)) + b"".join(bodies)
         self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
-                         CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames))
+                         CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames), len(bodies))
 
     def handle(self, conn: Conn, frame: object) -> bool:
         """Act on one frame; False if the connection was ended."""
@@ -285,7 +287,6 @@ class Receiver(GatewayChild):
         if kind is Call or kind is Send:
             # A REQUEST/SEND the fast path did not recognise (e.g. an array16 header): forward it re-encoded.
             self.enqueue(conn, [memoryview(msgspec.msgpack.encode(frame))])   # (a frame split() counted)
-            self.c[C_REQUESTS] += 1
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
         else:
@@ -383,12 +384,13 @@ class Receiver(GatewayChild):
         self.now = 0.0
         for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
             if out:
-                for message in out.take():
-                    self.backlog.append((q, message))
+                for message, requests in out.take_counted():
+                    self.backlog.append((q, message, requests))
                     self.backlog_bytes += len(message)
         backlog = self.backlog
+        c = self.c
         while backlog and not self.full:         # a full queue is retried once it says it has room
-            q, message = backlog[0]
+            q, message, requests = backlog[0]
             try:
                 q.put_nowait(message)
             except WouldBlock:
@@ -396,7 +398,8 @@ class Receiver(GatewayChild):
                 break
             backlog.popleft()
             self.backlog_bytes -= len(message)
-            self.c[C_QMSGS] += 1
+            c[C_QMSGS] += 1
+            c[C_REQUESTS] += requests
         waiting = backlog[0][0].fileno() if backlog else -1
         if waiting != self.waiting_on:           # watch the queue whose room we need, and only that
             if self.waiting_on >= 0:
