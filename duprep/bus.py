@@ -61,7 +61,7 @@ _encode = msgspec.msgpack.Encoder().encode
 _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
-C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD, C_LOST = range(6)
+C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)   # (and "lost": recovery.py writes it)
 
 
 class WorkerStatistics(msgspec.Struct, frozen=True):

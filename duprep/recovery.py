@@ -100,6 +100,5 @@ def take_over(table: Table, row: int) -> Lost | None:
     counters[C_HELD] = 0
     counters[C_LOST] += len(requests)
     part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
-    hand.active = True
     hand.clear()
     return Lost(pid, packer.take(), len(requests) - sends, sends) if requests else None
