@@ -270,6 +270,7 @@ class Worker(Replier):
 
     _LAZY = True
     _in_hand_n = 0
+    _in_hand_after = 0
 
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
         self._ep = select.epoll()
@@ -398,7 +399,7 @@ class Worker(Replier):
         except (msgspec.DecodeError, ValueError) as e:
             log.error("dropped an undecodable request-queue message: %s", e)
             self._in_hand_n = 0
-            self._in_hand.clear()
+            self._in_hand.clear(self._c[C_REQUESTS])
             return
         extend = self._batch.extend
         for chunk, requests in chunks:
@@ -410,8 +411,9 @@ class Worker(Replier):
                 self._c[C_REQUESTS] += requests.dropped   # dropped with the connection: handled
                 self._bad_frame(chunk.sid, chunk.generation, requests.reason)
         self._in_hand_n = n = len(self._batch)
+        self._in_hand_after = self._c[C_REQUESTS] + n     # the counter once this message is done
         if not n:
-            self._in_hand.clear()
+            self._in_hand.clear(self._in_hand_after)
 
     def _push(self, *, block: bool, timeout: float | None = 30.0) -> None:
         super()._push(block=block, timeout=timeout)
@@ -420,7 +422,7 @@ class Worker(Replier):
             handed = n - len(self._batch) - self._holding     # (one still being handled is not answered)
             if handed == n:
                 self._in_hand_n = 0
-                self._in_hand.clear()
+                self._in_hand.clear(self._in_hand_after)
             else:
                 self._in_hand.answered(handed)
 

@@ -74,8 +74,16 @@ def take_over(table: Table, row: int) -> Lost | None:
     for this call.  The HAND region is empty afterwards.
     """
     hand = table.in_hand(row)
+    part = table.proc_part(row)
     held = hand.read()
     if held is None:
+        # Nothing unanswered; but it may have died before publishing the count of its last message.
+        done_count = hand.done()
+        pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()
+        if done_count > counters[C_REQUESTS] or counters[C_HELD]:
+            counters[C_REQUESTS] = max(counters[C_REQUESTS], done_count)
+            counters[C_HELD] = 0
+            part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
         return None
     message, done, base = held
     try:
@@ -92,7 +100,6 @@ def take_over(table: Table, row: int) -> Lost | None:
         else:
             packer.add(Deliver(r.sid, r.generation,
                                encode_wire(Error(r.msgid, r.cpid, ErrorCode.WORKER_LOST, MESSAGE))))
-    part = table.proc_part(row)
     pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()   # the row is ours now
     # Every frame of the message counts as handled now (answered, WORKER_LOST, or dropped), whatever the
     # dead worker had published of them: the drain compares this sum with the receiver's count.
@@ -100,5 +107,5 @@ def take_over(table: Table, row: int) -> Lost | None:
     counters[C_HELD] = 0
     counters[C_LOST] += len(requests)
     part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
-    hand.clear()
+    hand.clear(counters[C_REQUESTS])
     return Lost(pid, packer.take(), len(requests) - sends, sends) if requests else None

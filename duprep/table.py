@@ -465,8 +465,9 @@ class InHand:
     reply queue.  ``answered`` counts the message's requests, in order,
     whose answers were already on the reply queue when the owner last
     pushed answers but still held some of the message.  ``base`` is the
-    row's ``requests`` counter before the message, so that a successor
-    can set it right whatever the owner had published when it died.
+    row's ``requests`` counter before the message while it is in hand, and
+    after it once it is done, so that a successor can set that counter
+    right whatever the owner had published when it died.
     """
 
     __slots__ = ("buf", "off", "capacity", "active")
@@ -492,11 +493,16 @@ class InHand:
         """The first ``k`` requests of the message in hand have their answers on the reply queue."""
         _U32.pack_into(self.buf, self.off + 4, k)
 
-    def clear(self) -> None:
-        """Every request of the message in hand is answered."""
+    def clear(self, done: int) -> None:
+        """Every request of the message in hand is answered; ``done``: the ``requests`` counter now."""
         if self.active:
-            _U32.pack_into(self.buf, self.off, 0)
+            _HAND.pack_into(self.buf, self.off, 0, 0, done)
             self.active = False
+
+    def done(self) -> int:
+        """The ``requests`` counter the owner had reached with its last message done (0: none yet)."""
+        n, _, base = _HAND.unpack_from(self.buf, self.off)
+        return 0 if n else int(base)
 
     def read(self) -> tuple[bytes, int, int] | None:
         """``(message, answered, base)`` of what a dead owner held, or None if it held nothing."""
