@@ -75,23 +75,24 @@ def take_over(table: Table, row: int) -> Lost | None:
     """
     hand = table.in_hand(row)
     part = table.proc_part(row)
+    pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()   # the row is ours now
     held = hand.read()
+    requests: list[Request] = []
     if held is None:
         # Nothing unanswered; but it may have died before publishing the count of its last message.
-        done_count = hand.done()
-        pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()
-        if done_count > counters[C_REQUESTS] or counters[C_HELD]:
-            counters[C_REQUESTS] = max(counters[C_REQUESTS], done_count)
-            counters[C_HELD] = 0
-            part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
-        return None
-    message, done, base = held
-    try:
-        every, dropped = _frames_of(message)
-    except (msgspec.DecodeError, ValueError) as e:     # cannot happen: the worker decoded it
-        log.error("row %d: the message its worker held is undecodable (%s); its requests are lost", row, e)
-        every, dropped = [], 0
-    requests = every[done:]
+        counters[C_REQUESTS] = max(counters[C_REQUESTS], hand.done())
+    else:
+        message, done, base = held
+        try:
+            every, dropped = _frames_of(message)
+        except (msgspec.DecodeError, ValueError) as e:     # cannot happen: the worker decoded it
+            log.error("row %d: the message its worker held is undecodable (%s); its requests are lost", row, e)
+            every, dropped = [], 0
+        requests = every[done:]
+        # Every frame of the message counts as handled now (answered, WORKER_LOST, or dropped), whatever
+        # the dead worker had published of them: the drain compares this sum with the receiver's count.
+        counters[C_REQUESTS] = base + len(every) + dropped
+        counters[C_LOST] += len(requests)
     packer = BatchPacker(table.msgsize)
     sends = 0
     for r in requests:
@@ -100,12 +101,8 @@ def take_over(table: Table, row: int) -> Lost | None:
         else:
             packer.add(Deliver(r.sid, r.generation,
                                encode_wire(Error(r.msgid, r.cpid, ErrorCode.WORKER_LOST, MESSAGE))))
-    pid, role, _state, index, pad, started, heartbeat, *counters = part.read_own()   # the row is ours now
-    # Every frame of the message counts as handled now (answered, WORKER_LOST, or dropped), whatever the
-    # dead worker had published of them: the drain compares this sum with the receiver's count.
-    counters[C_REQUESTS] = base + len(every) + dropped
     counters[C_HELD] = 0
-    counters[C_LOST] += len(requests)
-    part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
+    if pid or role:                  # (a row never used stays all zero)
+        part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
     hand.clear(counters[C_REQUESTS])
     return Lost(pid, packer.take(), len(requests) - sends, sends) if requests else None

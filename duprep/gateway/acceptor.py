@@ -520,9 +520,8 @@ class Acceptor:
         for conn in list(self.conns.values()):           # a restarted child gets every connection back
             if child.role not in conn.released and id(conn) not in held:
                 self.hand_over(child, conn)
-                if child.role == "sender" and "receiver" in conn.released and child.control is not None:
-                    # Its Close may have died with the old sender: the new one must end it anyway.
-                    child.control.send(Op.CLOSE, conn.sid, conn.gen)
+        if child.role == "sender":       # their Close may have died with the old sender
+            self.close_let_go(child)
         if child.control is not None:
             child.control.send(Op.HANDED)       # the sender reads the reply queue only after this
         if child.role == "sender":
@@ -568,13 +567,17 @@ class Acceptor:
             # What it let go of (client gone, protocol violation) stays let go: its successor must not
             # read those connections again (it would take a cut or refused frame's rest for frames).
             # Their Close may have died in its backlog: the sender ends them itself.
-            sender = self.children["sender"]
-            for conn in list(self.conns.values()):
-                if "receiver" in conn.released and "sender" not in conn.released and sender.ready \
-                        and sender.control is not None:
-                    sender.control.send(Op.CLOSE, conn.sid, conn.gen)
+            self.close_let_go(self.children["sender"])
         log.error("%r died (%s); restarting in %.2f s", child, how, delay)
         self.loop.call_later(delay, lambda: self.respawn(child))
+
+    def close_let_go(self, sender: Child) -> None:
+        """Tell the sender to end every connection the receiver let go of and the sender still holds."""
+        if not sender.ready or sender.control is None:
+            return                  # it gets them with CLOSE when it is ready (child_ready)
+        for conn in self.conns.values():
+            if "receiver" in conn.released and "sender" not in conn.released:
+                sender.control.send(Op.CLOSE, conn.sid, conn.gen)
 
     def answer_for(self, child: Child) -> None:
         """A worker died: answer the requests it held with ERROR WORKER_LOST (recovery.py).

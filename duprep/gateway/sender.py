@@ -82,7 +82,7 @@ class Sender(GatewayChild):
         self.requests = Queue(ipcnames.request_queue(cfg.instance))  # for its depth while draining
         self.conns: dict[int, Conn] = {}
         self.dirty: dict[int, Conn] = {}         # connections with new output this batch
-        self.to_close: list[tuple[int, int]] = []  # Op.CLOSE records waiting for Op.HANDED
+        self.to_close: list[tuple[int, int]] = []  # Op.CLOSE records; flush() acts on them once HANDED
         self.draining = False
         self.stopped = False
         self.drain_deadline = 0.0
