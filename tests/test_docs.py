@@ -64,3 +64,24 @@ def _decodes(decoder: msgspec.msgpack.Decoder, body: bytes) -> bool:
         return True
     except (msgspec.DecodeError, ValueError):
         return False
+
+
+def test_the_printable_rule_for_names_is_the_one_the_receiver_applies():
+    """protocol.md 1.4 spells out str.isprintable() in Unicode categories for clients in other languages."""
+    import sys
+    import unicodedata
+    refused = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
+    assert "Cc, Cf, Cs, Co, Cn" in DOC and "Zl, Zp or Zs" in DOC and "except U+0020 SPACE" in DOC
+    if sys.version_info[:2] == (3, 11):          # the version the doc names
+        assert f"({unicodedata.unidata_version} for Python 3.11)" in DOC
+    for cp in range(sys.maxunicode + 1):
+        c = chr(cp)
+        assert c.isprintable() == (c == " " or unicodedata.category(c) not in refused), hex(cp)
+    assert not any(c.isprintable() for c in "\u00a0\u3000\u00ad\u200d")
+
+
+def test_the_smallest_max_frame_the_doc_promises():
+    """protocol.md 1.2: max_frame is never below 722 and the largest valid HELLO body is 73 bytes."""
+    from duprep.gateway.acceptor import BUS_OVERHEAD
+    assert BUS_OVERHEAD == 302 and 1024 - BUS_OVERHEAD == 722 and "never" in DOC and "**722**" in DOC
+    assert len(msgspec.msgpack.encode(frame.Hello(2**32 - 1, "x" * frame.MAX_NAME))) == 73

@@ -55,7 +55,11 @@ from .loop import ERR, READ, WRITE, Timer
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
-HEAD = struct.Struct(">IBB")   # a frame's length prefix and the first two bytes of its body
+HEAD = struct.Struct(">IH")    # a frame's length prefix and the first two bytes of its body
+# The first two body bytes of the only shapes forwarded undecoded: REQUEST as a fixarray of exactly 5
+# (tag 2), SEND of exactly 4 (tag 3).  Any other header (extra elements, array16) is decoded here and
+# re-encoded: a worker decodes straight into Request, whose later fields extra elements would fill.
+REQUEST_HEAD, SEND_HEAD = 0x9502, 0x9403
 HEAD_PAD = bytes(HEAD.size - LENGTH.size)    # what the read buffer holds beyond the bytes read
 BACKLOG_LIMIT = 1 << 20  # bytes of queue messages held while the queues are full
 C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAYS, C_HALF = range(9)
@@ -191,7 +195,7 @@ class Receiver(GatewayChild):
         """Find the frames in ``buf[:n]``: REQUEST/SEND go on as Chunks, undecoded; the rest is handled here.
 
         Only the length prefix and the first two bytes of a REQUEST or SEND
-        body are looked at (a fixarray of 4+ elements whose first is 2 or 3);
+        body are looked at (REQUEST_HEAD or SEND_HEAD);
         whatever else a client sends is decoded and validated here.  ``buf``
         has two readable bytes past ``n``, so one unpack reads a frame's head
         even at the end (those bytes count only in a complete frame of 2+
@@ -206,7 +210,7 @@ class Receiver(GatewayChild):
         ready = conn.ready
         head = HEAD.unpack_from
         while n - off >= 4:
-            size, b0, b1 = head(buf, off)
+            size, h = head(buf, off)
             end = off + 4 + size
             if end > n or size > limit:          # (one test for two rare cases)
                 if size <= limit:
@@ -214,7 +218,7 @@ class Receiver(GatewayChild):
                 self.forward(conn, bodies)
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
                 return
-            if size > 1 and 0x94 <= b0 <= 0x9F and 2 <= b1 <= 3 and ready:
+            if (h == REQUEST_HEAD or h == SEND_HEAD) and size > 1 and ready:
                 if end - first > room and bodies:
                     self.forward(conn, bodies)
                     bodies = []
@@ -281,11 +285,13 @@ class Receiver(GatewayChild):
                 return self.hello(conn, frame)  # type: ignore[arg-type]
             if kind is CallMe:
                 self.fail(conn, ErrorCode.BAD_HELLO, "callback links are not enabled on this gateway "
-                          "(duprep serve --links callback)")
+                          "(duprep serve --links callback)" if self.cfg.links != "callback" else
+                          "a CALLME must be the first frame, a fixarray of at most 60 bytes (protocol.md 1.5.1)")
                 return False
             return self.not_ready(conn)
         if kind is Call or kind is Send:
-            # A REQUEST/SEND the fast path did not recognise (e.g. an array16 header): forward it re-encoded.
+            # A REQUEST/SEND in another shape than the fast path's (array16, extra elements): forward it
+            # re-encoded, extra elements dropped.
             self.enqueue(conn, [memoryview(msgspec.msgpack.encode(frame))])   # (a frame split() counted)
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
