@@ -42,7 +42,7 @@ from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defe
 from .lock import InstanceLock
 from .queues import Queue
 from .recovery import take_over
-from .table import FIRST_WORKER_ROW, NCOUNTERS, ProcRow, Role, SlotInfo, SlotState, Table
+from .table import COUNTERS, FIRST_WORKER_ROW, NCOUNTERS, ProcRow, Role, SlotInfo, SlotState, Table
 
 __all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
 
@@ -62,6 +62,7 @@ _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
 C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)   # (and "lost": recovery.py writes it)
+C_BAD = COUNTERS[Role.WORKER].index("bad_frames")
 
 
 class WorkerStatistics(msgspec.Struct, frozen=True):
@@ -71,6 +72,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True):
     handler_errors: int  #: requests answered with APP_ERROR
     queue_messages: int  #: request-queue messages taken (each a batch)
     held: int           #: requests taken from the queue but not yet returned by receive()
+    bad_frames: int = 0  #: malformed REQUEST/SEND frames answered with BAD_FRAME (the connection ended)
 
 
 class Replier:
@@ -429,7 +431,7 @@ class Worker(Replier):
     def _bad_frame(self, sid: int, gen: int, why: str) -> None:
         """A REQUEST/SEND the receiver passed on unchecked is malformed: tell the client, end it."""
         log.info("sid %d gen %d: malformed frame: %s", sid, gen, why)
-        self._c[C_ERRORS] += 1
+        self._c[C_BAD] += 1
         self._send(sid, gen, Error(0, 0, ErrorCode.BAD_FRAME, why[:200]))
         self._seal()
         self._out.add(Close(sid, gen, ErrorCode.BAD_FRAME))
@@ -465,7 +467,7 @@ class Worker(Replier):
 
     def statistics(self) -> WorkerStatistics:
         c = self._c
-        return WorkerStatistics(c[C_REQUESTS], c[C_REPLIES], c[C_ERRORS], c[C_QMSGS], len(self._batch))
+        return WorkerStatistics(c[C_REQUESTS], c[C_REPLIES], c[C_ERRORS], c[C_QMSGS], len(self._batch), c[C_BAD])
 
     def fileno(self) -> int:
         """The request queue's descriptor, readable while requests wait (for your own selector)."""

@@ -26,6 +26,7 @@ import msgspec
 
 from .errors import (BrokenResourceError, ClosedResourceError, Deferred, ProtocolError, RefusedError,
                      RemoteError, Timeout, UnknownTarget)
+from .inbox import DEFAULT_MAX_BYTES, Inbox
 from .frame import (MAX_NAME, PROTOCOL_VERSION, Call, Defer, Error, ErrorCode, Hello, Push, Relay, Reply, Send,
                     Welcome, encode_wire, server_decoder)
 from .wire import FrameReader
@@ -91,13 +92,16 @@ class Client:
         name: a name other clients can relay to and workers can push to
             (unique among connected clients; None: anonymous).
         timeout: default seconds for connect, handshake and ``request()``.
+        max_inbox: bytes of pushes and relays held for ``receive()``; beyond
+            it they are dropped and counted in ``pushes_dropped`` (answers to
+            this client's own requests are always kept).
 
     Raises RefusedError if the gateway refuses (full, name taken, ...),
     OSError if it cannot be reached.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 2000, *, name: str | None = None,
-                 timeout: float = 20.0) -> None:
+                 timeout: float = 20.0, max_inbox: int = DEFAULT_MAX_BYTES) -> None:
         self.timeout = timeout
         self._cpid = os.getpid()
         self._ids = itertools.count(1)
@@ -107,7 +111,7 @@ class Client:
         # msgids whose answer may still come later; bounded, oldest forgotten first
         self._late: dict[int, None] = {}
         self._deferred: dict[int, None] = {}
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._inbox = Inbox(max_inbox)
         self._broken: BaseException | None = None
         self._closed = False
         self._decoder = server_decoder()
@@ -185,10 +189,15 @@ class Client:
         self._write(Relay(msgid, self._cpid, target, data))
         self._wait(msgid, waiter, timeout)
 
+    @property
+    def pushes_dropped(self) -> int:
+        """Pushes and relays dropped because ``receive()`` fell ``max_inbox`` bytes behind."""
+        return self._inbox.dropped
+
     def receive(self, *, timeout: float | None = None) -> Message:
         """The next push, relay, late or deferred reply; raises Timeout if none comes in time."""
         try:
-            item = self._inbox.get(timeout=timeout) if timeout is None or timeout > 0 else self._inbox.get_nowait()
+            item = self._inbox.get(timeout)
         except queue.Empty:
             self._check()
             raise Timeout(f"nothing received within {timeout:g} s") from None
@@ -294,8 +303,8 @@ class Client:
     def _dispatch(self, frame: object) -> None:
         kind = type(frame)
         if kind is Push:
-            self._inbox.put(Message("relay" if frame.source else "push", 0, frame.data,  # type: ignore[attr-defined]
-                                    frame.source, frame.cpid))  # type: ignore[attr-defined]
+            self._inbox.offer(Message("relay" if frame.source else "push", 0, frame.data,  # type: ignore[attr-defined]
+                                      frame.source, frame.cpid))  # type: ignore[attr-defined]
             return
         msgid = getattr(frame, "msgid", 0)
         with self._lock:

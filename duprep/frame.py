@@ -242,11 +242,17 @@ class Chunk(Struct, tag=2, array_like=True, gc=False):
 
 
 class Deliver(Struct, tag=1, array_like=True, gc=False):
-    """Bytes for one connection: one or more complete, prefixed wire frames."""
+    """Bytes for one connection: one or more complete, prefixed wire frames.
+
+    ``relay``: a PUSH another client relayed.  The sender drops it (counted) rather than let it
+    pile up for a target that does not keep up, so that a client relaying faster than its target
+    reads cannot get the target cut off as a slow consumer.
+    """
     sid: int
     generation: int
     frame: bytes
     frames: int = 1
+    relay: bool = False
 
 
 class Close(Struct, tag=2, array_like=True, gc=False):
@@ -331,15 +337,17 @@ def _count(frames: bytes) -> int:
 def _complete(chunk: Chunk, frames: list[Request | _OneWay]) -> list[Request]:
     """Fill in what a Request knows from its Chunk (in place: the list becomes Requests only)."""
     sid, gen, client, received = chunk.sid, chunk.generation, chunk.client, chunk.received
+    # Every field after ``data`` is set here, whatever the frame held: the receiver forwards only the
+    # exact 5-element REQUEST shape, and this keeps a client from ever choosing them (client, deadline,
+    # oneway) should another shape get through.
     sends = False
     for r in frames:
         if type(r) is Request:
             r.sid = sid
             r.generation = gen
-            if client:
-                r.client = client
-            if r.timeout_ms:
-                r.deadline = received + r.timeout_ms / 1000
+            r.client = client
+            r.deadline = received + r.timeout_ms / 1000 if r.timeout_ms else 0.0
+            r.oneway = False
         else:
             sends = True
     if sends:
@@ -363,9 +371,9 @@ def bound(item: Struct) -> int:
 
 
 # Worst-case msgpack bytes of a bus item beside its variable fields: array
-# header, tag, four integers of up to 9 bytes, a float64, a bool, str/bin headers.
+# header, tag, integers of up to 9 bytes, a float64, a bool, str/bin headers.
 CHUNK_OVERHEAD: Final = 1 + 1 + 2 * 9 + 9 + 5 + 5
-DELIVER_OVERHEAD: Final = 1 + 1 + 3 * 9 + 5
+DELIVER_OVERHEAD: Final = 1 + 1 + 3 * 9 + 5 + 1
 
 
 class BatchPacker:

@@ -57,6 +57,7 @@ import posix_ipc
 
 from . import ipcnames, queues
 from .client import Message, check_target, timeout_ms
+from .inbox import DEFAULT_MAX_BYTES, Inbox
 from .clienthost import procid
 from .clienthost.instance import DaemonInfo, read_info
 from .clienthost.protocol import (
@@ -152,6 +153,8 @@ class Client:
         pushes: also take pushes and relays addressed to the host as a
             whole (not to this pid).
         attach_timeout: seconds to wait for the daemon to accept us.
+        max_inbox: bytes of pushes and relays held for ``receive()``, as
+            for :class:`duprep.Client` (``pushes_dropped`` counts the rest).
 
     Raises BrokenResourceError if no client daemon runs for ``instance``,
     LimitError if the reply queue does not fit the kernel's limits,
@@ -159,7 +162,7 @@ class Client:
     """
 
     def __init__(self, instance: str = "default", *, timeout: float = 20.0, pushes: bool = False,
-                 attach_timeout: float = 5.0) -> None:
+                 attach_timeout: float = 5.0, max_inbox: int = DEFAULT_MAX_BYTES) -> None:
         self.instance = ipcnames.check_instance(instance)
         self.timeout = timeout
         self.pushes = pushes
@@ -172,7 +175,7 @@ class Client:
         self._waiting: dict[int, _Waiter] = {}
         self._late: set[int] = set()
         self._deferred: set[int] = set()
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._inbox = Inbox(max_inbox)
         self._closed = False
         self._decoder = down_decoder()
         self._session: _Session | None = None
@@ -245,6 +248,11 @@ class Client:
         self._put(s, LRelay(s.ep, self._pid, msgid, target, data), msgid, deadline)
         self._wait(msgid, waiter, timeout, deadline)
 
+    @property
+    def pushes_dropped(self) -> int:
+        """Pushes and relays dropped because ``receive()`` fell ``max_inbox`` bytes behind."""
+        return self._inbox.dropped
+
     def receive(self, *, timeout: float | None = None) -> Message:
         """The next push, relay, late or deferred reply; raises Timeout if none comes in time.
 
@@ -256,7 +264,7 @@ class Client:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                item = self._inbox.get(timeout=left) if left is None or left > 0 else self._inbox.get_nowait()
+                item = self._inbox.get(left)
             except queue.Empty:
                 raise Timeout(f"nothing received within {timeout:g} s") from None
             if item is _CLOSED:
@@ -512,8 +520,8 @@ class Client:
     def _dispatch(self, s: _Session, msg: object) -> None:
         kind = type(msg)
         if kind is Push:
-            self._inbox.put(Message("relay" if msg.source else "push", 0, msg.data,  # type: ignore[attr-defined]
-                                    msg.source, msg.cpid))  # type: ignore[attr-defined]
+            self._inbox.offer(Message("relay" if msg.source else "push", 0, msg.data,  # type: ignore[attr-defined]
+                                      msg.source, msg.cpid))  # type: ignore[attr-defined]
             return
         if kind is Attached:
             s.welcome = msg  # type: ignore[assignment]

@@ -51,8 +51,9 @@ def snapshot(instance: str) -> dict[str, Any]:
             if row["role"] == "sender":
                 totals["dropped_stale"] = counters.get("dropped_stale", 0)
                 totals["slow_disconnects"] = counters.get("slow_disconnects", 0)
-            if row["role"] == "receiver":
-                totals["protocol_errors"] = counters.get("protocol_errors", 0)
+            if row["role"] in ("receiver", "worker"):    # violations found by the receiver, and by workers
+                totals["protocol_errors"] = (totals.get("protocol_errors", 0) + counters.get("protocol_errors", 0)
+                                             + counters.get("bad_frames", 0))
         return {
             "instance": instance, "time": now, "state": GatewayState.names.get(h["state"], str(h["state"])),
             "host": h["host"], "port": h["port"], "epoch": h["epoch"], "started": h["started"],

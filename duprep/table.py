@@ -156,8 +156,8 @@ COUNTERS: Final[dict[int, tuple[str, ...]]] = {
     Role.RECEIVER: ("frames_in", "bytes_in", "queue_messages", "requests", "protocol_errors",
                     "handshake_timeouts", "backpressure_pauses", "relays", "half_read"),
     Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",
-                  "slow_disconnects", "write_errors", "closes", "half_written"),
-    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held", "lost"),
+                  "slow_disconnects", "write_errors", "closes", "half_written", "relays_dropped"),
+    Role.WORKER: ("requests", "replies", "handler_errors", "queue_messages", "held", "lost", "bad_frames"),
 }
 
 

@@ -275,6 +275,15 @@ def test_bad_input_ends_only_the_offending_connection(gateway, instance):
         s.close()
         wait_until(lambda: len(snapshot(instance)["connections"]) == len(good), what="bad connections to go")
         assert all(counts), "a well-behaved client made no progress"
+
+        def worker_counts(name: str) -> int:
+            return sum(p["counters"][name] for p in snapshot(instance)["processes"] if p["role"] == "worker")
+        # the two malformed REQUESTs a worker found count as bad frames, not as handler errors
+        wait_until(lambda: worker_counts("bad_frames") == 2, what="the workers' bad_frames to reach 2")
+        assert worker_counts("handler_errors") == 0
+        snap = snapshot(instance)
+        [receiver] = [p for p in snap["processes"] if p["role"] == "receiver"]
+        assert snap["totals"]["protocol_errors"] == receiver["counters"]["protocol_errors"] + 2
     finally:
         stop.set()
         for t in threads:
@@ -305,6 +314,79 @@ def test_client_that_never_reads_does_not_stall_others(gateway, instance):
     finally:
         hog.close()
         sender.join(30)
+
+
+def test_a_relay_flood_cannot_get_its_target_cut_off(gateway, instance):
+    """Relayed PUSHes for a target that does not keep up are dropped and counted (protocol.md 1.6);
+    the target keeps its connection, and every relayed PUSH is either delivered or counted."""
+    gw = gateway("--max-outbuf", "65536")
+    victim = socket.socket()
+    victim.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    victim.settimeout(20)
+    victim.connect(("127.0.0.1", gw.port))
+    attacker = _raw(gw.port)
+    reader, dec = FrameReader(1 << 20), frame.server_decoder()
+    n = 2000
+    try:
+        victim.sendall(encode_wire(Hello(1, "victim")))
+        assert isinstance(_frames(victim, reader, 1)[0], frame.Welcome)
+        attacker.sendall(encode_wire(Hello(1, "")))
+        flood = b"".join(encode_wire(frame.Relay(i, 1, "victim", b"r" * 1000)) for i in range(1, n + 1))
+        attacker.sendall(flood)                   # 2 MB for a victim that reads nothing meanwhile
+        acks = _frames(attacker, FrameReader(1 << 20), n + 1)
+        assert sum(isinstance(f, frame.Reply) and f.data == b"" for f in acks) == n
+
+        def sender_counter(name: str) -> int:
+            [row] = [p for p in snapshot(instance)["processes"] if p["role"] == "sender"]
+            return int(row["counters"][name])
+        wait_until(lambda: sender_counter("relays_dropped") > 0, what="relayed pushes to be dropped")
+        victim.sendall(encode_wire(Call(99, 1, 0, b"still here")))
+        victim.settimeout(20)
+        pushes = 0
+        while True:                               # the victim reads everything, then its own answer
+            data = victim.recv(65536)
+            assert data, "the victim was disconnected"
+            got = [dec.decode(b) for b in reader.feed(data)]
+            pushes += sum(isinstance(f, frame.Push) for f in got)
+            if frame.Reply(99, 1, b"still here") in got:
+                break
+        assert 0 < pushes < n
+        wait_until(lambda: pushes + sender_counter("relays_dropped") == n,
+                   what="every relayed push delivered or counted")
+        assert sender_counter("slow_disconnects") == 0
+    finally:
+        victim.close()
+        attacker.close()
+
+
+def test_a_client_that_does_not_call_receive_holds_a_bounded_inbox(gateway, instance):
+    """Pushes beyond max_inbox bytes are dropped and counted (pushes_dropped), never held without
+    limit; every relayed push is received, or counted by the client or by the gateway."""
+    gw = gateway()
+    n = 2000
+    with duprep.Client("127.0.0.1", gw.port, name="sink", max_inbox=64 * 1024) as sink:
+        attacker = _raw(gw.port)
+        try:
+            attacker.sendall(encode_wire(Hello(1, "")) + b"".join(
+                encode_wire(frame.Relay(i, 1, "sink", b"p" * 1000)) for i in range(1, n + 1)))
+            acks = _frames(attacker, FrameReader(1 << 20), n + 1)
+            assert sum(isinstance(f, frame.Reply) for f in acks) == n
+        finally:
+            attacker.close()
+        received = []
+
+        def accounted() -> bool:
+            while True:
+                try:
+                    received.append(sink.receive(timeout=0))
+                except duprep.Timeout:
+                    break
+            [row] = [p for p in snapshot(instance)["processes"] if p["role"] == "sender"]
+            return len(received) + sink.pushes_dropped + row["counters"]["relays_dropped"] == n
+        wait_until(accounted, what="every relayed push received or counted")
+        assert sink.pushes_dropped > 0 and len(received) < 100
+        assert {(m.kind, m.data) for m in received} == {("relay", b"p" * 1000)}
+        assert sink.request(b"still fine") == b"still fine"
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import struct
 import subprocess
@@ -94,6 +95,23 @@ def test_decode_chunks_makes_requests_in_one_pass():
     assert r1[0].deadline == 0.0 and r1[2].deadline == 100.0 + 3.0
     assert [type(r) for r in r2] == [frame.Request, frame.Request]
     assert (r2[0].oneway, r2[0].data, r2[0].sid, r2[1].oneway) == (True, b"one-way", 2, False)
+
+
+def test_decode_chunks_never_lets_a_frame_choose_the_fields_the_gateway_fills():
+    """A REQUEST with extra elements decodes into Request's later fields (client, deadline, oneway).
+    The receiver forwards only the exact 5-element shape; decode_chunks overwrites them all anyway."""
+    spoof = b"\x9a\x02\x01\x09\x00\xc4\x01x\x00\x00\xa5admin\xcb" + struct.pack(">d", 1.0) + b"\xc3"
+    assert msgspec.msgpack.decode(spoof, type=frame.Request).client == "admin"     # what it would do
+    for client in ("", "bob"):
+        [(_, [r])] = frame.decode_chunks(_pack(_chunk(1, [spoof], client)))
+        assert (r.client, r.deadline, r.oneway, r.sid, r.generation) == (client, 0.0, False, 1, 7)
+
+
+def _pack(chunk: frame.Chunk) -> bytes:
+    packer = frame.BatchPacker(8192)
+    packer.add(chunk)
+    [message] = packer.take()
+    return message
 
 
 @pytest.mark.parametrize("bad, served", [
@@ -534,3 +552,20 @@ def test_sched_switches_only_between_other_and_batch():
         "print(a == os.SCHED_BATCH, b == os.SCHED_OTHER, c == os.SCHED_IDLE)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.stdout.split() == ["True", "True", "True"], out.stderr
+
+
+def test_inbox_bounds_pushes_but_keeps_every_answer():
+    from duprep.client import Message
+    from duprep.inbox import OVERHEAD, Inbox
+    box = Inbox(max_bytes=3 * (100 + OVERHEAD))
+    push = Message("push", 0, b"x" * 100)
+    assert [box.offer(push) for _ in range(5)] == [True, True, True, False, False] and box.dropped == 2
+    box.put(Message("late", 7, b"y" * 100))           # an answer: kept although the box is full
+    box.put(marker := object())
+    assert box.get(0) is push and not box.offer(push)  # the answer takes room too
+    assert box.get(0) is push and box.offer(push)      # now there is room for one
+    assert [box.get(0).kind for _ in range(2)] == ["push", "late"]   # type: ignore[attr-defined]
+    assert box.get(0) is marker and box.get(0) is push and box.dropped == 3
+    with pytest.raises(queue.Empty):
+        box.get(0)
+    assert box._bytes == 0

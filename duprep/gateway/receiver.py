@@ -338,7 +338,7 @@ class Receiver(GatewayChild):
                 frame.msgid, frame.cpid, ErrorCode.UNKNOWN_TARGET, f"no client named {frame.target!r}"))))
             return
         source = conn.name or f"#{conn.sid}"       # anonymous senders are named by sid, never ""
-        self.rep_out.add(Deliver(target.sid, target.gen, encode_wire(Push(0, source, frame.data))))
+        self.rep_out.add(Deliver(target.sid, target.gen, encode_wire(Push(0, source, frame.data)), relay=True))
         self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(Reply(frame.msgid, frame.cpid, b""))))
 
     def on_handshake_timeout(self, conn: Conn) -> None:

@@ -18,6 +18,14 @@ connection that lets more than ``max_outbuf`` bytes pile up, or blocks our
 writes for ``write_timeout`` seconds, is ended and counted (slow_disconnects;
 its unwritten frames count as dropped); no one else waits for it.
 
+Relayed PUSHes (``Deliver.relay``) are the one output another client
+controls: one client relaying faster than its target reads would get the
+target cut off as a slow consumer.  So a relayed PUSH for a connection with
+more than half of ``max_outbuf`` unwritten is dropped and counted
+(relays_dropped, and the connection's dropped frames); the target keeps its
+connection and its own answers.  (The RELAY's acknowledgement says
+"queued", never "delivered".)
+
 A sender that dies loses what it had not written.  Worse, a connection it
 left in the middle of a frame cannot take another frame: the client would
 read the rest of the next one as the end of the cut one.  So a partial
@@ -47,7 +55,7 @@ from .loop import ERR, READ, WRITE, Timer
 
 log = logging.getLogger("duprep")
 
-C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES, C_HALF = range(8)
+C_FRAMES, C_BYTES, C_QMSGS, C_STALE, C_SLOW, C_WERR, C_CLOSES, C_HALF, C_RELAY_DROPS = range(9)
 MAX_MESSAGES_PER_WAKE = 256
 DRAIN_CHECK = 0.05
 
@@ -83,6 +91,7 @@ class Sender(GatewayChild):
         self.conns: dict[int, Conn] = {}
         self.dirty: dict[int, Conn] = {}         # connections with new output this batch
         self.to_close: list[tuple[int, int]] = []  # Op.CLOSE records; flush() acts on them once HANDED
+        self.relay_room = cfg.max_outbuf // 2    # unwritten bytes above which relayed PUSHes are dropped
         self.draining = False
         self.stopped = False
         self.drain_deadline = 0.0
@@ -161,7 +170,13 @@ class Sender(GatewayChild):
                     if conn is None:
                         self.c[C_STALE] += item.frames
                         continue
+                    if item.relay and conn.out_bytes > self.relay_room:
+                        self.c[C_RELAY_DROPS] += item.frames
+                        conn.dropped += item.frames
+                        self.touch(conn)
+                        continue
                     conn.out.append(item.frame)
+                    conn.out_bytes += len(item.frame)
                     conn.out_frames += item.frames
                     dirty[conn.sid] = conn
                 elif conn is not None:       # Close
@@ -355,6 +370,7 @@ class Sender(GatewayChild):
 
 
 assert COUNTERS[Role.SENDER][C_STALE] == "dropped_stale" and COUNTERS[Role.SENDER][C_HALF] == "half_written"
+assert COUNTERS[Role.SENDER][C_RELAY_DROPS] == "relays_dropped"
 
 
 def main(argv: list[str] | None = None) -> None:
