@@ -584,57 +584,152 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
 def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait: float = 0.0) -> int:
     """Run ``handler`` in ``workers`` processes until the gateway stops or SIGTERM/SIGINT.
 
-    Returns 0 after a clean stop (SIGTERM, or the gateway went away).  With
-    ``workers > 1`` the calling process forks the others and waits for them.
+    With one worker it runs in the calling process: returns 0 after a clean
+    stop (SIGTERM, or the gateway went away) and raises if it cannot attach
+    (BrokenResourceError: no gateway; InstanceBusyError: every worker row is
+    taken; ConfigError: the instance belongs to another user).
+
+    With ``workers > 1`` the calling process forks them and supervises them
+    (a small gunicorn arbiter):
+
+    * SIGTERM/SIGINT are forwarded to every worker (each finishes what it
+      holds and exits 0); the parent returns when all have exited;
+    * every worker's end is logged with its cause;
+    * a worker that exits 0 (the gateway stopped) is not started again;
+    * a worker that cannot start (exit 3: cannot attach; 4: the instance
+      belongs to another user) is not started again either: the parent stops
+      the others, as a gateway halts on a worker that cannot boot;
+    * a worker that crashes (another non-zero exit, or killed by a signal the
+      parent did not forward) is started again at once: its successor takes
+      the first free row, usually the dead one's, and answers the requests
+      the dead one held with ERROR WORKER_LOST.  After more than 5 crashes
+      within 60 s the parent gives up and stops the others.
+
+    Returns 0 if every worker stopped cleanly, else the first failure: the
+    worker's exit code, or 128 + N for one killed by signal N (also when it
+    was replaced: the code says that something went wrong).
     """
+    from .errors import ConfigError
+    from .gateway.child import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, NO_RESPAWN, access_denied
+    MAX_CRASHES, CRASH_WINDOW = 5, 60.0
     if workers < 1:
         raise ValueError("workers must be >= 1")
-    if workers == 1:
-        return _serve_one(handler, instance, wait)
-    pids = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _serve_one(handler, instance, wait)
-            except BaseException:
-                log.exception("worker %d crashed", os.getpid())
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    stop = [False]
 
-    def forward(signum: int, frame: object) -> None:
-        stop[0] = True
-        for p in pids:
+    def attach() -> Worker:
+        try:
+            return Worker(instance, wait=wait)
+        except (PermissionError, ConfigError) as e:     # the objects are mode 0600: another user's gateway
+            raise ConfigError(f"cannot attach to instance {instance!r}: {access_denied(instance, e)}") from None
+
+    if workers == 1:
+        return _serve_one(handler, attach())
+
+    pidfds: dict[int, int] = {}          # pidfd -> pid of each live worker
+    forwarded: set[int] = set()          # signals passed on to the workers: a stop is under way
+    crashes: deque[float] = deque()
+    poller = select.poll()
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+
+    def child() -> None:
+        """The forked worker: attach, serve, exit; never returns."""
+        code = EXIT_BOOT_ERROR
+        try:
+            for s in stop_signals:
+                signal.signal(s, signal.SIG_DFL)      # not the parent's forwarding handler...
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)   # ...which start() kept from running
+            for fd in pidfds:
+                os.close(fd)
             try:
-                os.kill(p, signum)
-            except ProcessLookupError:
+                worker = attach()
+            except ConfigError as e:
+                code = EXIT_CONFIG_ERROR
+                log.error("cannot start: %s", e)
+            except DuprepError as e:
+                log.error("cannot start: %s", e)
+            else:
+                code = 1                              # if serving raises: a crash
+                code = _serve_one(handler, worker)
+        except BaseException:
+            log.exception("worker %d crashed", os.getpid())
+        finally:
+            os._exit(code)
+
+    def start() -> None:
+        # Stop signals wait until the new worker is in pidfds (parent) or has its own handlers (child).
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                child()
+            fd = os.pidfd_open(pid)
+            pidfds[fd] = pid
+            poller.register(fd, select.POLLIN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+    def stop_all(signum: int) -> None:
+        forwarded.add(signum)
+        for pid in list(pidfds.values()):     # (a pid leaves pidfds before it is reaped: never a reused one)
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:        # reaped behind our back (the caller ignores SIGCHLD)
                 pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    worst = 0
+    old = {s: signal.signal(s, lambda signum, frame: stop_all(signum)) for s in stop_signals}
+    failure = 0
     try:
-        for p in pids:
-            while True:
+        for _ in range(workers):
+            if not forwarded:
+                start()
+        while pidfds:
+            for fd, _ in poller.poll():
+                poller.unregister(fd)
+                os.close(fd)
+                pid = pidfds.pop(fd)
                 try:
-                    _, status = os.waitpid(p, 0)
-                    break
-                except ChildProcessError:
-                    status = 0
-                    break
-            code = os.waitstatus_to_exitcode(status)
-            worst = worst or (code if code > 0 else 0)
+                    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                except ChildProcessError:     # (as above): its status is lost
+                    code = 0
+                how, result = (f"exit code {code}", code) if code >= 0 else \
+                    (f"killed by {signal.Signals(-code).name}", 128 - code)
+                if code == 0 or -code in forwarded:
+                    log.info("worker %d stopped (%s)", pid, how)
+                    continue
+                failure = failure or result
+                if code in NO_RESPAWN:
+                    log.error("worker %d could not start (%s)%s", pid, how,
+                              "" if forwarded else "; stopping the other workers")
+                    if not forwarded:
+                        stop_all(signal.SIGTERM)
+                elif forwarded:
+                    log.error("worker %d failed while stopping (%s)", pid, how)
+                else:
+                    now = time.monotonic()
+                    crashes.append(now)
+                    while crashes[0] < now - CRASH_WINDOW:
+                        crashes.popleft()
+                    if len(crashes) > MAX_CRASHES:
+                        log.error("worker %d died (%s), crash %d within %g s: giving up, stopping the other "
+                                  "workers", pid, how, len(crashes), CRASH_WINDOW)
+                        stop_all(signal.SIGTERM)
+                    else:
+                        log.error("worker %d died (%s); starting another", pid, how)
+                        start()
+    except BaseException:
+        stop_all(signal.SIGTERM)          # the parent fails (e.g. fork): do not leave workers behind
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return worst
+        for fd in pidfds:
+            os.close(fd)
+    return failure
 
 
-def _serve_one(handler: Handler, instance: str, wait: float) -> int:
+def _serve_one(handler: Handler, worker: Worker) -> int:
+    """Serve with an attached ``worker`` until the gateway stops or SIGTERM/SIGINT; return 0."""
     stopping = [False]
-    with Worker(instance, wait=wait) as worker:
+    with worker:
         def on_signal(signum: int, frame: object) -> None:
             stopping[0] = True
             worker._interrupted = True

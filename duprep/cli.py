@@ -1,13 +1,4 @@
-"""``duprep``: a thin command line over the library.
-
-serve   run a gateway in the foreground (systemd style, logs to stderr)
-worker  run business workers that join a running gateway
-status  show the connection table, processes and queues of an instance
-demo    start a gateway with the sample app, drive it with simulated clients, stop it
-cleanup remove the IPC objects of an instance whose processes are all dead
-client-daemon  hold a client host's link to a gateway for its local processes
-client-status  show a client daemon's link, local processes and queues
-"""
+"""``duprep``: a thin command line over the library (``duprep --help`` lists the commands)."""
 
 from __future__ import annotations
 
@@ -15,8 +6,9 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, TypeAlias
 
 from . import ipcnames, sched
 from .config import DEFAULT_APP, GatewayConfig, resolve_port
@@ -25,11 +17,24 @@ from .errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyE
 __all__ = ["main"]
 
 
+def _cwd_on_path() -> None:
+    """Put the current directory first on sys.path, as gunicorn does for its app.
+
+    So ``--app mymodule:handle`` finds ``mymodule.py`` in the directory the
+    command runs in: the ``duprep`` console script, unlike ``python -m``,
+    does not put it there.  Supervised workers inherit the gateway's.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def load_app(spec: str) -> Callable[..., Any]:
-    """Import ``MODULE:CALLABLE``."""
+    """Import ``MODULE:CALLABLE`` (the current directory first on sys.path)."""
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
+    _cwd_on_path()
     obj: object
     try:
         obj = importlib.import_module(module)
@@ -51,12 +56,14 @@ def check_app(spec: str) -> None:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigError(f"--app must be MODULE:CALLABLE, got {spec!r}")
+    _cwd_on_path()
     try:
         found = importlib.util.find_spec(module)     # imports parent packages, which may fail in any way
     except Exception as e:
         raise ConfigError(f"cannot find module {module!r} for --app: {e}") from None
     if found is None:
-        raise ConfigError(f"cannot find module {module!r} for --app (is it on PYTHONPATH?)")
+        raise ConfigError(f"cannot find module {module!r} for --app (not in the current directory "
+                          f"{os.getcwd()} nor on PYTHONPATH)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -76,6 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from . import bus
     from .gateway.child import EXIT_BOOT_ERROR, setup_logging, set_title
+    if args.n < 1:
+        raise ConfigError(f"-n must be at least 1, got {args.n}")
+    if args.wait < 0:
+        raise ConfigError(f"--wait must be >= 0, got {args.wait:g}")
     setup_logging("worker", args.instance)
     set_title("worker", args.instance)
     try:
@@ -84,14 +95,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"duprep worker: {e}", file=sys.stderr)
         return EXIT_BOOT_ERROR
     sched.apply(args.sched)
+    # "Cannot attach" (no gateway, every row taken) is 3 for a supervised worker, so that the
+    # acceptor halts instead of respawning it in a loop, and 1 for an external one (signals.md).
     try:
-        return bus.serve(handler, instance=args.instance, workers=args.n, wait=args.wait)
+        code = bus.serve(handler, instance=args.instance, workers=args.n, wait=args.wait)
     except (BrokenResourceError, InstanceBusyError) as e:
         print(f"duprep worker: {e}", file=sys.stderr)
         return EXIT_BOOT_ERROR if args.supervised else 1
+    return 1 if code == EXIT_BOOT_ERROR and not args.supervised else code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .gateway.child import access_denied
     from .status import render, snapshot
     try:
         snap = snapshot(args.instance)
@@ -102,7 +117,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(msg, file=sys.stderr)
         return 3
+    except PermissionError as e:
+        raise ConfigError(f"cannot read instance {args.instance!r}: {access_denied(args.instance, e)}") from None
     print(json.dumps(snap, indent=1) if args.json else render(snap, limit=args.limit))
+    if snap["state"] == "crashed":        # its objects are left over: not running either
+        if not args.json:
+            print(snap["error"], file=sys.stderr)
+        return 3
     return 0
 
 
@@ -162,80 +183,119 @@ def cmd_client_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_clienthost_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    cd = sub.add_parser("client-daemon", help="carry a client host's local processes over one gateway link")
-    cd.add_argument("--server", required=True, help="the gateway, HOST:PORT (PORT may be an /etc/services name)")
-    cd.add_argument("--instance", default="default", help="names the client host's queues (default: default)")
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to each option's help, except where there is no value to show:
+    flags, required options, and None (there the help text says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _command(sub: _Commands, name: str, summary: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=_Formatter)
+
+
+def _add_clienthost_commands(sub: _Commands) -> None:
+    cd = _command(sub, "client-daemon", "carry a client host's local processes over one gateway link")
+    cd.add_argument("--server", required=True,
+                    help="the gateway, HOST:PORT ([v6]:PORT; PORT may be an /etc/services name)")
+    cd.add_argument("--instance", default="default", help="names the daemon's queues and files; one daemon each")
     cd.add_argument("--name", default=None, help="client name at the gateway (default: anonymous)")
     cd.add_argument("--links", choices=("direct", "callback"), default="direct",
                     help="direct: one connection; callback: the seed's L0 + connect-back L1/L2")
-    cd.add_argument("--callback-host", default=None, help="address to take callbacks on (default: L0's local address)")
-    cd.add_argument("--uplink-depth", type=int, default=None, help="messages in the shared uplink queue")
-    cd.add_argument("--uplink-size", type=int, default=None, help="bytes per uplink message")
-    cd.add_argument("--reply-depth", type=int, default=None, help="messages per local reply queue (default 4)")
+    cd.add_argument("--callback-host", default=None,
+                    help="address to take callbacks on (default: L0's local address)")
+    cd.add_argument("--uplink-depth", type=int, default=None,
+                    help="messages in the shared uplink queue (default: min(10, fs.mqueue.msg_max), lowered "
+                         "to fit 1/8 of RLIMIT_MSGQUEUE)")
+    cd.add_argument("--uplink-size", type=int, default=None,
+                    help="bytes per uplink message, which bounds a request (default: min(64 KiB, "
+                         "fs.mqueue.msgsize_max))")
+    cd.add_argument("--reply-depth", type=int, default=None,
+                    help="messages per local reply queue (default: min(4, fs.mqueue.msg_max))")
     cd.add_argument("--reply-size", type=int, default=None,
-                    help="bytes per reply-queue message; larger replies come in pieces (default 1024)")
-    cd.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnect attempts")
+                    help="bytes per reply-queue message; larger replies come in pieces (default: min(1024, "
+                         "fs.mqueue.msgsize_max))")
+    cd.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnect attempts, seconds")
     cd.set_defaults(func=cmd_client_daemon)
 
-    cs = sub.add_parser("client-status", help="show a client daemon's link, local processes and queues")
-    cs.add_argument("--instance", default="default")
-    cs.add_argument("--json", action="store_true")
+    cs = _command(sub, "client-status", "show a client daemon's link, local processes and queues")
+    cs.add_argument("--instance", default="default", help="the client daemon's instance")
+    cs.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     cs.set_defaults(func=cmd_client_status)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duprep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="duprep", description="A duplicate-server gateway: three processes hold every client's TCP "
+        "connection; POSIX message queues carry requests to Python business workers and replies back. "
+        "'duprep COMMAND --help' describes each command; README.md and docs/ the rest.")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run a gateway in the foreground")
-    s.add_argument("--instance", default="default", help="names the instance's IPC objects (default: default)")
-    s.add_argument("--host", default="127.0.0.1")
+    s = _command(sub, "serve", "run a gateway in the foreground (systemd style, logs to stderr)")
+    s.add_argument("--instance", default="default", help="names the instance's table, queues and lock file")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every IPv4 address)")
     s.add_argument("--port", default="2000", help="port number or /etc/services name (0: any free port)")
-    s.add_argument("--workers", type=int, default=2, help="business worker processes to run (default 2)")
+    s.add_argument("--workers", type=int, default=2,
+                   help="business worker processes the gateway runs and restarts (none with --app none)")
     s.add_argument("--app", default=DEFAULT_APP,
-                   help=f"MODULE:CALLABLE business handler (default {DEFAULT_APP}; 'none': external workers only)")
-    s.add_argument("--max-clients", type=int, default=4096)
-    s.add_argument("--max-per-ip", type=int, default=0, help="0: no limit")
-    s.add_argument("--queue-depth", type=int, default=None, help="messages per queue (default: what the kernel allows)")
-    s.add_argument("--queue-size", type=int, default=None, help="bytes per queue message (default: up to 64 KiB)")
-    s.add_argument("--handshake-timeout", type=float, default=5.0)
-    s.add_argument("--max-outbuf", type=int, default=1 << 20, help="reply bytes buffered per client before it is cut off")
-    s.add_argument("--write-timeout", type=float, default=30.0)
-    s.add_argument("--drain-timeout", type=float, default=10.0)
+                   help="MODULE:CALLABLE business handler, found with the current directory first on sys.path; "
+                        "'none': external workers only")
+    s.add_argument("--max-clients", type=int, default=4096,
+                   help="connections held at once; more are refused with SERVER_FULL")
+    s.add_argument("--max-per-ip", type=int, default=0, help="connections per client IP address (0: no limit)")
+    s.add_argument("--queue-depth", type=int, default=None,
+                   help="messages per queue (default: what the kernel allows, up to 64)")
+    s.add_argument("--queue-size", type=int, default=None,
+                   help="bytes per queue message (default: what the kernel allows, up to 64 KiB)")
+    s.add_argument("--handshake-timeout", type=float, default=5.0,
+                   help="seconds from accept to HELLO before a client is cut off")
+    s.add_argument("--max-outbuf", type=int, default=1 << 20,
+                   help="reply bytes buffered per client before it is cut off (slow consumer)")
+    s.add_argument("--write-timeout", type=float, default=30.0,
+                   help="seconds a client may leave our writes blocked before it is cut off")
+    s.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="seconds a graceful stop waits for queued answers to reach the clients")
     s.add_argument("--links", choices=("direct", "callback"), default="direct",
                    help="callback: also let client daemons ask to be connected back (the seed's L0/L1/L2; "
                         "only to the address the first connection came from)")
     s.add_argument("--sched", choices=("batch", "other"), default="batch",
-                   help="CPU policy of the gateway's processes (default batch: no wakeup preemption "
-                        "inside the pipeline; see docs/architecture.md)")
+                   help="CPU policy of the gateway's processes (batch: no wakeup preemption inside the "
+                        "pipeline; see docs/architecture.md)")
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", help="run business workers for a running gateway")
-    w.add_argument("--instance", default="default")
-    w.add_argument("--app", required=True, help="MODULE:CALLABLE, called with a duprep.bus.Request")
-    w.add_argument("-n", type=int, default=1, help="worker processes (default 1)")
+    w = _command(sub, "worker", "run business workers that join a running gateway")
+    w.add_argument("--instance", default="default", help="the gateway instance to join")
+    w.add_argument("--app", required=True,
+                   help="MODULE:CALLABLE, called with a duprep.bus.Request; found with the current directory "
+                        "first on sys.path")
+    w.add_argument("-n", type=int, default=1,
+                   help="worker processes (more than 1: forked and supervised by this process)")
     w.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the gateway to appear")
     w.add_argument("--sched", choices=("batch", "other"), default="batch",
-                   help="CPU policy of the workers (default batch, as the gateway's)")
+                   help="CPU policy of the workers (as serve --sched)")
     w.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 
-    st = sub.add_parser("status", help="show an instance's connections, processes and queues")
-    st.add_argument("--instance", default="default")
-    st.add_argument("--json", action="store_true")
+    st = _command(sub, "status", "show an instance's connections, processes and queues")
+    st.add_argument("--instance", default="default", help="the instance to show")
+    st.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     st.add_argument("--limit", type=int, default=50, help="connections shown in text form")
     st.set_defaults(func=cmd_status)
 
-    d = sub.add_parser("demo", help="run the sample app under simulated clients and report")
-    d.add_argument("--clients", type=int, default=20)
-    d.add_argument("--seconds", type=float, default=5.0)
-    d.add_argument("--workers", type=int, default=2)
+    d = _command(sub, "demo", "run the sample app under simulated clients and report")
+    d.add_argument("--clients", type=int, default=20, help="simulated clients, one thread each")
+    d.add_argument("--seconds", type=float, default=5.0, help="how long the clients send requests")
+    d.add_argument("--workers", type=int, default=2, help="business workers of the demo gateway")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("cleanup", help="remove IPC objects left by a crashed instance")
-    c.add_argument("--instance", default="default")
+    c = _command(sub, "cleanup", "remove the IPC objects left by a crashed instance (refuses if it is alive)")
+    c.add_argument("--instance", default="default", help="the crashed instance")
     c.set_defaults(func=cmd_cleanup)
     _add_clienthost_commands(sub)
     return p
@@ -245,9 +305,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()            # here, so that a closed pipe is reported below
     except ConfigError as e:
         print(f"duprep {args.command}: {e}", file=sys.stderr)
         code = 4
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # The reader went away (`duprep status | head -3`): stop quietly. Python's documented way
+        # (signal module, "Note on SIGPIPE"): point stdout at /dev/null so that the flush at exit
+        # cannot fail again; 141 is what a process killed by SIGPIPE reports in a shell.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.exit(code)

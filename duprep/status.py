@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -24,11 +25,42 @@ def _queue(name: str) -> dict[str, int] | None:
         mq.close()
 
 
+def acceptor_alive(pid: int) -> bool:
+    """Is ``pid`` a live duprep acceptor?
+
+    A gateway killed with SIGKILL leaves its table behind, still saying
+    "ready"; its pid may linger as a zombie until its parent reaps it, or be
+    reused by an unrelated process, hence the state and name checks.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/comm") as f:
+            name = f.read().strip()
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and name == "duprep-acceptor"
+
+
 def snapshot(instance: str) -> dict[str, Any]:
-    """Everything ``status`` shows, as plain data; raises FileNotFoundError if not running."""
+    """Everything ``status`` shows, as plain data; raises FileNotFoundError if not running.
+
+    If the table is there but its acceptor is dead, ``state`` is "crashed"
+    and ``error`` says what to do.
+    """
     table = Table.attach(ipcnames.table_name(instance))
     try:
         h = table.header()
+        state = GatewayState.names.get(h["state"], str(h["state"]))
+        error = None
+        if not acceptor_alive(h["acceptor_pid"]):
+            if not os.path.exists("/dev/shm/" + ipcnames.table_name(instance)):
+                raise FileNotFoundError(ipcnames.table_name(instance))     # it stopped as we looked
+            state = "crashed"
+            error = (f"the gateway of instance {instance!r} is not running: its acceptor (pid "
+                     f"{h['acceptor_pid']}) died without cleaning up, e.g. killed with SIGKILL; what is shown "
+                     f"is left from that run. Start the gateway again (it removes the leftovers first), "
+                     f"or remove them with 'duprep cleanup --instance {instance}'")
         now_mono, now = time.monotonic(), time.time()
         procs: list[dict[str, Any]] = []
         for p in table.procs():
@@ -54,8 +86,8 @@ def snapshot(instance: str) -> dict[str, Any]:
             if row["role"] in ("receiver", "worker"):    # violations found by the receiver, and by workers
                 totals["protocol_errors"] = (totals.get("protocol_errors", 0) + counters.get("protocol_errors", 0)
                                              + counters.get("bad_frames", 0))
-        return {
-            "instance": instance, "time": now, "state": GatewayState.names.get(h["state"], str(h["state"])),
+        snap = {
+            "instance": instance, "time": now, "state": state,
             "host": h["host"], "port": h["port"], "epoch": h["epoch"], "started": h["started"],
             "uptime": round(now - h["started"], 3), "acceptor_pid": h["acceptor_pid"],
             "max_clients": h["nslots"], "max_per_ip": h["max_per_ip"], "max_frame": h["max_frame"],
@@ -64,15 +96,19 @@ def snapshot(instance: str) -> dict[str, Any]:
                        "replies": _queue(ipcnames.reply_queue(instance))},
             "processes": procs, "connections": conns, "totals": totals,
         }
+        if error:
+            snap["error"] = error
+        return snap
     finally:
         table.close()
 
 
-def _ago(t: float, now: float) -> str:
-    if not t:
-        return "-"
-    d = now - t
+def _span(d: float) -> str:
     return f"{d:.1f}s" if d < 120 else f"{d / 60:.0f}m" if d < 7200 else f"{d / 3600:.0f}h"
+
+
+def _ago(t: float, now: float) -> str:
+    return _span(now - t) if t else "-"
 
 
 def render(snap: dict[str, Any], *, limit: int = 50) -> str:
@@ -81,8 +117,11 @@ def render(snap: dict[str, Any], *, limit: int = 50) -> str:
     Ages ("up", SINCE, IDLE) are as of the snapshot, however late it is rendered.
     """
     now = snap.get("time") or time.time()
+    crashed = snap["state"] == "crashed"
     out = [f"instance {snap['instance']}: {snap['state']} on {snap['host']}:{snap['port']}, "
-           f"up {_ago(snap['started'], now)}, {snap['totals']['connections']}/{snap['max_clients']} clients, "
+           + (f"acceptor pid {snap['acceptor_pid']} gone, started {_ago(snap['started'], now)} ago"
+              if crashed else f"up {_ago(snap['started'], now)}")
+           + f", {snap['totals']['connections']}/{snap['max_clients']} clients, "
            f"accepted {snap['accepted']}, refused {snap['refused']}"]
     qs = snap["queues"]
     out.append("queues: " + ", ".join(
@@ -91,7 +130,7 @@ def render(snap: dict[str, Any], *, limit: int = 50) -> str:
     out.append(f"{'ROLE':<9}{'PID':>8}{'BEAT':>7}  COUNTERS")
     for p in snap["processes"]:
         counters = " ".join(f"{k}={v}" for k, v in p["counters"].items() if v)
-        out.append(f"{p['role']:<9}{p['pid']:>8}{p['heartbeat_age']:>6.1f}s  {counters}")
+        out.append(f"{p['role']:<9}{p['pid']:>8}{_span(p['heartbeat_age']):>7}  {counters}")
     out.append(f"{'SID':>5} {'GEN':>10} {'NAME':<14}{'ADDRESS':<22}{'SINCE':>7}{'IDLE':>7}"
                f"{'IN':>8}{'IN-B':>10}{'OUT':>8}{'OUT-B':>10}{'DROP':>6}")
     for c in snap["connections"][:limit]:

@@ -147,8 +147,13 @@ class Acceptor:
         try:
             self.loop.run()
         except BaseException:
-            log.exception("acceptor crashed; stopping everything")
-            self.exit_code = EXIT_BOOT_ERROR if self.exit_code == EXIT_OK else self.exit_code
+            # Before READY the gateway could not boot: 3, which systemd's RestartPreventExitStatus
+            # does not restart. Once it was ready it crashed: 1, so that Restart=on-failure starts it
+            # again. A code set earlier (a halt, a second SIGTERM) says more and is kept.
+            booting = self.state == "booting"
+            log.exception("acceptor crashed%s; stopping everything", " while booting" if booting else "")
+            if self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_BOOT_ERROR if booting else EXIT_CRASH
         finally:
             self.teardown()
         return self.exit_code

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pwd
 import signal
+import stat
 import sys
 from typing import Callable, Final
 
 __all__ = ["EXIT_OK", "EXIT_CRASH", "EXIT_BOOT_ERROR", "EXIT_CONFIG_ERROR", "EXIT_BUSY", "EXIT_LIMIT",
-           "NO_RESPAWN", "setup_logging", "set_title", "boot_failure", "run_child"]
+           "NO_RESPAWN", "setup_logging", "set_title", "boot_failure", "run_child", "access_denied"]
 
 EXIT_OK: Final = 0
 EXIT_CRASH: Final = 1          # unexpected exception while serving: respawn
@@ -68,6 +70,36 @@ def boot_failure(exc: BaseException) -> int:
             return code
     log.error("cannot start", exc_info=exc)
     return EXIT_BOOT_ERROR
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def access_denied(instance: str, error: BaseException) -> str:
+    """One line on why this process may not open ``instance``'s objects, and the fix.
+
+    The gateway creates its table, lock file and queues mode 0600, so only
+    processes of the gateway's user can attach (workers, Repliers, ``duprep
+    status``): name the first object owned by someone else, its owner and mode.
+    """
+    from .. import ipcnames
+    names = ipcnames.all_names(instance)
+    me = os.geteuid()
+    for path in ("/dev/shm/" + names["table"], names["lock"], "/dev/mqueue" + names["replies"],
+                 "/dev/mqueue" + names["requests"]):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid != me:
+            owner = _user(st.st_uid)
+            return (f"{path} belongs to {owner} (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}) and this "
+                    f"process runs as {_user(me)} (uid {me}): run it as {owner}, the gateway's user")
+    return f"{error}: run this process as the gateway's user (its objects are mode 0600)"
 
 
 def run_child(role: str, instance: str, boot: Callable[[], Callable[[], int]]) -> None:

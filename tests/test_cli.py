@@ -1,0 +1,299 @@
+"""The command line: --app lookup, exit codes, worker supervision (-n > 1), status of a crashed
+gateway, help texts, a closed stdout.  Real processes, queues and sockets throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import duprep
+from duprep import cli, ipcnames, queues
+from duprep.config import GatewayConfig
+from duprep.gateway.acceptor import Acceptor
+from duprep.gateway.child import EXIT_BOOT_ERROR, EXIT_CRASH
+from duprep.launch import GatewayProcess
+from duprep.table import Table
+
+from .conftest import ROOT, alive, descendants, duprep_cli, wait_until
+
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "duprep")   # what `pip install` made
+
+ECHO_APP = "def handle(request):\n    return b'from-cwd:' + request.data\n"
+CRASHY_APP = ("import os\n\ndef handle(request):\n    if request.data == b'crash':\n        os._exit(7)\n"
+              "    return request.data\n")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def attached_workers(instance: str, parent: int, n: int) -> list[int] | None:
+    """The pids of ``parent``'s ``n`` live children once each has claimed a worker row, else None."""
+    kids = sorted(p for p in descendants(parent) if alive(p))
+    if len(kids) != n:
+        return None
+    table = Table.attach(ipcnames.table_name(instance))
+    try:
+        rows = {p.pid for p in table.procs() if p.role == "worker"}
+    finally:
+        table.close()
+    return kids if set(kids) <= rows else None
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Factory for command processes (stderr to a file); each is killed with its children afterwards."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], *, stderr: Path, cwd: str = ROOT, env: dict[str, str] = ENV) -> subprocess.Popen[bytes]:
+        with open(stderr, "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err, cwd=cwd, env=env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def worker_argv(instance: str, app: str, n: int, *, console_script: bool = False) -> list[str]:
+    head = [CONSOLE_SCRIPT] if console_script else [sys.executable, "-m", "duprep"]
+    return [*head, "worker", "--instance", instance, "--app", app, "-n", str(n)]
+
+
+def needs_console_script() -> None:
+    if not os.access(CONSOLE_SCRIPT, os.X_OK):
+        pytest.skip(f"no console script {CONSOLE_SCRIPT} (duprep not pip-installed here)")
+
+
+# --- 1. --app from the current directory --------------------------------------------------------
+
+def test_the_readme_worker_line_finds_a_module_in_the_current_directory(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """README: `duprep worker --app mymodule:handle -n 4`, run where mymodule.py is (console script)."""
+    needs_console_script()
+    (tmp_path / "mymodule.py").write_text(ECHO_APP)
+    gw = gateway(app="none")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = spawn(worker_argv(instance, "mymodule:handle", 2, console_script=True), stderr=tmp_path / "err",
+                 cwd=str(tmp_path), env=env)
+    wait_until(lambda: attached_workers(instance, proc.pid, 2) or proc.poll() is not None, what="workers")
+    assert proc.poll() is None, (tmp_path / "err").read_text()
+    with duprep.Client("127.0.0.1", gw.port, timeout=10) as c:
+        assert c.request(b"hi") == b"from-cwd:hi"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_load_app_and_check_app_look_in_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"cwd_app_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(ECHO_APP)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    cli.check_app(f"{name}:handle")
+    assert sys.path[0] == str(tmp_path)
+    assert cli.load_app(f"{name}:handle").__module__ == name
+    sys.modules.pop(name, None)
+    with pytest.raises(duprep.ConfigError, match="not in the current directory"):
+        cli.check_app("no_such_module_here:handle")
+
+
+def test_supervised_workers_find_the_app_in_the_gateways_directory(
+        gateway: Callable[..., GatewayProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "gwapp.py").write_text(ECHO_APP)
+    monkeypatch.chdir(tmp_path)            # the gateway and its workers inherit it
+    gw = gateway(app="gwapp:handle")
+    with duprep.Client("127.0.0.1", gw.port, timeout=10) as c:
+        assert c.request(b"x") == b"from-cwd:x"
+
+
+# --- 2. worker options and boot failures --------------------------------------------------------
+
+def test_worker_n_0_is_an_invalid_option() -> None:
+    out = duprep_cli("worker", "--app", "tests.apps:handle", "-n", "0")
+    assert out.returncode == 4
+    assert out.stderr.strip() == "duprep worker: -n must be at least 1, got 0"
+
+
+def test_workers_without_a_gateway_say_so_in_one_line_each(instance: str) -> None:
+    out = duprep_cli("worker", "--instance", instance, "--app", "tests.apps:handle", "-n", "2")
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    said = [line for line in lines if "cannot start: no gateway is running" in line]
+    # The first child to fail makes the parent stop the other, which may go before it has said so.
+    assert 1 <= len(said) <= 2 and len(lines) == len(said) + 2, out.stderr
+    assert "could not start (exit code 3); stopping the other workers" in out.stderr
+
+
+# --- 3. bus.serve with several workers ----------------------------------------------------------
+
+def test_a_killed_worker_is_reported_replaced_and_counted_in_the_exit_code(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    gw = gateway(app="none")
+    log = tmp_path / "err"
+    proc = spawn(worker_argv(instance, "tests.apps:handle", 2), stderr=log)
+    first = wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers")
+    victim = first[0]                                              # type: ignore[index]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: (w := attached_workers(instance, proc.pid, 2)) and victim not in w, what="a successor")
+    with duprep.Client("127.0.0.1", gw.port, timeout=10) as c:
+        assert [c.request(b"%d" % i) for i in range(4)] == [b"0", b"1", b"2", b"3"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGKILL
+    text = log.read_text()
+    assert f"worker {victim} died (killed by SIGKILL); starting another" in text
+    assert text.count("stopped (exit code 0)") == 2 and "Traceback" not in text
+
+
+def test_workers_that_keep_crashing_are_given_up_on(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    needs_console_script()
+    (tmp_path / "crashy.py").write_text(CRASHY_APP)
+    gw = gateway(app="none")
+    log = tmp_path / "err"
+    proc = spawn(worker_argv(instance, "crashy:handle", 2, console_script=True), stderr=log, cwd=str(tmp_path))
+    wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers")
+    with duprep.Client("127.0.0.1", gw.port, timeout=10) as c:
+        for n in range(1, 7):            # one crash at a time: each kills the worker that takes it
+            c.send(b"crash")
+            wait_until(lambda: log.read_text().count("died (exit code 7)") == n, what=f"crash {n}")
+    assert proc.wait(timeout=30) == 7
+    text = log.read_text()
+    assert text.count("starting another") == 5
+    assert "crash 6 within 60 s: giving up" in text
+
+
+# --- 4. status of a gateway killed with SIGKILL -------------------------------------------------
+
+def test_status_reports_a_killed_gateway_as_crashed(gateway: Callable[..., GatewayProcess], instance: str) -> None:
+    gw = gateway()
+    assert duprep_cli("status", "--instance", instance).returncode == 0
+    family = descendants(gw.pid)
+    gw.kill()
+    wait_until(lambda: not any(alive(p) for p in family), what="the gateway's children to exit")
+    out = duprep_cli("status", "--instance", instance)
+    assert out.returncode == 3
+    assert out.stdout.startswith(f"instance {instance}: crashed on 127.0.0.1:{gw.port}, acceptor pid {gw.pid} gone")
+    assert "is not running" in out.stderr and f"'duprep cleanup --instance {instance}'" in out.stderr
+    js = duprep_cli("status", "--instance", instance, "--json")
+    assert js.returncode == 3
+    snap = json.loads(js.stdout)
+    assert snap["state"] == "crashed" and "Start the gateway again" in snap["error"]
+    assert duprep_cli("cleanup", "--instance", instance).returncode == 0      # the fix it names
+    gone = duprep_cli("status", "--instance", instance, "--json")
+    assert gone.returncode == 3 and json.loads(gone.stdout)["state"] == "stopped"
+
+
+# --- 5. the acceptor's exit code after a crash ----------------------------------------------------
+
+@pytest.mark.parametrize("state, code", [("booting", EXIT_BOOT_ERROR), ("ready", EXIT_CRASH)])
+def test_an_acceptor_crash_exits_3_before_ready_and_1_after(instance: str, state: str, code: int) -> None:
+    """3 tells systemd (RestartPreventExitStatus) "cannot boot"; 1 "crashed, restart it"."""
+    acceptor = Acceptor(GatewayConfig(instance=instance))
+
+    def boot() -> None:
+        acceptor.state = state
+
+    def crash() -> None:
+        raise RuntimeError("a bug in the event loop")
+
+    acceptor.boot = boot                    # type: ignore[method-assign]
+    acceptor.loop.run = crash               # type: ignore[method-assign]
+    assert acceptor.run() == code
+
+
+# --- 6. a worker of another user --------------------------------------------------------------------
+
+def test_a_worker_that_may_not_open_the_table_says_whose_it_is(
+        gateway: Callable[..., GatewayProcess], instance: str) -> None:
+    """As root without CAP_DAC_OVERRIDE, a table owned by nobody is what another user's worker meets."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+    gateway(app="none")
+    table = "/dev/shm/" + ipcnames.table_name(instance)
+    os.chown(table, 65534, -1)
+    try:
+        for n in ("1", "2"):
+            out = subprocess.run([setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+                                  "duprep", "worker", "--instance", instance, "--app", "tests.apps:handle", "-n", n],
+                                 capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
+            assert out.returncode == 4, out.stderr
+            assert "Traceback" not in out.stderr
+            assert f"{table} belongs to" in out.stderr and "(uid 65534, mode 0600)" in out.stderr
+            assert "the gateway's user" in out.stderr
+    finally:
+        os.chown(table, 0, -1)
+
+
+# --- 8. client-host commands ------------------------------------------------------------------------
+
+def test_client_daemon_exit_codes(instance: str) -> None:
+    from duprep.clienthost.launch import start_daemon
+    assert duprep_cli("client-daemon", "--instance", instance, "--server", "no-port").returncode == 4
+    deep = duprep_cli("client-daemon", "--instance", instance, "--server", "127.0.0.1:1",
+                      "--uplink-depth", str(queues.kernel_limits().msg_max + 1))
+    assert deep.returncode == 6 and "fs.mqueue.msg_max" in deep.stderr
+    assert duprep_cli("client-status", "--instance", instance).returncode == 3
+    daemon = start_daemon(instance, "127.0.0.1:1", env=ENV, stderr=subprocess.DEVNULL)
+    try:
+        assert duprep_cli("client-daemon", "--instance", instance, "--server", "127.0.0.1:1").returncode == 5
+        assert duprep_cli("client-status", "--instance", instance).returncode == 0
+    finally:
+        assert daemon.stop(timeout=20) == 0
+    left = [n for n in os.listdir("/dev/shm") if n.startswith(f"duprep-ch.{instance}.")]
+    assert not left and not queues.unlink(ipcnames.clienthost_uplink(instance))
+
+
+# --- 9. help texts ------------------------------------------------------------------------------------
+
+def test_every_option_has_help_with_its_default() -> None:
+    import argparse
+
+    def shown(action: argparse.Action) -> bool:       # None and flags have no default worth printing
+        return action.default is not None and action.default is not False and not action.required
+
+    parser = cli.build_parser()
+    top = parser.format_help()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert top.count(f" {name} ") + top.count(f" {name}\n") == 1, f"{name} not listed exactly once"
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+            if shown(action):
+                assert f"(default: {action.default})" in text, (name, action.dest)
+                assert "default" not in action.help, f"{name} {action.dest}: the default twice"
+    serve = " ".join(commands.choices["serve"].format_help().split())
+    for option in ("--host HOST", "--write-timeout", "--drain-timeout", "--max-outbuf", "--handshake-timeout"):
+        assert option in serve
+    assert "(default: 0.0)" in " ".join(commands.choices["worker"].format_help().split())     # --wait
+
+
+# --- 10. a reader that goes away --------------------------------------------------------------------
+
+def test_a_closed_stdout_ends_quietly(instance: str) -> None:
+    r, w = os.pipe()
+    os.close(r)                          # `| head -3` that has already exited
+    try:
+        out = subprocess.run([sys.executable, "-m", "duprep", "status", "--instance", instance, "--json"],
+                             stdout=w, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=30)
+    finally:
+        os.close(w)
+    assert out.returncode == 141 and out.stderr == ""
