@@ -53,8 +53,8 @@ from ..frame import Call, Defer, Error, ErrorCode, Push, Relay, Reply, Send, Wel
 from ..gateway import systemd
 from ..gateway.child import (
     boot_failure,
-    EXIT_BOOT_ERROR,
     EXIT_BUSY,
+    EXIT_CRASH,
     EXIT_OK,
     reset_signals,
     set_title,
@@ -151,9 +151,9 @@ class ClientDaemon:
         code = EXIT_OK
         try:
             self.loop.run()
-        except BaseException:
+        except BaseException:            # booted, so a crash (1: Restart=on-failure starts it again), not 3
             log.exception("client daemon crashed; cleaning up")
-            code = EXIT_BOOT_ERROR
+            code = EXIT_CRASH
         finally:
             self.teardown()
         return code
