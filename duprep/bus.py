@@ -610,7 +610,8 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
     was replaced: the code says that something went wrong).
     """
     from .errors import ConfigError
-    from .gateway.child import EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, NO_RESPAWN, access_denied
+    from .gateway.child import (EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, NO_RESPAWN, access_denied, die_with_parent,
+                                signal_name)
     MAX_CRASHES, CRASH_WINDOW = 5, 60.0
     if workers < 1:
         raise ValueError("workers must be >= 1")
@@ -630,10 +631,13 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
     poller = select.poll()
     stop_signals = {signal.SIGTERM, signal.SIGINT}
 
+    parent = os.getpid()
+
     def child() -> None:
         """The forked worker: attach, serve, exit; never returns."""
         code = EXIT_BOOT_ERROR
         try:
+            die_with_parent(parent)                   # no worker outlives its supervisor
             for s in stop_signals:
                 signal.signal(s, signal.SIG_DFL)      # not the parent's forwarding handler...
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)   # ...which start() kept from running
@@ -658,6 +662,8 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
         # Stop signals wait until the new worker is in pidfds (parent) or has its own handlers (child).
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
+            if forwarded:                     # a stop came in since the caller looked: start nothing
+                return
             pid = os.fork()
             if pid == 0:
                 child()
@@ -676,6 +682,7 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
                 pass
 
     old = {s: signal.signal(s, lambda signum, frame: stop_all(signum)) for s in stop_signals}
+    old_chld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # SIG_IGN would reap our workers behind our back
     failure = 0
     try:
         for _ in range(workers):
@@ -691,7 +698,9 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
                 except ChildProcessError:     # (as above): its status is lost
                     code = 0
                 how, result = (f"exit code {code}", code) if code >= 0 else \
-                    (f"killed by {signal.Signals(-code).name}", 128 - code)
+                    (f"killed by {signal_name(-code)}", 128 - code)
+                if code != 0:
+                    _answer_for(instance, pid)        # before a successor can take another row
                 if code == 0 or -code in forwarded:
                     log.info("worker %d stopped (%s)", pid, how)
                     continue
@@ -721,9 +730,46 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        signal.signal(signal.SIGCHLD, old_chld)
         for fd in pidfds:
             os.close(fd)
     return failure
+
+
+def _answer_for(instance: str, pid: int) -> None:
+    """A worker of ``serve(workers > 1)`` died: answer the requests it held with ERROR WORKER_LOST now,
+    as the acceptor does for the workers it supervises, not when (if ever) another worker takes its row.
+    A no-op if it held nothing, or if a worker has taken the row already (and answered them itself)."""
+    try:
+        table = Table.attach(ipcnames.table_name(instance))
+    except (FileNotFoundError, DuprepError, OSError):
+        return                                     # the gateway is gone: nobody to answer
+    lock = InstanceLock(instance)
+    try:
+        row = next((p.row for p in table.procs() if p.role == "worker" and p.pid == pid), None)
+        if row is None or not lock.open().take_row(row):
+            return
+        try:
+            lost = take_over(table, row)
+        finally:
+            lock.release_row(row)
+        if lost is None:
+            return
+        log.error("worker %d died in row %d holding %d requests and %d sends; answering the requests with "
+                  "ERROR WORKER_LOST", pid, row, lost.requests, lost.sends)
+        replies = Queue(ipcnames.reply_queue(instance))
+        try:
+            for i, message in enumerate(lost.answered):
+                replies.put(message, timeout=5.0)
+        except WouldBlock:
+            log.error("the reply queue stayed full: %d WORKER_LOST messages not sent", len(lost.answered) - i)
+        finally:
+            replies.close()
+    except (DuprepError, OSError) as e:
+        log.error("could not answer for worker %d: %s", pid, e)
+    finally:
+        lock.close()
+        table.close()
 
 
 def _serve_one(handler: Handler, worker: Worker) -> int:

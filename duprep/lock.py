@@ -123,6 +123,29 @@ class InstanceLock:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ROW_LOCK_BASE + row)
 
 
+def gateway_lock_held(instance: str) -> bool | None:
+    """Does a live acceptor hold ``instance``'s gateway lock?  Looked up in /proc/locks, without
+    taking anything (taking it, even for a moment, could make a starting gateway think the instance
+    busy).  The kernel drops the lock when its holder dies, whatever pid namespace it ran in.
+    None if /proc/locks cannot be read."""
+    try:
+        st = os.stat(ipcnames.lock_path(instance))
+    except FileNotFoundError:
+        return False
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4711 00:1a:123 0 EOF"; waiters have "->" after the number
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == want:
+            return True
+    return False
+
+
 class _Expired(Exception):
     pass
 

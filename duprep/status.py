@@ -9,6 +9,7 @@ from typing import Any
 import posix_ipc
 
 from . import ipcnames
+from .lock import gateway_lock_held
 from .table import GatewayState, Table
 
 __all__ = ["snapshot", "render"]
@@ -25,13 +26,18 @@ def _queue(name: str) -> dict[str, int] | None:
         mq.close()
 
 
-def acceptor_alive(pid: int) -> bool:
-    """Is ``pid`` a live duprep acceptor?
+def gateway_alive(instance: str, pid: int) -> bool:
+    """Is the gateway of ``instance`` alive?  A gateway killed with SIGKILL leaves its table behind,
+    still saying "ready".  The kernel knows: the acceptor holds the instance's gateway lock until it
+    dies (lock.gateway_lock_held, right also for a gateway in another pid namespace).  Only if
+    /proc/locks cannot be read, look at the process: ``acceptor_alive``."""
+    held = gateway_lock_held(instance)
+    return acceptor_alive(pid) if held is None else held
 
-    A gateway killed with SIGKILL leaves its table behind, still saying
-    "ready"; its pid may linger as a zombie until its parent reaps it, or be
-    reused by an unrelated process, hence the state and name checks.
-    """
+
+def acceptor_alive(pid: int) -> bool:
+    """Is ``pid`` a live duprep acceptor?  Its pid may linger as a zombie until its parent reaps it,
+    or be reused by an unrelated process, hence the state and name checks."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
@@ -53,7 +59,7 @@ def snapshot(instance: str) -> dict[str, Any]:
         h = table.header()
         state = GatewayState.names.get(h["state"], str(h["state"]))
         error = None
-        if not acceptor_alive(h["acceptor_pid"]):
+        if not gateway_alive(instance, h["acceptor_pid"]):
             if not os.path.exists("/dev/shm/" + ipcnames.table_name(instance)):
                 raise FileNotFoundError(ipcnames.table_name(instance))     # it stopped as we looked
             state = "crashed"

@@ -17,6 +17,7 @@ import pytest
 import duprep
 from duprep import cli, ipcnames, queues
 from duprep.config import GatewayConfig
+from duprep.frame import ErrorCode
 from duprep.gateway.acceptor import Acceptor
 from duprep.gateway.child import EXIT_BOOT_ERROR, EXIT_CRASH
 from duprep.launch import GatewayProcess
@@ -177,6 +178,48 @@ def test_workers_that_keep_crashing_are_given_up_on(
     assert "crash 6 within 60 s: giving up" in text
 
 
+def test_the_supervisor_answers_for_a_worker_whose_row_no_successor_takes(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """A successor takes the first free row, not necessarily the dead worker's: the parent answers
+    what the dead one held with WORKER_LOST itself, as the acceptor does (else the client waits for its
+    own timeout, and the gateway's stop for drain_timeout)."""
+    (tmp_path / "crashy.py").write_text(CRASHY_APP)
+    gw = gateway(app="none")
+    log = tmp_path / "err"
+    proc = spawn(worker_argv(instance, "crashy:handle", 3), stderr=log, cwd=str(tmp_path))
+    kids = wait_until(lambda: attached_workers(instance, proc.pid, 3), what="three workers")
+    table = Table.attach(ipcnames.table_name(instance))
+    try:
+        [lowest] = [p.pid for p in table.procs() if p.role == "worker" and p.pid in kids][:1]   # type: ignore[operator]
+    finally:
+        table.close()
+    os.kill(lowest, signal.SIGTERM)                 # an operator stops one worker: its row is free
+    wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers left")
+    with duprep.Client("127.0.0.1", gw.port, timeout=20) as c:
+        with pytest.raises(duprep.RemoteError) as err:
+            c.request(b"crash", timeout=10)
+        assert err.value.code == ErrorCode.WORKER_LOST
+        assert c.request(b"after") == b"after"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    assert "answering the requests with ERROR WORKER_LOST" in log.read_text()
+
+
+def test_a_real_time_signal_is_named_and_no_worker_outlives_its_supervisor(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    gateway(app="none")
+    log = tmp_path / "err"
+    proc = spawn(worker_argv(instance, "tests.apps:handle", 2), stderr=log)
+    first = wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers")
+    os.kill(first[0], 40)                    # type: ignore[index]   # not in signal.Signals: once crashed the parent
+    wait_until(lambda: "killed by signal 40); starting another" in log.read_text(), what="the replacement")
+    kids = wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers again")
+    os.kill(proc.pid, signal.SIGKILL)        # the supervisor dies: its workers follow (PR_SET_PDEATHSIG)
+    wait_until(lambda: not any(alive(k) for k in kids), what="the workers to exit")   # type: ignore[union-attr]
+
+
 # --- 4. status of a gateway killed with SIGKILL -------------------------------------------------
 
 def test_status_reports_a_killed_gateway_as_crashed(gateway: Callable[..., GatewayProcess], instance: str) -> None:
@@ -196,6 +239,29 @@ def test_status_reports_a_killed_gateway_as_crashed(gateway: Callable[..., Gatew
     assert duprep_cli("cleanup", "--instance", instance).returncode == 0      # the fix it names
     gone = duprep_cli("status", "--instance", instance, "--json")
     assert gone.returncode == 3 and json.loads(gone.stdout)["state"] == "stopped"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_status_sees_a_gateway_in_another_pid_namespace_as_running(instance: str) -> None:
+    """Liveness comes from the kernel's lock table, not from a pid that means another process here
+    (a container sharing /dev/shm, systemd PrivatePIDs=): the acceptor is pid 1 in its namespace."""
+    ns = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-m", "duprep", "serve", "--instance",
+                           instance, "--port", "0", "--app", "none"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: duprep_cli("status", "--instance", instance).returncode == 0, timeout=30,
+                   what="the namespaced gateway to be ready")
+        snap = json.loads(duprep_cli("status", "--instance", instance, "--json").stdout)
+        assert snap["state"] == "ready" and snap["acceptor_pid"] == 1
+    finally:
+        for pid in descendants(ns.pid)[:1]:        # the acceptor (the namespace's pid 1): a graceful stop
+            os.kill(pid, signal.SIGTERM)
+        try:
+            ns.wait(30)
+        finally:
+            if ns.poll() is None:
+                ns.kill()
+                ns.wait()
 
 
 # --- 5. the acceptor's exit code after a crash ----------------------------------------------------

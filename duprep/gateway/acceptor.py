@@ -46,7 +46,7 @@ from ..lock import InstanceLock
 from ..table import GatewayState, ProcRow, Role, SlotState, Table
 from . import callback, net, systemd
 from .control import Control
-from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CRASH, EXIT_OK, NO_RESPAWN, boot_failure, setup_logging,
+from .child import (EXIT_BOOT_ERROR, EXIT_BUSY, EXIT_CRASH, EXIT_OK, NO_RESPAWN, boot_failure, setup_logging, signal_name,
                     set_title)
 from .base import STATS_INTERVAL
 from .loop import READ, WRITE, EventLoop, Timer
@@ -548,7 +548,7 @@ class Acceptor:
                 self.loop.close_later(child.control.sock)
             child.control = None
         was_ready, child.ready = child.ready, False
-        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        how = f"exit code {code}" if code >= 0 else signal_name(-code)
         if child.role == "worker":         # also while stopping: the sender may still be draining
             self.answer_for(child)
         if self.state in ("stopping", "halting"):

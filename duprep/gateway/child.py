@@ -18,7 +18,8 @@ import sys
 from typing import Callable, Final
 
 __all__ = ["EXIT_OK", "EXIT_CRASH", "EXIT_BOOT_ERROR", "EXIT_CONFIG_ERROR", "EXIT_BUSY", "EXIT_LIMIT",
-           "NO_RESPAWN", "setup_logging", "set_title", "boot_failure", "run_child", "access_denied"]
+           "NO_RESPAWN", "setup_logging", "set_title", "boot_failure", "run_child", "access_denied",
+           "signal_name", "die_with_parent"]
 
 EXIT_OK: Final = 0
 EXIT_CRASH: Final = 1          # unexpected exception while serving: respawn
@@ -39,6 +40,26 @@ def setup_logging(role: str, instance: str) -> None:
         stream=sys.stderr, level=getattr(logging, level, logging.INFO),
         format=f"%(asctime)s duprep[{instance}] {role}[%(process)d] %(levelname)s %(message)s",
         force=True)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; real-time signals (not in signal.Signals) as ``signal 40``."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG), and
+    exit now if ``parent`` is already gone (it died before the request took effect)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)      # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:
+        os._exit(EXIT_OK)
 
 
 def set_title(role: str, instance: str) -> None:

@@ -20,8 +20,8 @@ its unwritten frames count as dropped); no one else waits for it.
 
 Relayed PUSHes (``Deliver.relay``) are the one output another client
 controls: one client relaying faster than its target reads would get the
-target cut off as a slow consumer.  So a relayed PUSH for a connection with
-more than half of ``max_outbuf`` unwritten is dropped and counted
+target cut off as a slow consumer.  So a relayed PUSH that would take a
+connection's unwritten bytes above half of ``max_outbuf`` is dropped and counted
 (relays_dropped, and the connection's dropped frames); the target keeps its
 connection and its own answers.  (The RELAY's acknowledgement says
 "queued", never "delivered".)
@@ -170,7 +170,7 @@ class Sender(GatewayChild):
                     if conn is None:
                         self.c[C_STALE] += item.frames
                         continue
-                    if item.relay and conn.out_bytes > self.relay_room:
+                    if item.relay and conn.out_bytes + len(item.frame) > self.relay_room:
                         self.c[C_RELAY_DROPS] += item.frames
                         conn.dropped += item.frames
                         self.touch(conn)
