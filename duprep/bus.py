@@ -41,7 +41,7 @@ from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defe
                     Request, decode_chunks)
 from .lock import InstanceLock
 from .queues import Queue
-from .recovery import take_over
+from .recovery import answer_for, take_over
 from .table import COUNTERS, FIRST_WORKER_ROW, NCOUNTERS, ProcRow, Role, SlotInfo, SlotState, Table
 
 __all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
@@ -746,17 +746,11 @@ def _answer_for(instance: str, pid: int) -> None:
         return                                     # the gateway is gone: nobody to answer
     lock = InstanceLock(instance)
     try:
-        row = next((p.row for p in table.procs() if p.role == "worker" and p.pid == pid), None)
-        if row is None or not lock.open().take_row(row):
-            return
-        try:
-            lost = take_over(table, row)
-        finally:
-            lock.release_row(row)
+        lost = answer_for(table, lock.open(), pid)
         if lost is None:
             return
-        log.error("worker %d died in row %d holding %d requests and %d sends; answering the requests with "
-                  "ERROR WORKER_LOST", pid, row, lost.requests, lost.sends)
+        log.error("worker %d died holding %d requests and %d sends; answering the requests with "
+                  "ERROR WORKER_LOST", pid, lost.requests, lost.sends)
         replies = Queue(ipcnames.reply_queue(instance))
         try:
             for i, message in enumerate(lost.answered):

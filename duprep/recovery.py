@@ -25,6 +25,7 @@ from typing import NamedTuple
 import msgspec
 
 from .frame import BatchPacker, Deliver, Error, ErrorCode, Request, decode_chunks, encode_wire
+from .lock import InstanceLock
 from .table import COUNTERS, Role, Table
 
 __all__ = ["Lost", "take_over", "requests_of"]
@@ -106,3 +107,16 @@ def take_over(table: Table, row: int) -> Lost | None:
         part.write(pid, role, 0, index, pad, started, heartbeat, *counters)
     hand.clear(counters[C_REQUESTS])
     return Lost(pid, packer.take(), len(requests) - sends, sends) if requests else None
+
+
+def answer_for(table: Table, lock: InstanceLock, pid: int) -> Lost | None:
+    """A supervisor's half: worker ``pid`` died; take its row (if no worker has taken it since, which
+    then answered for it) and answer for what it held (``take_over``)."""
+    row = next((p.row for p in table.procs() if p.role == "worker" and p.pid == pid), None)
+    if row is None or not lock.take_row(row):
+        return None
+    try:
+        return take_over(table, row)
+    finally:
+        lock.release_row(row)
+

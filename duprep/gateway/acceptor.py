@@ -590,13 +590,7 @@ class Acceptor:
         Only if its row is still free: a worker that already claimed the row answered them itself.
         """
         assert self.table is not None and self.row is not None
-        row = next((p.row for p in self.table.procs() if p.role == "worker" and p.pid == child.pid), None)
-        if row is None or not self.lock.take_row(row):
-            return
-        try:
-            lost = recovery.take_over(self.table, row)
-        finally:
-            self.lock.release_row(row)
+        lost = recovery.answer_for(self.table, self.lock, child.pid)
         if lost is None:
             return
         self.row.counters[C_LOST] += lost.requests + lost.sends
