@@ -35,7 +35,7 @@ from typing import Callable
 import msgspec
 
 from . import ipcnames
-from .errors import (BrokenResourceError, ClosedResourceError, DuprepError, ProtocolError, Timeout,
+from .errors import (BrokenResourceError, ClosedResourceError, ConfigError, DuprepError, ProtocolError, Timeout,
                      UnknownTarget, WouldBlock)
 from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode, Push, Reply,
                     Request, decode_chunks)
@@ -599,17 +599,16 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
     * a worker that cannot start (exit 3: cannot attach; 4: the instance
       belongs to another user) is not started again either: the parent stops
       the others, as a gateway halts on a worker that cannot boot;
-    * a worker that crashes (another non-zero exit, or killed by a signal the
-      parent did not forward) is started again at once: its successor takes
-      the first free row, usually the dead one's, and answers the requests
-      the dead one held with ERROR WORKER_LOST.  After more than 5 crashes
-      within 60 s the parent gives up and stops the others.
+    * a worker that dies with a non-zero exit or by a signal: the parent
+      answers the requests it held with ERROR WORKER_LOST (as the acceptor
+      does for its own workers); if it crashed (not one of the above, nor a
+      signal the parent forwarded) it is started again at once.  After more
+      than 5 crashes within 60 s the parent gives up and stops the others.
 
     Returns 0 if every worker stopped cleanly, else the first failure: the
     worker's exit code, or 128 + N for one killed by signal N (also when it
     was replaced: the code says that something went wrong).
     """
-    from .errors import ConfigError
     from .gateway.child import (EXIT_BOOT_ERROR, EXIT_CONFIG_ERROR, NO_RESPAWN, access_denied, die_with_parent,
                                 signal_name)
     MAX_CRASHES, CRASH_WINDOW = 5, 60.0

@@ -100,8 +100,7 @@ def run_demo(*, clients: int = 20, seconds: float = 5.0, workers: int = 2) -> in
         exit_code = gw.stop()
         print(f"gateway stopped (exit code {exit_code})")
         leftovers = [name for key, name in ipcnames.all_names(instance).items()
-                     if os.path.exists(name if key == "lock" else
-                                       ("/dev/shm/" + name if key == "table" else "/dev/mqueue" + name))]
+                     if os.path.exists(ipcnames.fs_paths(instance)[key])]
         from .queues import unlink
         for key in ("requests", "replies"):
             if unlink(ipcnames.all_names(instance)[key]):

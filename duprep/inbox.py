@@ -50,14 +50,13 @@ class Inbox:
         """Keep a push or relay if there is room; else drop and count it (False)."""
         size = len(getattr(item, "data", b"")) + OVERHEAD
         with self._lock:
-            if self._bytes + size > self.max_bytes:
+            kept = self._bytes + size <= self.max_bytes
+            if kept:
+                self._bytes += size
+            else:
                 self.dropped += 1
                 warn, self._warned = not self._warned, True
-            else:
-                self._bytes += size
-                warn = False
-                size = -1
-        if size < 0:
+        if kept:
             self._q.put(item)
             return True
         if warn:

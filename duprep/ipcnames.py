@@ -35,14 +35,17 @@ import re
 
 from .errors import ConfigError
 
-__all__ = ["check_instance", "table_name", "request_queue", "reply_queue", "lock_path", "all_names",
+__all__ = ["check_instance", "table_name", "request_queue", "reply_queue", "lock_path", "all_names", "fs_paths",
+           "SHM_DIR", "MQUEUE_DIR",
            "clienthost_uplink", "clienthost_reply_queue", "clienthost_reply_prefix",
            "parse_clienthost_reply_queue", "clienthost_lock_path", "clienthost_info_path",
            "clienthost_registry_path", "clienthost_control", "clienthost_all_names"]
 
 PREFIX = "duprep"
 _VALID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,47}\Z")
-LOCK_DIR = os.environ.get("DUPREP_LOCK_DIR", "/dev/shm")
+SHM_DIR = "/dev/shm"            # where Linux shows shared-memory segments as files
+MQUEUE_DIR = "/dev/mqueue"      # where POSIX queues show as files, once an mqueue fs is mounted there
+LOCK_DIR = os.environ.get("DUPREP_LOCK_DIR", SHM_DIR)
 
 
 def check_instance(instance: str) -> str:
@@ -82,6 +85,14 @@ def all_names(instance: str) -> dict[str, str]:
         "replies": reply_queue(instance),
         "lock": lock_path(instance),
     }
+
+
+def fs_paths(instance: str) -> dict[str, str]:
+    """Where each of :func:`all_names` shows in the file system (the queues only while MQUEUE_DIR is
+    mounted): for leak checks, owners and modes."""
+    names = all_names(instance)
+    return {key: name if key == "lock" else os.path.join(SHM_DIR, name) if key == "table" else MQUEUE_DIR + name
+            for key, name in names.items()}
 
 
 # --- client daemon (duprep.clienthost) ------------------------------------------------

@@ -60,7 +60,7 @@ def snapshot(instance: str) -> dict[str, Any]:
         state = GatewayState.names.get(h["state"], str(h["state"]))
         error = None
         if not gateway_alive(instance, h["acceptor_pid"]):
-            if not os.path.exists("/dev/shm/" + ipcnames.table_name(instance)):
+            if not os.path.exists(ipcnames.fs_paths(instance)["table"]):
                 raise FileNotFoundError(ipcnames.table_name(instance))     # it stopped as we looked
             state = "crashed"
             error = (f"the gateway of instance {instance!r} is not running: its acceptor (pid "

@@ -38,7 +38,7 @@ __all__ = ["DaemonInfo", "DaemonLock", "publish_info", "read_info", "write_regis
            "stale_reply_queues", "remove_stale"]
 
 log = logging.getLogger("duprep")
-MQUEUE_FS = "/dev/mqueue"
+MQUEUE_FS = ipcnames.MQUEUE_DIR
 
 
 class DaemonInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -744,7 +744,7 @@ class Acceptor:
 
 def _unlink_shm(name: str) -> None:
     try:
-        os.unlink(os.path.join("/dev/shm", name))
+        os.unlink(os.path.join(ipcnames.SHM_DIR, name))
     except FileNotFoundError:
         pass
 

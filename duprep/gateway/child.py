@@ -53,20 +53,20 @@ def signal_name(signum: int) -> str:
 def die_with_parent(parent: int) -> None:
     """Have the kernel send SIGTERM to this process when its parent dies (PR_SET_PDEATHSIG), and
     exit now if ``parent`` is already gone (it died before the request took effect)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)      # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - not Linux
-        pass
+    _prctl(1, int(signal.SIGTERM))                         # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(EXIT_OK)
 
 
 def set_title(role: str, instance: str) -> None:
     """Name the process ``duprep-<role>`` in /proc/PID/comm (what ps -o comm and top show)."""
+    _prctl(15, f"duprep-{role}"[:15].encode())              # PR_SET_NAME
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    """prctl(2), best effort (a process title or parent-death signal is not worth failing for)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, f"duprep-{role}"[:15].encode(), 0, 0, 0)   # PR_SET_NAME
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
     except Exception:  # pragma: no cover - not Linux
         pass
 
@@ -108,10 +108,8 @@ def access_denied(instance: str, error: BaseException) -> str:
     status``): name the first object owned by someone else, its owner and mode.
     """
     from .. import ipcnames
-    names = ipcnames.all_names(instance)
     me = os.geteuid()
-    for path in ("/dev/shm/" + names["table"], names["lock"], "/dev/mqueue" + names["replies"],
-                 "/dev/mqueue" + names["requests"]):
+    for path in ipcnames.fs_paths(instance).values():
         try:
             st = os.stat(path)
         except OSError:
