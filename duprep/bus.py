@@ -34,7 +34,7 @@ from typing import Callable
 
 import msgspec
 
-from . import ipcnames
+from . import hangs, ipcnames
 from .errors import (BrokenResourceError, ClosedResourceError, ConfigError, DuprepError, ProtocolError, Timeout,
                      UnknownTarget, WouldBlock)
 from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode, Push, Reply,
@@ -60,7 +60,7 @@ Handler = Callable[[Request], "bytes | None"]
 _encode = msgspec.msgpack.Encoder().encode
 _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
-HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker (no other wake-ups while idle)
+HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker, unless the gateway says (table header)
 C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)   # (and "lost": recovery.py writes it)
 C_BAD = COUNTERS[Role.WORKER].index("bad_frames")
 
@@ -294,6 +294,8 @@ class Worker(Replier):
             self._row.counters[:] = previous          # keep the drain arithmetic of the instance right
             self._c = self._row.counters
             self._requests = Queue(ipcnames.request_queue(instance))
+            # at least this often while idle: a supervisor takes a longer silence for a hang (hangs.py)
+            self._heartbeat = self._table.get("heartbeat") or HEARTBEAT
             try:
                 self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
             except ProcessLookupError:
@@ -340,7 +342,7 @@ class Worker(Replier):
             self.flush()
             raise ClosedResourceError("worker interrupted")
         deadline = None if timeout is None else time.monotonic() + timeout
-        heartbeat = HEARTBEAT
+        heartbeat = self._heartbeat
         reply_fd = self._replies.fileno()
         while True:
             try:
@@ -625,6 +627,7 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
         return _serve_one(handler, attach())
 
     pidfds: dict[int, int] = {}          # pidfd -> pid of each live worker
+    hung = hangs.Watch(instance)         # workers that stop showing life are aborted (hangs.py)
     forwarded: set[int] = set()          # signals passed on to the workers: a stop is under way
     crashes: deque[float] = deque()
     poller = select.poll()
@@ -669,6 +672,7 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
             fd = os.pidfd_open(pid)
             pidfds[fd] = pid
             poller.register(fd, select.POLLIN)
+            hung.add(pid, fd)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
@@ -688,10 +692,15 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
             if not forwarded:
                 start()
         while pidfds:
-            for fd, _ in poller.poll():
+            until = hung.timeout()
+            events = poller.poll(None if until is None else until * 1000 + 1)
+            if not events:
+                hung.check()          # a worker silent for the gateway's hang_timeout is aborted
+            for fd, _ in events:
                 poller.unregister(fd)
                 os.close(fd)
                 pid = pidfds.pop(fd)
+                hung.remove(pid)
                 try:
                     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                 except ChildProcessError:     # (as above): its status is lost

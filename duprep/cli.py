@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_per_ip=args.max_per_ip, queue_depth=args.queue_depth, queue_size=args.queue_size,
         handshake_timeout=args.handshake_timeout, max_outbuf=args.max_outbuf,
         write_timeout=args.write_timeout, drain_timeout=args.drain_timeout, links=args.links,
-        sched=args.sched)
+        sched=args.sched, heartbeat=args.heartbeat, hang_timeout=args.hang_timeout)
     if cfg.app:
         check_app(cfg.app)    # fail here, clearly, rather than in every worker
     return serve(cfg)
@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client may leave our writes blocked before it is cut off")
     s.add_argument("--drain-timeout", type=float, default=10.0,
                    help="seconds a graceful stop waits for queued answers to reach the clients")
+    s.add_argument("--heartbeat", type=float, default=30.0,
+                   help="seconds between the heartbeats of an idle process (busy ones beat as they work)")
+    s.add_argument("--hang-timeout", type=float, default=120.0,
+                   help="a gateway process or worker without a heartbeat for this long (a handler stuck, a "
+                        "loop spinning, a stopped process) is killed with SIGABRT, its Python traceback "
+                        "logged, and replaced; 0: never")
     s.add_argument("--links", choices=("direct", "callback"), default="direct",
                    help="callback: also let client daemons ask to be connected back (the seed's L0/L1/L2; "
                         "only to the address the first connection came from)")

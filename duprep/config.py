@@ -36,6 +36,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     sndbuf: int = 65536                 # SO_SNDBUF of client sockets (0: kernel default)
     drain_timeout: float = 10.0         # seconds SIGTERM waits for queued replies
     heartbeat: float = 30.0             # seconds between heartbeats of an idle process (busy ones beat as they work)
+    hang_timeout: float = 120.0         # a process silent this long is killed and replaced (0: never)
     backlog: int = 1024
     links: str = "direct"               # "callback": also accept CALLME (the seed's L0 + L1/L2)
     sched: str = "batch"                # CPU policy of every gateway process (duprep/sched.py); "other"
@@ -57,6 +58,11 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.hang_timeout < 0:
+            raise ConfigError("--hang-timeout must be >= 0 (0: never)")
+        if self.hang_timeout and self.hang_timeout < 2 * self.heartbeat:
+            raise ConfigError(f"--hang-timeout must be 0 (never) or at least twice --heartbeat "
+                              f"({2 * self.heartbeat:g} s): an idle process shows life only once per heartbeat")
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

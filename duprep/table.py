@@ -58,15 +58,16 @@ MAGIC: Final = b"DUPREP\x00\x01"
 # 2: a Chunk's frames are an array of frame bodies, not the prefixed frames (2026-11).
 # 3: HAND regions after the process rows; 11 counters per row (worker "lost", sender "half_written",
 # receiver "half_read"); the S part's flags; the R flag HALF_READ (2026-11).
-LAYOUT_VERSION: Final = 3
+# 4: the header's heartbeat and hang_timeout, read by workers and their supervisors (2026-11).
+LAYOUT_VERSION: Final = 4
 ROW_LOCK_BASE: Final = 4096
 READ_PATIENCE: Final = 2.0       # seconds a reader waits for a record's writer to finish
 
-HEADER_FORMAT: Final = "<8sIIQIIIIIIIIdII48sQQ"
+HEADER_FORMAT: Final = "<8sIIQIIIIIIIIdII48sQQdd"
 HEADER_FIELDS: Final = (
     "magic", "layout", "state", "epoch", "nslots", "nprocs", "slot_size", "proc_size",
     "port", "msgsize", "depth", "max_frame", "started", "acceptor_pid", "max_per_ip",
-    "host", "accepted", "refused",
+    "host", "accepted", "refused", "heartbeat", "hang_timeout",
 )
 HEADER_SIZE: Final = 256
 A_FORMAT: Final = "<IIIId48s"        # seq gen state port connected_at addr
@@ -152,7 +153,8 @@ class Role:
 
 # What each role's NCOUNTERS counters mean (unused ones are zero).
 COUNTERS: Final[dict[int, tuple[str, ...]]] = {
-    Role.ACCEPTOR: ("accepted", "refused_full", "refused_per_ip", "released", "restarts", "lost_in_workers"),
+    Role.ACCEPTOR: ("accepted", "refused_full", "refused_per_ip", "released", "restarts", "lost_in_workers",
+                    "hung"),
     Role.RECEIVER: ("frames_in", "bytes_in", "queue_messages", "requests", "protocol_errors",
                     "handshake_timeouts", "backpressure_pauses", "relays", "half_read"),
     Role.SENDER: ("frames_out", "bytes_out", "queue_messages", "dropped_stale",

@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,7 +25,7 @@ from duprep.gateway.child import EXIT_BOOT_ERROR, EXIT_CRASH
 from duprep.launch import GatewayProcess
 from duprep.table import Table
 
-from .conftest import ROOT, alive, descendants, duprep_cli, wait_until
+from .conftest import ROOT, alive, descendants, duprep_cli, ipc_leftovers, wait_until
 
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "duprep")   # what `pip install` made
@@ -220,6 +222,29 @@ def test_a_real_time_signal_is_named_and_no_worker_outlives_its_supervisor(
     wait_until(lambda: not any(alive(k) for k in kids), what="the workers to exit")   # type: ignore[union-attr]
 
 
+def test_the_supervisor_aborts_a_worker_stuck_in_its_handler_and_replaces_it(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """duprep worker -n N applies the gateway's --hang-timeout to its workers, as the acceptor does:
+    a handler that never returns gets its worker aborted (traceback logged), the request WORKER_LOST,
+    and a successor; the idle worker, beating at the gateway's --heartbeat, is left alone."""
+    gw = gateway("--heartbeat", "0.5", "--hang-timeout", "2", app="none")
+    log = tmp_path / "err"
+    proc = spawn(worker_argv(instance, "tests.apps:handle", 2), stderr=log)
+    first = wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers")
+    with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
+        with pytest.raises(duprep.RemoteError) as err:
+            c.request(b"sleep:3600", timeout=30)
+        assert err.value.code == ErrorCode.WORKER_LOST
+        assert c.request(b"after") == b"after"
+    now = wait_until(lambda: attached_workers(instance, proc.pid, 2), what="two workers again")
+    assert len(set(first) & set(now)) == 1            # type: ignore[arg-type]   # only the stuck one replaced
+    text = log.read_text()
+    assert "showed no sign of life" in text and "Fatal Python error: Aborted" in text and "in handle" in text
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGABRT
+
+
 # --- 4. status of a gateway killed with SIGKILL -------------------------------------------------
 
 def test_status_reports_a_killed_gateway_as_crashed(gateway: Callable[..., GatewayProcess], instance: str) -> None:
@@ -363,3 +388,76 @@ def test_a_closed_stdout_ends_quietly(instance: str) -> None:
     finally:
         os.close(w)
     assert out.returncode == 141 and out.stderr == ""
+
+
+# --- 11. systemd: socket activation, sd_notify, the watchdog -----------------------------------------
+
+def _as_systemd(instance: str, listener: socket.socket, notify: str, *args: str) -> subprocess.Popen[bytes]:
+    """``duprep serve`` started as systemd does it: the socket at fd 3, LISTEN_PID/LISTEN_FDS for the
+    exec'd process, NOTIFY_SOCKET, WATCHDOG_USEC (1 s)."""
+    fd = listener.fileno()
+    script = f'exec 3<&{fd} {fd}<&-; export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@"'
+    env = dict(ENV, NOTIFY_SOCKET=notify, WATCHDOG_USEC="1000000")
+    return subprocess.Popen(["bash", "-c", script, "bash", sys.executable, "-m", "duprep", "serve",
+                             "--instance", instance, "--port", "1", *args],
+                            pass_fds=(fd,), env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_socket_activation_notify_and_watchdog(instance: str, tmp_path: Path) -> None:
+    """The socket systemd passes is the one served (--port ignored; status shows its address), READY=1
+    comes once the gateway accepts, WATCHDOG=1 every half WatchdogSec, STOPPING=1 at SIGTERM."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    proc = _as_systemd(instance, listener, str(tmp_path / "notify"), "--workers", "1", "--app", "tests.apps:handle")
+    listener.close()
+    try:
+        while (msg := notify.recv(4096)) == b"WATCHDOG=1":     # (pinged from the start of the boot)
+            pass
+        assert msg == b"READY=1"
+        with duprep.Client("127.0.0.1", port, timeout=20) as c:
+            assert c.request(b"through fd 3") == b"through fd 3"
+        table = Table.attach(ipcnames.table_name(instance))
+        try:
+            assert (table.get("port"), table.header()["host"]) == (port, "127.0.0.1")
+        finally:
+            table.close()
+        pets = 0
+        deadline = time.monotonic() + 5
+        while pets < 3 and time.monotonic() < deadline:
+            assert notify.recv(4096) == b"WATCHDOG=1"
+            pets += 1
+        assert pets == 3
+        proc.send_signal(signal.SIGTERM)
+        while (msg := notify.recv(4096)) == b"WATCHDOG=1":
+            pass
+        assert msg == b"STOPPING=1"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            for pid in [*descendants(proc.pid), proc.pid]:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        notify.close()
+
+
+def test_a_passed_socket_that_is_not_a_tcp_listener_stops_the_boot_with_a_reason(instance: str,
+                                                                                 tmp_path: Path) -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    proc = _as_systemd(instance, udp, str(tmp_path / "nobody"), "--workers", "0")
+    udp.close()
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 4, err
+    assert b"not a listening TCP socket" in err and b"ListenStream=" in err
+    assert not ipc_leftovers(instance)

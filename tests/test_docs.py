@@ -7,6 +7,7 @@ import re
 import struct
 
 import msgspec
+import pytest
 
 from duprep import frame, table
 
@@ -85,3 +86,26 @@ def test_the_smallest_max_frame_the_doc_promises():
     from duprep.gateway.acceptor import BUS_OVERHEAD
     assert BUS_OVERHEAD == 302 and 1024 - BUS_OVERHEAD == 722 and "never" in DOC and "**722**" in DOC
     assert len(msgspec.msgpack.encode(frame.Hello(2**32 - 1, "x" * frame.MAX_NAME))) == 73
+
+
+def test_the_systemd_units_verify_cleanly(tmp_path):
+    """systemd-analyze verify (a typo in a directive is only a warning at install time, and then the
+    option silently does nothing); the install paths are pointed at this checkout's."""
+    import shutil
+    import subprocess
+    import sys
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    duprep_bin = os.path.join(os.path.dirname(sys.executable), "duprep")
+    units = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "systemd"))):
+        text = open(os.path.join(ROOT, "systemd", name), encoding="utf-8").read()
+        text = text.replace("/opt/duprep/.venv/bin/duprep", duprep_bin).replace("/opt/myapp", str(tmp_path))
+        (tmp_path / name).write_text(text)
+        units.append(str(tmp_path / name))
+    assert len(units) == 3
+    out = subprocess.run([analyze, "verify", *units], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    problems = [line for line in (out.stdout + out.stderr).splitlines()
+                if "network.target" not in line and line.strip()]
+    assert out.returncode == 0 and not problems, problems

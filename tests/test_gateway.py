@@ -1217,3 +1217,60 @@ def test_every_gateway_process_runs_under_the_chosen_cpu_policy(gateway, instanc
     assert {p["role"]: os.sched_getscheduler(p["pid"]) for p in procs} == \
         {"acceptor": expected, "receiver": expected, "sender": expected, "worker": expected}
     assert os.sched_getscheduler(gw.pid) == expected
+
+
+def _roles(instance: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for p in snapshot(instance)["processes"]:
+        if alive(p["pid"]):
+            out.setdefault(p["role"], []).append(p["pid"])
+    return out
+
+
+def test_a_worker_stuck_in_its_handler_is_aborted_with_its_traceback_answered_for_and_replaced(gateway, instance):
+    """A handler that never returns: after --hang-timeout without a heartbeat the acceptor aborts the
+    worker (SIGABRT: faulthandler logs where it hung), the request gets WORKER_LOST, a new worker
+    serves; the idle receiver and sender, beating every --heartbeat, are left alone."""
+    with tempfile.TemporaryFile() as log:
+        gw = gateway("--heartbeat", "0.5", "--hang-timeout", "2", workers=1, stderr=log.fileno())
+        s = _raw(gw.port)
+        reader = FrameReader(1 << 20)
+        try:
+            s.sendall(encode_wire(Hello(1, "")) + encode_wire(Call(1, 7, 0, b"sleep:3600")))
+            assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+            before = wait_until(lambda: (r := _roles(instance)).get("worker") and r, what="the worker's row")
+            [lost] = _frames(s, reader, 1, timeout=30)
+            assert isinstance(lost, frame.Error) and (lost.msgid, lost.code) == (1, ErrorCode.WORKER_LOST)
+            s.sendall(encode_wire(Call(2, 7, 0, b"after")))
+            [reply] = _frames(s, reader, 1, timeout=30)
+            assert isinstance(reply, frame.Reply) and reply.data == b"after"
+            after = _roles(instance)
+            assert after["worker"] != before["worker"]
+            assert (after["receiver"], after["sender"]) == (before["receiver"], before["sender"])
+            counters = {p["role"]: p["counters"] for p in snapshot(instance)["processes"]}["acceptor"]
+            assert counters["hung"] == 1 and counters["lost_in_workers"] == 1
+        finally:
+            s.close()
+        gw.stop(timeout=30)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    assert "showed no sign of life" in text and "SIGABRT" in text
+    assert "Fatal Python error: Aborted" in text and "in handle" in text    # faulthandler: where it hung
+
+
+def test_a_stopped_receiver_is_replaced_and_clients_carry_on(gateway, instance):
+    """SIGSTOP freezes the receiver: the acceptor finds it silent, aborts it (SIGABRT with SIGCONT, so
+    a stopped process acts on it) and starts another, which takes over the connections."""
+    gw = gateway("--heartbeat", "0.5", "--hang-timeout", "2", workers=1)
+    with duprep.Client("127.0.0.1", gw.port, name="patient", timeout=30) as c:
+        assert c.request(b"before") == b"before"
+        [victim] = _roles(instance)["receiver"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not alive(victim), timeout=20, what="the stopped receiver to be aborted")
+        finally:
+            if alive(victim):
+                os.kill(victim, signal.SIGKILL)
+        assert c.request(b"after", timeout=30) == b"after"
+        counters = {p["role"]: p["counters"] for p in snapshot(instance)["processes"]}["acceptor"]
+        assert counters["hung"] == 1 and counters["restarts"] == 1

@@ -205,6 +205,26 @@ def test_proc_rows(table):
     assert p.role == "receiver" and p.pid == os.getpid() and p.counters["frames_in"] == 11
 
 
+def test_the_hang_check_takes_the_newest_sign_of_life_and_says_when_to_look_again(instance):
+    """hangs.overdue: a row's heartbeat counts, else the start; only processes asked about; the next
+    check is when the first of the others could be overdue."""
+    from duprep import hangs
+    from duprep.table import NCOUNTERS
+    t = Table.create(ipcnames.table_name(instance), nslots=8, nprocs=8, epoch=7, heartbeat=1.0, hang_timeout=10.0)
+    try:
+        assert (t.get("heartbeat"), t.get("hang_timeout")) == (1.0, 10.0)
+        for row, pid, beat in ((1, 101, 95.0), (2, 102, 80.0), (3, 103, 99.0), (4, 999, 0.0)):
+            t.proc_part(row).write(pid, Role.WORKER, 0, 0, 0, 0.0, beat, *[0] * NCOUNTERS)
+        late, next_check = hangs.overdue(t, {101: 50.0, 102: 50.0, 103: 50.0, 104: 92.0}, 10.0, now=100.0)
+        assert late == {102: 20.0}                       # 101 beat at 95, 103 at 99, 104 (no row) started at 92
+        assert next_check == 102.0                       # 104: started 92 + 10
+        late, next_check = hangs.overdue(t, {}, 10.0, now=100.0)
+        assert (late, next_check) == ({}, 110.0)
+    finally:
+        t.close()
+        t.unlink()
+
+
 def test_a_dead_workers_hand_is_answered_once_from_the_first_unanswered_request(instance):
     """take_over: ERROR WORKER_LOST for each REQUEST of the message in hand from ``answered`` on,
     grouped per connection; SENDs only counted; the row's counters add up again; done only once."""
@@ -442,9 +462,13 @@ def test_config_validation_and_round_trip():
     cfg = GatewayConfig(instance="x", port=0, workers=3)
     assert GatewayConfig.decode(cfg.encode()) == cfg
     for bad in ({"instance": "../etc"}, {"port": 70000}, {"workers": -1}, {"max_clients": 0},
-                {"handshake_timeout": 0}):
+                {"handshake_timeout": 0}, {"hang_timeout": -1}, {"hang_timeout": 59.9}, {"heartbeat": 0},
+                {"heartbeat": 5, "hang_timeout": 9}):
         with pytest.raises(ConfigError):
             GatewayConfig(**bad)
+    assert GatewayConfig(hang_timeout=0).hang_timeout == 0 == GatewayConfig(heartbeat=5, hang_timeout=0).hang_timeout
+    with pytest.raises(ConfigError, match="at least twice --heartbeat"):
+        GatewayConfig(heartbeat=5, hang_timeout=9)
     assert resolve_port("2000") == 2000
     with pytest.raises(ConfigError):
         resolve_port("no-such-service-anywhere")

@@ -37,7 +37,7 @@ import time
 from collections import deque
 import msgspec
 
-from .. import fdpass, ipcnames, queues, recovery, sched
+from .. import fdpass, hangs, ipcnames, queues, recovery, sched
 from ..config import GatewayConfig
 from ..errors import DuprepError, LimitError, WouldBlock
 from ..fdpass import Op
@@ -56,7 +56,7 @@ log = logging.getLogger("duprep")
 NPROCS = 128                   # 3 gateway rows + up to 125 worker rows
 ACCEPTS_PER_WAKE = 64
 STEP_TIMEOUT = 10.0            # seconds each stop step may take beyond drain_timeout
-C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS, C_LOST = range(6)
+C_ACCEPTED, C_FULL, C_PER_IP, C_RELEASED, C_RESTARTS, C_LOST, C_HUNG = range(7)
 # Queue-message bytes a frame body needs beside itself: the batch header, a Chunk's
 # fields with the longest possible name (UTF-8), the array header of its frames.
 BUS_OVERHEAD = 3 + CHUNK_OVERHEAD + 4 * MAX_NAME + 4
@@ -75,6 +75,7 @@ class Child:
         self.started = 0.0
         self.failures = 0
         self.stopped = False          # said STOPPED: its graceful stop is done
+        self.aborted = False          # sent SIGABRT for hanging (hangs.py): a crash, not a boot failure
 
     @property
     def pid(self) -> int:
@@ -171,7 +172,8 @@ class Acceptor:
         self.table = Table.create(
             ipcnames.table_name(self.instance), nslots=cfg.max_clients, nprocs=NPROCS, epoch=epoch,
             host=cfg.host, port=cfg.port, msgsize=plan.msgsize, depth=plan.depth, max_frame=max_frame,
-            acceptor_pid=os.getpid(), max_per_ip=cfg.max_per_ip)
+            acceptor_pid=os.getpid(), max_per_ip=cfg.max_per_ip, heartbeat=cfg.heartbeat,
+            hang_timeout=cfg.hang_timeout)
         self.row = ProcRow(self.table, 0, Role.ACCEPTOR)
         for name in (ipcnames.request_queue(self.instance), ipcnames.reply_queue(self.instance)):
             self.qs.append(queues.Queue(name, queues.create(name, plan, limits=limits)))
@@ -179,8 +181,9 @@ class Acceptor:
                  "largest frame %d bytes", plan.depth, plan.msgsize, 2 * plan.bytes,
                  limits.rlimit_msgqueue, f"; limited by {plan.clamped}" if plan.clamped else "", max_frame)
         self.listener = self.make_listener()
-        port = self.listener.getsockname()[1]
+        host, port = self.listener.getsockname()[:2]
         self.table.set("port", port)
+        self.table.set("host", host.encode()[:48])
         self.lock.share_attach()
 
         loop = self.loop
@@ -197,7 +200,10 @@ class Acceptor:
             self.spawn(child)
         self.boot_timer = loop.call_later(STEP_TIMEOUT + 20, self.on_boot_timeout)
         self.beat()
-        log.info("instance %s booting on %s:%d (max %d clients)", self.instance, cfg.host, port, cfg.max_clients)
+        watchdog = systemd.watchdog_interval()
+        if watchdog:
+            self.pet_watchdog(watchdog / 2)
+        log.info("instance %s booting on %s:%d (max %d clients)", self.instance, host, port, cfg.max_clients)
 
     def check_fd_limit(self) -> None:
         """Each gateway process holds one descriptor per client: make sure max_clients fits."""
@@ -214,12 +220,12 @@ class Acceptor:
                 f"'ulimit -n' as root, or a smaller --max-clients")
 
     def make_listener(self) -> socket.socket:
-        if systemd.listen_fds():
-            sock = socket.socket(fileno=systemd.SD_LISTEN_FDS_START)
-            sock.setblocking(False)
-            log.info("using the listening socket passed by systemd")
-            return sock
-        return net.listen(self.cfg.host, self.cfg.port, backlog=self.cfg.backlog)
+        sock = systemd.listen_socket()
+        if sock is None:
+            return net.listen(self.cfg.host, self.cfg.port, backlog=self.cfg.backlog)
+        log.info("listening on the socket systemd passed (%s); --host and --port are not used",
+                 sock.getsockname()[:2])
+        return sock
 
     def remove_stale(self) -> None:
         """We hold both locks exclusively: anything of this instance is left from a crash."""
@@ -255,7 +261,13 @@ class Acceptor:
         self.table.set("state", GatewayState.READY)
         self.loop.modify(self.listener.fileno(), READ)
         systemd.notify("READY=1")
-        log.info("ready: accepting on %s:%d", self.cfg.host, self.table.get("port"))
+        log.info("ready: accepting on %s:%d", *self.listener.getsockname()[:2])
+        self.check_hung()
+
+    def pet_watchdog(self, interval: float) -> None:
+        """systemd's WatchdogSec=: this loop still turns (a hung acceptor gets SIGABRT from systemd)."""
+        systemd.notify("WATCHDOG=1")
+        self.loop.call_later(interval, lambda: self.pet_watchdog(interval))
 
     def beat(self) -> None:
         if self.row is not None:
@@ -509,6 +521,7 @@ class Acceptor:
                 child_end.close()
         child.started = time.monotonic()
         child.stopped = False
+        child.aborted = False
         child.ready = child.role == "worker"
         child.pidfd = os.pidfd_open(child.proc.pid)
         self.loop.register(child.pidfd, READ, lambda ev: self.on_child_exit(child))
@@ -555,7 +568,7 @@ class Acceptor:
             log.info("%r exited (%s)", child, how)
             self.stop_step()
             return
-        if code in NO_RESPAWN or (not was_ready and child.role != "worker"):
+        if code in NO_RESPAWN or (not was_ready and child.role != "worker" and not child.aborted):
             log.error("%r cannot start (%s); stopping the gateway", child, how)
             self.halt(EXIT_BOOT_ERROR if code not in NO_RESPAWN else code)
             return
@@ -615,6 +628,34 @@ class Acceptor:
     def respawn(self, child: Child) -> None:
         if self.state == "ready":          # not if a stop began meanwhile
             self.spawn(child)
+
+    def check_hung(self) -> None:
+        """Abort the children that stopped showing life (hangs.py); runs again at the next such deadline."""
+        limit = self.cfg.hang_timeout
+        if self.state != "ready" or not limit or self.table is None:
+            return
+        live = {c.pid: c for c in self.children.values() if c.pidfd >= 0 and not c.aborted}
+        late, next_check = hangs.overdue(self.table, {pid: c.started for pid, c in live.items()}, limit,
+                                         time.monotonic())
+        for pid, silent in late.items():
+            self.abort(live[pid], silent)
+        self.loop.call_at(next_check, self.check_hung)
+
+    def abort(self, child: Child, silent: float) -> None:
+        assert self.row is not None
+        log.error("%r showed no sign of life for %.0f s (--hang-timeout %g): aborting it with SIGABRT (its "
+                  "traceback follows) and replacing it", child, silent, self.cfg.hang_timeout)
+        child.aborted = True
+        self.row.counters[C_HUNG] += 1
+        self.touch()
+        hangs.abort(child.pidfd)
+        proc = child.proc
+
+        def kill() -> None:
+            if child.proc is proc and child.pidfd >= 0:
+                log.error("%r still there %g s after SIGABRT: killing it", child, hangs.ABORT_GRACE)
+                hangs.kill(child.pidfd)
+        self.loop.call_later(hangs.ABORT_GRACE, kill)
 
     # ======================================================================
     # 4. stop

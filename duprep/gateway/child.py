@@ -9,6 +9,7 @@ respawning it in a loop (gunicorn's ``WORKER_BOOT_ERROR``).
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import pwd
@@ -34,12 +35,17 @@ log = logging.getLogger("duprep")
 
 
 def setup_logging(role: str, instance: str) -> None:
-    """Log to stderr, one line per record, tagged with role and pid (systemd journal friendly)."""
+    """Log to stderr, one line per record, tagged with role and pid (systemd journal friendly).
+
+    A fatal signal (SIGSEGV, SIGABRT, ...) also writes the Python traceback of every thread there:
+    a supervisor aborts a hung process with SIGABRT, and the log must say where it hung.
+    """
     level = os.environ.get("DUPREP_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         stream=sys.stderr, level=getattr(logging, level, logging.INFO),
         format=f"%(asctime)s duprep[{instance}] {role}[%(process)d] %(levelname)s %(message)s",
         force=True)
+    faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
 def signal_name(signum: int) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["listen_fds", "notify"]
+from ..errors import ConfigError
+
+__all__ = ["listen_fds", "listen_socket", "notify", "watchdog_interval"]
 
 SD_LISTEN_FDS_START = 3
 
@@ -21,6 +23,28 @@ def listen_fds(unset_environment: bool = True) -> int:
     return fds
 
 
+def listen_socket() -> socket.socket | None:
+    """The listening TCP socket systemd passed (socket activation), None if it passed none.
+
+    Raises ConfigError if what it passed is not one listening TCP socket: a wrong duprep.socket
+    must stop the boot with a reason, not fail at the first accept.
+    """
+    n = listen_fds()
+    if not n:
+        return None
+    if n != 1:
+        raise ConfigError(f"systemd passed {n} sockets (LISTEN_FDS); a gateway listens on one: give its "
+                          f".socket unit a single ListenStream=")
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.close()
+        raise ConfigError("the socket systemd passed is not a listening TCP socket: the gateway's .socket "
+                          "unit needs ListenStream=[ADDRESS:]PORT")
+    sock.setblocking(False)
+    return sock
+
+
 def notify(state: str) -> None:
     """Send ``state`` (e.g. "READY=1") to $NOTIFY_SOCKET; a no-op outside systemd."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -34,3 +58,15 @@ def notify(state: str) -> None:
             s.sendall(state.encode())
     except OSError:
         pass
+
+
+def watchdog_interval() -> float:
+    """Seconds of systemd's WatchdogSec= for this process (WATCHDOG_USEC), 0 if none.
+
+    Unsets both variables: they are for the main process only, not for its children.
+    """
+    usec = os.environ.pop("WATCHDOG_USEC", "")
+    pid = os.environ.pop("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 1e6
