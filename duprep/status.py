@@ -98,6 +98,7 @@ def snapshot(instance: str) -> dict[str, Any]:
             "uptime": round(now - h["started"], 3), "acceptor_pid": h["acceptor_pid"],
             "max_clients": h["nslots"], "max_per_ip": h["max_per_ip"], "max_frame": h["max_frame"],
             "accepted": h["accepted"], "refused": h["refused"],
+            "heartbeat": h["heartbeat"], "hang_timeout": h["hang_timeout"],
             "queues": {"requests": _queue(ipcnames.request_queue(instance)),
                        "replies": _queue(ipcnames.reply_queue(instance))},
             "processes": procs, "connections": conns, "totals": totals,

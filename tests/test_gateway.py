@@ -643,6 +643,7 @@ def test_status_text_and_json(gateway, instance):
         [conn] = snap["connections"]
         assert conn["name"] == "watched" and conn["bytes_in"] > 0 and conn["bytes_out"] > 0
         assert {p["role"] for p in snap["processes"]} == {"acceptor", "receiver", "sender", "worker"}
+        assert (snap["heartbeat"], snap["hang_timeout"], snap["host"]) == (30.0, 120.0, "127.0.0.1")
         # Ages are as of the snapshot, however late it is rendered (the demo renders one at the end).
         [row] = [line for line in render(snap).splitlines() if "watched" in line]
         [later] = [line for line in render(dict(snap, time=snap["time"] + 600)).splitlines() if "watched" in line]
