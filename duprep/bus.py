@@ -622,6 +622,8 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
             return Worker(instance, wait=wait)
         except (PermissionError, ConfigError) as e:     # the objects are mode 0600: another user's gateway
             raise ConfigError(f"cannot attach to instance {instance!r}: {access_denied(instance, e)}") from None
+        except ProtocolError as e:       # a gateway of another duprep version: restarting us cannot help
+            raise ConfigError(f"cannot attach to instance {instance!r}: {e}") from None
 
     if workers == 1:
         return _serve_one(handler, attach())

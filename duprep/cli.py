@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_per_ip=args.max_per_ip, queue_depth=args.queue_depth, queue_size=args.queue_size,
         handshake_timeout=args.handshake_timeout, max_outbuf=args.max_outbuf,
         write_timeout=args.write_timeout, drain_timeout=args.drain_timeout, links=args.links,
-        sched=args.sched, heartbeat=args.heartbeat, hang_timeout=args.hang_timeout)
+        sched=args.sched, heartbeat=args.heartbeat, hang_timeout=args.hang_timeout, keepalive=args.keepalive)
     if cfg.app:
         check_app(cfg.app)    # fail here, clearly, rather than in every worker
     return serve(cfg)
@@ -258,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-outbuf", type=int, default=1 << 20,
                    help="reply bytes buffered per client before it is cut off (slow consumer)")
     s.add_argument("--write-timeout", type=float, default=30.0,
-                   help="seconds a client may leave our writes blocked before it is cut off")
+                   help="seconds a client may leave our writes blocked before it is cut off (also the "
+                        "TCP_USER_TIMEOUT for data it does not acknowledge)")
+    s.add_argument("--keepalive", type=float, default=60.0,
+                   help="seconds of silence before TCP probes a client; a client host that vanished without "
+                        "closing is found within about twice this (0: the kernel's setting, 2 hours)")
     s.add_argument("--drain-timeout", type=float, default=10.0,
                    help="seconds a graceful stop waits for queued answers to reach the clients")
     s.add_argument("--heartbeat", type=float, default=30.0,

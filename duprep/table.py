@@ -87,6 +87,8 @@ _S = struct.Struct(S_FORMAT)
 _PROC = struct.Struct(PROC_FORMAT)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_COUNTERS_OFFSET: Final = struct.calcsize(PROC_FORMAT[:PROC_FORMAT.index("dd") + 2])   # 40: after heartbeat
+_U64 = struct.Struct("<Q")
 _HAND = struct.Struct(HAND_FORMAT)
 A_OFFSET: Final = 0
 R_OFFSET: Final = 72
@@ -302,7 +304,7 @@ class Table:
             raise ProtocolError(
                 f"shared memory {shm.name} is not a duprep table of layout {LAYOUT_VERSION} "
                 f"(magic {h['magic']!r}, layout {h['layout']}): a gateway and its workers must run the "
-                f"same duprep version")
+                f"same duprep version (after upgrading duprep, restart the gateway)")
         self.nslots: int = h["nslots"]
         self.nprocs: int = h["nprocs"]
         self.epoch: int = h["epoch"]
@@ -536,6 +538,12 @@ class ProcRow:
         """Publish heartbeat (monotonic clock, system-wide on Linux) and counters."""
         self.part.write(self.pid, self.role, self.state, self.index, 0, self.started,
                         time.monotonic(), *self.counters)
+
+    def publish_counter(self, i: int) -> None:
+        """Publish counter ``i`` alone, now: one aligned 8-byte store, no seqlock (a reader sees the old
+        or the new value).  For a count others must never see behind (the receiver's ``requests``:
+        the sender's drain compares the workers' with it, and a successor continues from it)."""
+        _U64.pack_into(self.part.buf, self.part.off + _COUNTERS_OFFSET + 8 * i, self.counters[i])
 
     def clear(self) -> None:
         self.part.write(0, 0, 0, 0, 0, 0.0, 0.0, *([0] * NCOUNTERS))

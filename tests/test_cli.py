@@ -25,7 +25,7 @@ from duprep.gateway.child import EXIT_BOOT_ERROR, EXIT_CRASH
 from duprep.launch import GatewayProcess
 from duprep.table import Table
 
-from .conftest import ROOT, alive, descendants, duprep_cli, ipc_leftovers, wait_until
+from .conftest import ROOT, alive, comm, descendants, duprep_cli, ipc_leftovers, wait_until
 
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "duprep")   # what `pip install` made
@@ -243,6 +243,37 @@ def test_the_supervisor_aborts_a_worker_stuck_in_its_handler_and_replaces_it(
     assert "showed no sign of life" in text and "Fatal Python error: Aborted" in text and "in handle" in text
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGABRT
+
+
+def test_a_worker_of_another_duprep_version_halts_the_gateway_with_the_reason(instance: str, tmp_path: Path) -> None:
+    """duprep upgraded under a running gateway: a respawned worker runs the new code, whose table layout
+    differs.  It used to exit 1, so the acceptor respawned it for ever while requests hung; now it exits
+    4 ("cannot boot") and the gateway halts with that code and the reason, once."""
+    import re
+    tree = tmp_path / "tree"
+    shutil.copytree(os.path.join(ROOT, "duprep"), tree / "duprep", ignore=shutil.ignore_patterns("__pycache__"))
+    log = tmp_path / "err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "duprep", "serve", "--instance", instance, "--port", "0",
+                                 "--workers", "1", "--app", "duprep.apps.echo:handle"], cwd=tree,
+                                env=dict(os.environ, PYTHONPATH=str(tree)), stdin=subprocess.DEVNULL, stderr=err)
+    try:
+        [worker] = wait_until(lambda: [p for p in descendants(proc.pid) if comm(p) == "duprep-worker"]
+                              if "ready: accepting" in log.read_text() else None, timeout=30, what="the worker")
+        table_py = tree / "duprep" / "table.py"
+        table_py.write_text(re.sub(r"LAYOUT_VERSION: Final = (\d+)", lambda m: f"LAYOUT_VERSION: Final = "
+                                   f"{int(m.group(1)) + 1}", table_py.read_text()))
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 4
+    finally:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    text = log.read_text()
+    assert "not a duprep table of layout" in text and "restart the gateway" in text
+    assert text.count("cannot start") == 1, text
+    assert not ipc_leftovers(instance)
 
 
 # --- 4. status of a gateway killed with SIGKILL -------------------------------------------------

@@ -396,6 +396,59 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_burst_from_many_clients_holds_the_receiver_to_its_backlog_limit(gateway, instance):
+    """300 clients each write 128 KiB of requests at once.  One wake-up of the receiver reports most
+    of them readable; reading 64 KiB from each before looking at the backlog limit (1 MiB) took its
+    peak memory up by about 28 MB, kept afterwards.  Every request is still answered."""
+    import selectors
+    gw = gateway()
+    [receiver] = [p["pid"] for p in snapshot(instance)["processes"] if p["role"] == "receiver"]
+    socks = [_raw(gw.port) for _ in range(300)]
+    sel = selectors.DefaultSelector()
+    one = encode_wire(Call(1, 1, 0, b"x" * 100))
+    k = (128 * 1024) // len(one)
+    try:
+        for s in socks:
+            s.sendall(encode_wire(Hello(1, "")))
+        for s in socks:
+            reader = FrameReader(1 << 20)
+            while not reader.feed(s.recv(4096)):
+                pass
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE, [memoryview(one * k), 0, reader])
+        base = _peak_rss_kib(receiver)
+        done, deadline = 0, time.monotonic() + 60
+        while done < len(socks) and time.monotonic() < deadline:
+            for key, ev in sel.select(1):
+                s, st = key.fileobj, key.data
+                if ev & selectors.EVENT_WRITE and st[0]:
+                    st[0] = st[0][s.send(st[0]):]
+                    if not st[0]:
+                        sel.modify(s, selectors.EVENT_READ, st)
+                if ev & selectors.EVENT_READ:
+                    try:
+                        data = s.recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    assert data, "the gateway closed a connection"
+                    st[1] += len(st[2].feed(data))
+                    if st[1] == k:
+                        done += 1
+                        sel.unregister(s)
+        assert done == len(socks), f"only {done} of {len(socks)} clients got all {k} answers"
+        grown = _peak_rss_kib(receiver) - base
+        assert grown < 8 * 1024, f"the receiver's peak memory grew by {grown} KiB"
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+
+
 def test_backpressure_loses_nothing(gateway, instance):
     """Far more pipelined requests than the queues and the receiver's backlog hold: the receiver
     stops reading (TCP pushes back), and nothing is lost."""
@@ -486,6 +539,40 @@ def test_graceful_stop_delivers_replies_already_in_flight(gateway, instance):
         assert gw.stop() == 0
         t.join(10)
         assert result == [b"sleep:0.5|last"]
+
+
+def test_a_stop_after_a_receiver_restart_still_waits_for_the_answers(gateway, instance):
+    """The receiver published its `requests` count within a second, so one killed right after a burst
+    left its successor counting from behind the workers; the next stop's drain then saw the workers
+    "ahead" and ended at once, cutting the requests still being handled (SHUTTING_DOWN instead of
+    their answers)."""
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, timeout=20) as c:
+        for i in range(40):
+            assert c.request(b"%d" % i) == b"%d" % i
+        [victim] = [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver"]
+        os.kill(victim, signal.SIGKILL)               # before its next publication (up to 1 s later)
+        wait_until(lambda: not alive(victim), what="the receiver to die")
+        wait_until(lambda: [p for p in descendants(gw.pid) if comm(p) == "duprep-receiver" and p != victim
+                            and alive(p)], what="a new receiver")
+        _request_after_restart(c, b"after")
+        results: list[object] = []
+
+        def slow(i: int) -> None:
+            try:
+                results.append(c.request(b"sleep:2|%d" % i, timeout=20))
+            except duprep.DuprepError as e:
+                results.append(e)
+        threads = [threading.Thread(target=slow, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(p["counters"].get("held", 0) for p in snapshot(instance)["processes"]
+                               if p["role"] == "worker" and alive(p["pid"])) == 2,
+                   what="the workers to hold both slow requests")
+        assert gw.stop(timeout=30) == 0
+        for t in threads:
+            t.join(10)
+        assert sorted(map(repr, results)) == [repr(b"sleep:2|0"), repr(b"sleep:2|1")]
 
 
 def test_a_stop_that_finds_the_sender_restarting_still_delivers_what_is_queued(gateway, instance):
@@ -1275,3 +1362,24 @@ def test_a_stopped_receiver_is_replaced_and_clients_carry_on(gateway, instance):
         assert c.request(b"after", timeout=30) == b"after"
         counters = {p["role"]: p["counters"] for p in snapshot(instance)["processes"]}["acceptor"]
         assert counters["hung"] == 1 and counters["restarts"] == 1
+
+
+def test_a_client_host_that_vanishes_without_closing_is_found_by_keepalive(gateway, instance):
+    """A peer gone without FIN or RST (power cut; simulated by closing in TCP_REPAIR mode, which sends
+    nothing) used to hold its slot for the kernel's two hours of keepalive; with --keepalive 2 the
+    gateway probes it after 2 s of silence and frees the slot.  Other clients are not touched."""
+    TCP_REPAIR = 19
+    gw = gateway("--keepalive", "2")
+    with duprep.Client("127.0.0.1", gw.port, name="alive") as alive_client:
+        ghost = _raw(gw.port)
+        ghost.sendall(encode_wire(Hello(1, "ghost")))
+        assert isinstance(_frames(ghost, FrameReader(1 << 20), 1)[0], frame.Welcome)
+        try:
+            ghost.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except PermissionError:
+            ghost.close()
+            pytest.skip("TCP_REPAIR needs CAP_NET_ADMIN")
+        ghost.close()                  # in repair mode: no FIN, no RST, the peer just stops answering
+        wait_until(lambda: [c["name"] for c in snapshot(instance)["connections"]] == ["alive"], timeout=30,
+                   what="the vanished client's slot to be freed")
+        assert alive_client.request(b"still here") == b"still here"

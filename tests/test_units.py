@@ -458,12 +458,27 @@ def test_fd_passing_rejects_a_conn_without_fd_and_closes_stray_fds():
 
 # --- config, names, locks, loop --------------------------------------------------------
 
+def test_client_sockets_get_keepalive_and_user_timeout():
+    from duprep.gateway import net
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname()):
+        conn, _ = server.accept()
+        with conn:
+            net.tune_client(conn, sndbuf=65536, keepalive=60, user_timeout=30)
+            opt = lambda level, name: conn.getsockopt(level, name)   # noqa: E731
+            assert opt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1 and opt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert (opt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), opt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    opt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (60, 10, 6)
+            assert opt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30000
+            assert not conn.getblocking()
+
+
 def test_config_validation_and_round_trip():
     cfg = GatewayConfig(instance="x", port=0, workers=3)
     assert GatewayConfig.decode(cfg.encode()) == cfg
     for bad in ({"instance": "../etc"}, {"port": 70000}, {"workers": -1}, {"max_clients": 0},
                 {"handshake_timeout": 0}, {"hang_timeout": -1}, {"hang_timeout": 59.9}, {"heartbeat": 0},
-                {"heartbeat": 5, "hang_timeout": 9}):
+                {"heartbeat": 5, "hang_timeout": 9}, {"keepalive": -1}):
         with pytest.raises(ConfigError):
             GatewayConfig(**bad)
     assert GatewayConfig(hang_timeout=0).hang_timeout == 0 == GatewayConfig(heartbeat=5, hang_timeout=0).hang_timeout

@@ -320,7 +320,7 @@ class Acceptor:
             return self.refuse(sock, ErrorCode.TOO_MANY_FROM_IP,
                                f"too many connections from {ip} (max {self.cfg.max_per_ip})")
         try:
-            net.tune_client(sock, sndbuf=self.cfg.sndbuf)
+            self.tune(sock)
         except OSError:
             sock.close()
             return
@@ -337,6 +337,10 @@ class Acceptor:
             self.watch_first_frame(conn)
         else:
             self.hand_over_both(conn)
+
+    def tune(self, sock: socket.socket) -> None:
+        cfg = self.cfg
+        net.tune_client(sock, sndbuf=cfg.sndbuf, keepalive=cfg.keepalive, user_timeout=cfg.write_timeout)
 
     def hand_over_both(self, conn: Conn) -> None:
         """The sender first: it must hold the socket before the receiver can queue a WELCOME for it.
@@ -420,7 +424,7 @@ class Acceptor:
         log.info("sid %d: callback links to %s established", conn.sid, conn.ip)
         l0, conn.sock, conn.wsock = conn.sock, l1, l2
         for s in (l1, l2):
-            net.tune_client(s, sndbuf=self.cfg.sndbuf)
+            self.tune(s)
         l0.close()                          # the daemon expects L0 to end here
         conn.pending = None
         self.hand_over_both(conn)

@@ -14,7 +14,11 @@ Backpressure: messages that do not fit a full queue wait, in order, in a
 bounded backlog (BACKLOG_LIMIT bytes) while the receiver watches the queue
 for room; past that limit it parks every connection that becomes readable
 (interest set to nothing), so TCP pushes back on the clients instead of
-memory growing.  (Parking at the first full queue made it flap: two
+memory growing.  Bytes read count against the limit at once: once a
+wake-up has read that much, the connections it reports next are left for
+the next wake-up (epoll is level-triggered), after flush() -- one wake-up
+can report a thousand readable connections, and 64 KiB from each would be
+64 MiB.  (Parking at the first full queue made it flap: two
 epoll_ctl calls per connection, more than its reads.)
 Items for the reply queue (WELCOME, ERROR, relays, closes) are flushed
 before requests, so a client never gets an answer before its WELCOME.
@@ -113,6 +117,7 @@ class Receiver(GatewayChild):
         self.stopping = False
         self.stopped = False
         self.now = 0.0            # time.time() of this wake-up's first read; 0: not read yet
+        self.unflushed = 0        # bytes read since the last flush: counted against BACKLOG_LIMIT at once
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -162,6 +167,8 @@ class Receiver(GatewayChild):
                 self.parked.append(conn)
                 self.loop.modify(conn.fd, 0)
             return
+        if self.unflushed + self.backlog_bytes > BACKLOG_LIMIT and not ev & ERR:
+            return        # this wake-up read its share; epoll (level-triggered) reports it again after flush()
         try:
             n = conn.sock.recv_into(self.rbuf, READ_SIZE)
         except BlockingIOError:
@@ -174,6 +181,7 @@ class Receiver(GatewayChild):
             return
         conn.bytes += n
         self.c[C_BYTES] += n
+        self.unflushed += n
         now = self.now
         if not now:                  # one clock read per wake-up, the base of request deadlines
             now = self.now = time.time()
@@ -388,6 +396,7 @@ class Receiver(GatewayChild):
     def flush(self) -> None:
         """Before sleeping: send what this batch produced, keep what does not fit yet."""
         self.now = 0.0
+        self.unflushed = 0
         for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
             if out:
                 for message, requests in out.take_counted():
@@ -395,6 +404,7 @@ class Receiver(GatewayChild):
                     self.backlog_bytes += len(message)
         backlog = self.backlog
         c = self.c
+        requests_before = c[C_REQUESTS]
         while backlog and not self.full:         # a full queue is retried once it says it has room
             q, message, requests = backlog[0]
             try:
@@ -406,6 +416,10 @@ class Receiver(GatewayChild):
             self.backlog_bytes -= len(message)
             c[C_QMSGS] += 1
             c[C_REQUESTS] += requests
+        if c[C_REQUESTS] != requests_before:
+            # At once, not within STATS_INTERVAL: if we die now, a successor continues from the published
+            # count, and a count behind the queue would let a later stop's drain end before the answers.
+            self.row.publish_counter(C_REQUESTS)
         waiting = backlog[0][0].fileno() if backlog else -1
         if waiting != self.waiting_on:           # watch the queue whose room we need, and only that
             if self.waiting_on >= 0:
