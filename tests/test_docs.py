@@ -104,8 +104,22 @@ def test_the_systemd_units_verify_cleanly(tmp_path):
         text = text.replace("/opt/duprep/.venv/bin/duprep", duprep_bin).replace("/opt/myapp", str(tmp_path))
         (tmp_path / name).write_text(text)
         units.append(str(tmp_path / name))
-    assert len(units) == 3
+    assert len(units) == 4
     out = subprocess.run([analyze, "verify", *units], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     problems = [line for line in (out.stdout + out.stderr).splitlines()
                 if "network.target" not in line and line.strip()]
     assert out.returncode == 0 and not problems, problems
+
+
+def test_the_instance_template_has_the_gateway_units_settings():
+    """duprep@.service must not drift from duprep.service: the same [Service] directives, but the
+    instance name and options from %i and its environment file."""
+    def service(name):
+        text = open(os.path.join(ROOT, "systemd", name), encoding="utf-8").read()
+        body = text.split("[Service]\n", 1)[1].split("\n[Install]", 1)[0]
+        return [line for line in body.splitlines() if line and not line.startswith("#")]
+    plain, template = service("duprep.service"), service("duprep@.service")
+    assert [x for x in template if not x.startswith(("ExecStart=", "EnvironmentFile="))] == \
+        [x for x in plain if not x.startswith("ExecStart=")]
+    assert "ExecStart=/opt/duprep/.venv/bin/duprep serve --instance %i $DUPREP_ARGS" in template
+    assert "EnvironmentFile=/etc/duprep/%i.env" in template
