@@ -58,6 +58,9 @@ DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
 _encode = msgspec.msgpack.Encoder().encode
+_monotonic = time.monotonic
+CLOCK_EVERY = 16        # run_handler reads the clock before every 16th handler call while they are fast:
+FAST_CALLS = 0.001      # the calls since the last read took at most this long together
 _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker, unless the gateway says (table header)
@@ -88,6 +91,7 @@ class Replier:
     """
 
     _LAZY = False      # Worker: a reply that finds the queue full waits for the next receive()
+    _heartbeat = HEARTBEAT
 
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
         self.instance = ipcnames.check_instance(instance)
@@ -211,18 +215,28 @@ class Replier:
                 self._pending.append(message)
                 self._pending_bytes += len(message)
         pending = self._pending
+        deadline = None if timeout is None or not block else time.monotonic() + timeout
         while pending:
             try:
                 if block:
-                    self._replies.put(pending[0], timeout=timeout)
+                    # in steps of at most a heartbeat: waiting on the sender is no hang of ours (hangs.py)
+                    step = self._heartbeat if deadline is None else min(self._heartbeat,
+                                                                        deadline - time.monotonic())
+                    self._replies.put(pending[0], timeout=max(0.0, step))
                 else:
                     self._replies.put_nowait(pending[0])
             except WouldBlock:
                 if block:
+                    if deadline is None or time.monotonic() < deadline:
+                        self._alive()
+                        continue
                     raise Timeout(f"reply queue stayed full for {timeout} s: is the gateway's sender stuck?") \
                         from None
                 return
             self._pending_bytes -= len(pending.popleft())
+
+    def _alive(self) -> None:
+        """Show life while waiting (a Worker publishes its heartbeat; a Replier has no row)."""
 
     def clients(self) -> list[SlotInfo]:
         """Every open connection of the instance, from the shared table."""
@@ -333,6 +347,9 @@ class Worker(Replier):
         self._done_one()
         self._wait_batch(timeout)
         return self._hand(self._batch.popleft())
+
+    def _alive(self) -> None:
+        self._row.beat()
 
     def _wait_batch(self, timeout: float | None) -> None:
         """Send the replies collected so far, then wait until the next queue message is in hand."""
@@ -517,6 +534,7 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
     counters = worker._c
     room = worker._room
     add_run = worker._add_run
+    heartbeat = min(worker._heartbeat, 1.0)     # while busy: a handler call may run hang_timeout - 1 s
     while True:
         try:
             worker._check()
@@ -531,9 +549,23 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
         sid = gen = -1
         frames: list[bytes] = []
         size = done = 0
+        # One message can hold many clients' requests: show life between handler calls too, or a
+        # supervisor would take a long but moving batch for a hang (hangs.py).  The clock is read
+        # before every handler call while calls are slow, before every 16th while they are fast.
+        last_read = _monotonic()
+        beat_due = last_read + heartbeat
+        countdown = 2                 # (the first read, before the second call, times the first)
         try:
             while batch:
                 request = batch.popleft()
+                countdown -= 1
+                if not countdown:
+                    now = _monotonic()
+                    countdown = 1 if now - last_read > FAST_CALLS else CLOCK_EVERY
+                    last_read = now
+                    if now >= beat_due:
+                        worker._alive()
+                        beat_due = now + heartbeat
                 try:
                     result = handler(request)
                 except Exception as e:

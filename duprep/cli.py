@@ -258,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-outbuf", type=int, default=1 << 20,
                    help="reply bytes buffered per client before it is cut off (slow consumer)")
     s.add_argument("--write-timeout", type=float, default=30.0,
-                   help="seconds a client may leave our writes blocked before it is cut off (also the "
-                        "TCP_USER_TIMEOUT for data it does not acknowledge)")
+                   help="seconds a client may leave our writes blocked before it is cut off")
     s.add_argument("--keepalive", type=float, default=60.0,
-                   help="seconds of silence before TCP probes a client; a client host that vanished without "
-                        "closing is found within about twice this (0: the kernel's setting, 2 hours)")
+                   help="seconds without a byte from a client before TCP probes it; a client host that "
+                        "vanished without closing is given up after about twice this, idle or not (0: the "
+                        "kernel's settings, 2 hours; at most 32767)")
     s.add_argument("--drain-timeout", type=float, default=10.0,
                    help="seconds a graceful stop waits for queued answers to reach the clients")
     s.add_argument("--heartbeat", type=float, default=30.0,

@@ -32,7 +32,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     queue_size: int | None = None
     handshake_timeout: float = 5.0      # seconds from accept to HELLO
     max_outbuf: int = 1 << 20           # reply bytes buffered per connection before SLOW_CONSUMER
-    write_timeout: float = 30.0         # seconds a connection may block our writes (also TCP_USER_TIMEOUT)
+    write_timeout: float = 30.0         # seconds a connection may block our writes
     keepalive: float = 60.0             # seconds of silence before TCP keepalive probes (0: kernel default)
     sndbuf: int = 65536                 # SO_SNDBUF of client sockets (0: kernel default)
     drain_timeout: float = 10.0         # seconds SIGTERM waits for queued replies
@@ -59,8 +59,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
-        if self.keepalive < 0:
-            raise ConfigError("--keepalive must be >= 0 (0: the kernel's default)")
+        if not (self.keepalive == 0 or 1 <= self.keepalive <= 32767):
+            raise ConfigError("--keepalive must be 0 (the kernel's settings) or 1 to 32767 seconds")
         if self.hang_timeout < 0:
             raise ConfigError("--hang-timeout must be >= 0 (0: never)")
         if self.hang_timeout and self.hang_timeout < 2 * self.heartbeat:

@@ -3,7 +3,9 @@
 gunicorn's ``murder_workers`` on the table's heartbeats.  Every process of an
 instance publishes a heartbeat in its table row at least every ``heartbeat``
 seconds while its loop runs (a worker also each time it takes a queue
-message).  A supervised process whose last sign of life is older than
+message, between handler calls at least every second, and while it waits
+for room on the reply queue).  A supervised process that has a row (a worker
+still importing its app has none yet) and whose last heartbeat is older than
 ``hang_timeout`` -- a handler that never returns, a loop that spins, a process
 stopped with SIGSTOP -- is aborted with SIGABRT, so that faulthandler writes
 its Python traceback to the log, and killed if it is still there
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Final, Mapping
+from typing import Final, Iterable
 
 from . import ipcnames
 from .errors import DuprepError
@@ -33,21 +35,21 @@ log = logging.getLogger("duprep")
 ABORT_GRACE: Final = 5.0      # seconds between SIGABRT (traceback, then core or exit) and SIGKILL
 
 
-def overdue(table: Table, started: Mapping[int, float], limit: float,
-            now: float) -> tuple[dict[int, float], float]:
-    """Which of these processes (pid -> monotonic start time) have shown no life for ``limit`` seconds.
+def overdue(table: Table, pids: Iterable[int], limit: float, now: float) -> tuple[dict[int, float], float]:
+    """Which of these processes have shown no life for ``limit`` seconds.
 
-    A process's last sign of life is its newest heartbeat, or its start if it has no row yet (a worker
-    still importing its app).  Returns ``({pid: seconds silent}, when the next one could be overdue)``.
+    A process's last sign of life is its row's heartbeat.  One without a row yet is not judged: a
+    worker importing a slow app, or waiting for its gateway (``--wait``), has not started serving.
+    Returns ``({pid: seconds silent}, when the next one could be overdue)``.
     """
+    wanted = set(pids)
     beats: dict[int, float] = {}
     for p in table.procs():
-        if p.pid in started:
+        if p.pid in wanted:
             beats[p.pid] = max(beats.get(p.pid, 0.0), p.heartbeat)
     late: dict[int, float] = {}
-    next_check = now + limit
-    for pid, t0 in started.items():
-        last = max(t0, beats.get(pid, 0.0))
+    next_check = now + limit          # (a process that takes a row later is due after that)
+    for pid, last in beats.items():
         if now - last >= limit:
             late[pid] = now - last
         else:
@@ -81,24 +83,21 @@ class Watch:
 
     def __init__(self, instance: str) -> None:
         self.instance = instance
-        self.started: dict[int, float] = {}      # pid -> monotonic start, for each live worker
-        self.pidfds: dict[int, int] = {}
+        self.pidfds: dict[int, int] = {}         # pid -> pidfd, for each live worker
         self.kill_at: dict[int, float] = {}      # aborted pid -> when SIGKILL follows
         self.next_check: float | None = time.monotonic()   # the first check reads the limit from the table
 
     def add(self, pid: int, pidfd: int) -> None:
-        self.started[pid] = time.monotonic()
         self.pidfds[pid] = pidfd
 
     def remove(self, pid: int) -> None:
-        self.started.pop(pid, None)
         self.pidfds.pop(pid, None)
         self.kill_at.pop(pid, None)
 
     def timeout(self) -> float | None:
         """Seconds until :meth:`check` has something to do, None for never."""
         deadlines = list(self.kill_at.values())
-        if self.next_check is not None and self.started:
+        if self.next_check is not None and self.pidfds:
             deadlines.append(self.next_check)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
@@ -121,7 +120,7 @@ class Watch:
             if not limit:
                 self.next_check = None           # hang checks are off for this instance
                 return
-            watched = {pid: t0 for pid, t0 in self.started.items() if pid not in self.kill_at}
+            watched = [pid for pid in self.pidfds if pid not in self.kill_at]
             late, self.next_check = overdue(table, watched, limit, now)
         finally:
             table.close()

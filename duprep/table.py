@@ -44,6 +44,7 @@ import mmap
 import sys
 from multiprocessing import shared_memory
 from typing import Any, Final, Iterator
+assert sys.byteorder == "little"      # the layout is little-endian; ProcRow.publish_counter stores natively
 
 from .errors import ConfigError, ProtocolError
 
@@ -86,7 +87,6 @@ _R = struct.Struct(R_FORMAT)
 _S = struct.Struct(S_FORMAT)
 _PROC = struct.Struct(PROC_FORMAT)
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 _COUNTERS_OFFSET: Final = struct.calcsize(PROC_FORMAT[:PROC_FORMAT.index("dd") + 2])   # 40: after heartbeat
 _U64 = struct.Struct("<Q")
 _HAND = struct.Struct(HAND_FORMAT)
@@ -542,8 +542,13 @@ class ProcRow:
     def publish_counter(self, i: int) -> None:
         """Publish counter ``i`` alone, now: one aligned 8-byte store, no seqlock (a reader sees the old
         or the new value).  For a count others must never see behind (the receiver's ``requests``:
-        the sender's drain compares the workers' with it, and a successor continues from it)."""
-        _U64.pack_into(self.part.buf, self.part.off + _COUNTERS_OFFSET + 8 * i, self.counters[i])
+        the sender's drain compares the workers' with it, and a successor continues from it).
+        (Through a native 'Q' view, which stores the 8 bytes at once: ``struct.pack_into`` with an
+        explicit byte order writes them one by one, and a reader saw 0 in between.)"""
+        off = self.part.off + _COUNTERS_OFFSET + 8 * i
+        view = self.part.buf[off:off + 8].cast("Q")
+        view[0] = self.counters[i]
+        view.release()
 
     def clear(self) -> None:
         self.part.write(0, 0, 0, 0, 0, 0.0, 0.0, *([0] * NCOUNTERS))

@@ -450,6 +450,10 @@ def test_socket_activation_notify_and_watchdog(instance: str, tmp_path: Path) ->
         assert msg == b"READY=1"
         with duprep.Client("127.0.0.1", port, timeout=20) as c:
             assert c.request(b"through fd 3") == b"through fd 3"
+        for pid in descendants(proc.pid):            # the watchdog and the socket were the acceptor's only
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            assert b"WATCHDOG_USEC=" not in env and b"LISTEN_FDS=" not in env, pid
         table = Table.attach(ipcnames.table_name(instance))
         try:
             assert (table.get("port"), table.header()["host"]) == (port, "127.0.0.1")

@@ -1383,3 +1383,90 @@ def test_a_client_host_that_vanishes_without_closing_is_found_by_keepalive(gatew
         wait_until(lambda: [c["name"] for c in snapshot(instance)["connections"]] == ["alive"], timeout=30,
                    what="the vanished client's slot to be freed")
         assert alive_client.request(b"still here") == b"still here"
+
+
+def test_no_connection_is_starved_while_a_flood_fills_the_receivers_backlog(gateway, instance):
+    """40 clients flood 4 KiB SENDs while a probe client does request/reply.  Past its 1 MiB read budget
+    the receiver used to skip the connections epoll reported last -- the same ones every wake-up: some
+    flooders never got a byte read and the probe's request waited for the whole flood."""
+    import selectors
+    from duprep.frame import Send
+    gw = gateway()
+    payload = b"".join(encode_wire(Send(i, 0, b"z" * 4000)) for i in range(16))
+    sel = selectors.DefaultSelector()
+    socks = []
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        with duprep.Client("127.0.0.1", gw.port, name="probe", timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                assert c.request(b"p") == b"p"
+                latencies.append(time.monotonic() - t0)
+    try:
+        for i in range(40):
+            s = _raw(gw.port)
+            s.sendall(encode_wire(Hello(1, f"f{i}")))
+            assert isinstance(_frames(s, FrameReader(1 << 20), 1)[0], frame.Welcome)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_WRITE, [memoryview(payload)])
+            socks.append(s)
+        prober = threading.Thread(target=probe)
+        prober.start()
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            for key, _ in sel.select(0.1):
+                st = key.data
+                try:
+                    st[0] = st[0][key.fileobj.send(st[0]):] or memoryview(payload)
+                except BlockingIOError:
+                    pass
+        stop.set()
+        prober.join(30)
+        assert latencies and max(latencies) < 3, f"probe: {len(latencies)} requests, max {max(latencies or [0]):.1f} s"
+        def flooders():
+            got = {c["name"]: c["bytes_in"] for c in snapshot(instance)["connections"] if c["name"].startswith("f")}
+            return got if len(got) == 40 and all(n > len(payload) for n in got.values()) else None
+        wait_until(flooders, what="bytes read from every flooder (published within 1 s)")
+    finally:
+        stop.set()
+        sel.close()
+        for s in socks:
+            s.close()
+
+
+def test_busy_workers_a_slow_import_and_a_stuck_sender_are_not_taken_for_hangs(gateway, instance):
+    """What a hang is not: a worker working through one queue message of several requests (8 pipelined
+    requests of 0.4 s under --hang-timeout 2: the worker was aborted, 8 WORKER_LOST); a worker waiting
+    for room on the reply queue behind a stopped sender; an app that takes 3 s to import.  Only the
+    stopped sender is aborted."""
+    gw = gateway("--heartbeat", "0.5", "--hang-timeout", "2", app="tests.slow_import_app:handle")
+    wait_until(lambda: len(_roles(instance).get("worker", [])) == 2, timeout=20, what="both workers (3 s imports)")
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    try:
+        s.sendall(encode_wire(Hello(1, "")))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        # One write: one Chunk in one queue message, 8 x 0.4 s of work for one worker, no message between.
+        s.sendall(b"".join(encode_wire(Call(i, 0, 0, b"sleep:0.4|%d" % i)) for i in range(1, 9)))
+        answers = _frames(s, reader, 8, timeout=60)
+    finally:
+        s.close()
+    assert [(a.msgid, a.data) for a in answers] == [(i, b"sleep:0.4|%d" % i) for i in range(1, 9)], answers
+    workers = _roles(instance)["worker"]
+    [sender] = _roles(instance)["sender"]
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    try:
+        s.sendall(encode_wire(Hello(1, "")))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        os.kill(sender, signal.SIGSTOP)          # 1.2 MB of answers: the reply queue fills, workers wait for room
+        s.sendall(b"".join(encode_wire(Call(i, 0, 0, b"%05d" % i + b"r" * 4000)) for i in range(1, 301)))
+        answers = _frames(s, reader, 300, timeout=60)
+    finally:
+        s.close()
+    assert sorted((a.msgid, a.data[:5]) for a in answers) == [(i, b"%05d" % i) for i in range(1, 301)]
+    counters = {p["role"]: p["counters"] for p in snapshot(instance)["processes"]}["acceptor"]
+    assert counters["hung"] == 1 and counters["lost_in_workers"] == 0
+    assert sorted(_roles(instance)["worker"]) == sorted(workers) and not alive(sender)

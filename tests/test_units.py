@@ -206,8 +206,8 @@ def test_proc_rows(table):
 
 
 def test_the_hang_check_takes_the_newest_sign_of_life_and_says_when_to_look_again(instance):
-    """hangs.overdue: a row's heartbeat counts, else the start; only processes asked about; the next
-    check is when the first of the others could be overdue."""
+    """hangs.overdue: a row's heartbeat counts; a process without a row is not judged; only processes
+    asked about; the next check is when the first of the others could be overdue."""
     from duprep import hangs
     from duprep.table import NCOUNTERS
     t = Table.create(ipcnames.table_name(instance), nslots=8, nprocs=8, epoch=7, heartbeat=1.0, hang_timeout=10.0)
@@ -215,11 +215,39 @@ def test_the_hang_check_takes_the_newest_sign_of_life_and_says_when_to_look_agai
         assert (t.get("heartbeat"), t.get("hang_timeout")) == (1.0, 10.0)
         for row, pid, beat in ((1, 101, 95.0), (2, 102, 80.0), (3, 103, 99.0), (4, 999, 0.0)):
             t.proc_part(row).write(pid, Role.WORKER, 0, 0, 0, 0.0, beat, *[0] * NCOUNTERS)
-        late, next_check = hangs.overdue(t, {101: 50.0, 102: 50.0, 103: 50.0, 104: 92.0}, 10.0, now=100.0)
-        assert late == {102: 20.0}                       # 101 beat at 95, 103 at 99, 104 (no row) started at 92
-        assert next_check == 102.0                       # 104: started 92 + 10
-        late, next_check = hangs.overdue(t, {}, 10.0, now=100.0)
+        late, next_check = hangs.overdue(t, [101, 102, 103, 104], 10.0, now=100.0)
+        assert late == {102: 20.0}               # 101 beat at 95, 103 at 99; 104 has no row yet: not judged
+        assert next_check == 105.0               # 101: 95 + 10
+        late, next_check = hangs.overdue(t, [104], 10.0, now=100.0)
         assert (late, next_check) == ({}, 110.0)
+    finally:
+        t.close()
+        t.unlink()
+
+
+def test_a_published_counter_is_never_seen_half_written(instance):
+    """ProcRow.publish_counter writes outside the seqlock, so it must be one 8-byte store: with
+    struct.pack_into a reader saw 0 between two large values (a receiver killed there would leave its
+    successor counting from 0)."""
+    t = Table.create(ipcnames.table_name(instance), nslots=8, nprocs=8, epoch=7)
+    try:
+        row = ProcRow(t, 1, Role.RECEIVER)
+        code = ("import sys; sys.path.insert(0, %r)\n"
+                "from duprep import ipcnames\nfrom duprep.table import Table\n"
+                "t = Table.attach(ipcnames.table_name(%r)); seen = 0; bad = 0\n"
+                "for _ in range(200000):\n"
+                "    v = t.proc_part(1).read_own()[7 + 3]\n"
+                "    bad += v < seen; seen = max(seen, v)\n"
+                "t.close(); print(bad, seen)\n") % (ROOT, instance)
+        reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        value = 0x1_0000_0000
+        while reader.poll() is None:
+            value += 0x1_0101_0101
+            row.counters[3] = value
+            row.publish_counter(3)
+        bad, seen = map(int, reader.stdout.read().split())     # type: ignore[union-attr]
+        assert reader.returncode == 0 and seen > 0x1_0000_0000
+        assert bad == 0, f"{bad} reads went backwards (a half-written counter)"
     finally:
         t.close()
         t.unlink()
@@ -464,12 +492,12 @@ def test_client_sockets_get_keepalive_and_user_timeout():
     with server, socket.create_connection(server.getsockname()):
         conn, _ = server.accept()
         with conn:
-            net.tune_client(conn, sndbuf=65536, keepalive=60, user_timeout=30)
+            net.tune_client(conn, sndbuf=65536, keepalive=60)
             opt = lambda level, name: conn.getsockopt(level, name)   # noqa: E731
             assert opt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1 and opt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert (opt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), opt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
                     opt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (60, 10, 6)
-            assert opt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30000
+            assert opt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120000    # not shorter than the probing
             assert not conn.getblocking()
 
 
@@ -478,7 +506,8 @@ def test_config_validation_and_round_trip():
     assert GatewayConfig.decode(cfg.encode()) == cfg
     for bad in ({"instance": "../etc"}, {"port": 70000}, {"workers": -1}, {"max_clients": 0},
                 {"handshake_timeout": 0}, {"hang_timeout": -1}, {"hang_timeout": 59.9}, {"heartbeat": 0},
-                {"heartbeat": 5, "hang_timeout": 9}, {"keepalive": -1}):
+                {"heartbeat": 5, "hang_timeout": 9}, {"keepalive": -1}, {"keepalive": 0.5},
+                {"keepalive": 32768}):
         with pytest.raises(ConfigError):
             GatewayConfig(**bad)
     assert GatewayConfig(hang_timeout=0).hang_timeout == 0 == GatewayConfig(heartbeat=5, hang_timeout=0).hang_timeout

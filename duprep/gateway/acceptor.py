@@ -161,6 +161,7 @@ class Acceptor:
 
     def boot(self) -> None:
         cfg = self.cfg
+        watchdog = systemd.watchdog_interval()      # (first: it unsets the variables our children inherit)
         self.check_fd_limit()
         sched.apply(cfg.sched)        # before the children: they inherit it
         self.lock.acquire_gateway()
@@ -200,7 +201,6 @@ class Acceptor:
             self.spawn(child)
         self.boot_timer = loop.call_later(STEP_TIMEOUT + 20, self.on_boot_timeout)
         self.beat()
-        watchdog = systemd.watchdog_interval()
         if watchdog:
             self.pet_watchdog(watchdog / 2)
         log.info("instance %s booting on %s:%d (max %d clients)", self.instance, host, port, cfg.max_clients)
@@ -340,7 +340,7 @@ class Acceptor:
 
     def tune(self, sock: socket.socket) -> None:
         cfg = self.cfg
-        net.tune_client(sock, sndbuf=cfg.sndbuf, keepalive=cfg.keepalive, user_timeout=cfg.write_timeout)
+        net.tune_client(sock, sndbuf=cfg.sndbuf, keepalive=cfg.keepalive)
 
     def hand_over_both(self, conn: Conn) -> None:
         """The sender first: it must hold the socket before the receiver can queue a WELCOME for it.
@@ -639,8 +639,7 @@ class Acceptor:
         if self.state != "ready" or not limit or self.table is None:
             return
         live = {c.pid: c for c in self.children.values() if c.pidfd >= 0 and not c.aborted}
-        late, next_check = hangs.overdue(self.table, {pid: c.started for pid, c in live.items()}, limit,
-                                         time.monotonic())
+        late, next_check = hangs.overdue(self.table, live, limit, time.monotonic())
         for pid, silent in late.items():
             self.abort(live[pid], silent)
         self.loop.call_at(next_check, self.check_hung)

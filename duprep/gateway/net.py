@@ -33,14 +33,19 @@ def listen(host: str, port: int, *, backlog: int) -> socket.socket:
     return sock
 
 
-def tune_client(sock: socket.socket, *, sndbuf: int, keepalive: float = 0.0, user_timeout: float = 0.0) -> None:
+MAX_KEEPALIVE: Final = 32767     # the kernel's largest TCP_KEEPIDLE
+
+
+def tune_client(sock: socket.socket, *, sndbuf: int, keepalive: float = 0.0) -> None:
     """Options for an accepted client socket, set once by the acceptor for every holder.
 
-    ``keepalive``: seconds of silence before TCP probes a peer, then a probe every sixth of that, six
-    of them: a client host that vanished without closing (power cut, cable) is found within about
-    twice ``keepalive`` instead of the kernel's two hours.  ``user_timeout``: seconds data we sent may
-    stay unacknowledged before the kernel gives the connection up (TCP_USER_TIMEOUT), instead of
-    retransmitting for a quarter of an hour.  0 leaves the kernel's default.
+    ``keepalive`` (seconds, at most MAX_KEEPALIVE; 0: the kernel's settings): after that long without
+    a byte from the peer TCP probes it, a probe every sixth of it, and TCP_USER_TIMEOUT is twice it:
+    a client host that vanished without closing (power cut, cable) is given up after about twice
+    ``keepalive``, whether the connection was idle (keepalive) or had answers in flight (which the
+    kernel would otherwise retransmit for a quarter of an hour).  TCP_USER_TIMEOUT also decides when
+    unanswered probes end the connection (tcp(7)), so it must not be shorter than the probing: one
+    lost probe must not end a live connection.
     """
     sock.setblocking(False)
     if sndbuf:
@@ -49,8 +54,8 @@ def tune_client(sock: socket.socket, *, sndbuf: int, keepalive: float = 0.0, use
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if keepalive:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(keepalive)))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(keepalive / 6)))
+            idle = max(1, round(keepalive))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(idle / 6)))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-        if user_timeout:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(user_timeout * 1000)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2 * idle * 1000)

@@ -15,10 +15,9 @@ bounded backlog (BACKLOG_LIMIT bytes) while the receiver watches the queue
 for room; past that limit it parks every connection that becomes readable
 (interest set to nothing), so TCP pushes back on the clients instead of
 memory growing.  Bytes read count against the limit at once: once a
-wake-up has read that much, the connections it reports next are left for
-the next wake-up (epoll is level-triggered), after flush() -- one wake-up
-can report a thousand readable connections, and 64 KiB from each would be
-64 MiB.  (Parking at the first full queue made it flap: two
+wake-up has read that much, each further connection it reports gets a
+SMALL_READ, not READ_SIZE -- one wake-up can report a thousand readable
+connections, and 64 KiB from each would be 64 MiB (4 KiB: 4 MiB).  (Parking at the first full queue made it flap: two
 epoll_ctl calls per connection, more than its reads.)
 Items for the reply queue (WELCOME, ERROR, relays, closes) are flushed
 before requests, so a client never gets an answer before its WELCOME.
@@ -59,6 +58,7 @@ from .loop import ERR, READ, WRITE, Timer
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536
+SMALL_READ = 4096     # per connection and wake-up once a wake-up has read BACKLOG_LIMIT bytes
 HEAD = struct.Struct(">IH")    # a frame's length prefix and the first two bytes of its body
 # The first two body bytes of the only shapes forwarded undecoded: REQUEST as a fixarray of exactly 5
 # (tag 2), SEND of exactly 4 (tag 3).  Any other header (extra elements, array16) is decoded here and
@@ -167,10 +167,12 @@ class Receiver(GatewayChild):
                 self.parked.append(conn)
                 self.loop.modify(conn.fd, 0)
             return
-        if self.unflushed + self.backlog_bytes > BACKLOG_LIMIT and not ev & ERR:
-            return        # this wake-up read its share; epoll (level-triggered) reports it again after flush()
+        # Past the limit, each connection reported still gets a small read: memory stays bounded and
+        # nobody is skipped (epoll reports ready sockets in the same order each time: skipping the rest
+        # of a wake-up starved the connections at its end).
+        size = READ_SIZE if self.unflushed + self.backlog_bytes <= BACKLOG_LIMIT else SMALL_READ
         try:
-            n = conn.sock.recv_into(self.rbuf, READ_SIZE)
+            n = conn.sock.recv_into(self.rbuf, size)
         except BlockingIOError:
             return
         except OSError:
