@@ -1470,3 +1470,38 @@ def test_busy_workers_a_slow_import_and_a_stuck_sender_are_not_taken_for_hangs(g
     counters = {p["role"]: p["counters"] for p in snapshot(instance)["processes"]}["acceptor"]
     assert counters["hung"] == 1 and counters["lost_in_workers"] == 0
     assert sorted(_roles(instance)["worker"]) == sorted(workers) and not alive(sender)
+
+
+def test_a_welcome_that_died_with_the_receiver_ends_in_an_error_not_in_silence(gateway, instance):
+    """The receiver accepts a HELLO while the reply queue is full (sender stopped), so the WELCOME waits
+    in its backlog, and is killed.  Its slot used to say READY at once: the new receiver served the
+    connection, which never got a WELCOME.  READY now waits until the WELCOME is on the queue, so the
+    new receiver greets nobody and times the handshake out: the client gets an ERROR and the end."""
+    gw = gateway("--handshake-timeout", "1", workers=1)
+    [sender] = _roles(instance)["sender"]
+    [receiver] = _roles(instance)["receiver"]
+    filler, late = _raw(gw.port), None
+    try:
+        filler.sendall(encode_wire(Hello(1, "")))
+        assert isinstance(_frames(filler, FrameReader(1 << 20), 1)[0], frame.Welcome)
+        os.kill(sender, signal.SIGSTOP)
+        # ~600 KB of answers: the reply queue fills and the worker holds the rest, but the receiver's
+        # backlog stays under its 1 MiB limit, so it goes on reading (and takes the next HELLO)
+        filler.sendall(b"".join(encode_wire(Call(i, 0, 0, b"f" * 4000)) for i in range(1, 151)))
+        wait_until(lambda: snapshot(instance)["queues"]["replies"]["messages"]
+                   == snapshot(instance)["queues"]["replies"]["capacity"], what="a full reply queue")
+        late = _raw(gw.port)
+        late.sendall(encode_wire(Hello(1, "late")))
+        wait_until(lambda: {p["role"]: p for p in snapshot(instance)["processes"]}["receiver"]["counters"]
+                   ["frames_in"] >= 152, what="the receiver to read the HELLO")
+        os.kill(receiver, signal.SIGKILL)
+        wait_until(lambda: [p for p in _roles(instance).get("receiver", []) if p != receiver],
+                   what="a new receiver")
+        os.kill(sender, signal.SIGCONT)
+        [first, *rest] = _frames_until_end(late, FrameReader(1 << 20))
+        assert isinstance(first, frame.Error) and first.code == ErrorCode.HANDSHAKE_TIMEOUT, first
+    finally:
+        os.kill(sender, signal.SIGCONT)
+        filler.close()
+        if late is not None:
+            late.close()

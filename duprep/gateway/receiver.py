@@ -72,14 +72,15 @@ C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAY
 class Conn:
     """The receiver's state for one connection."""
 
-    __slots__ = ("sid", "gen", "sock", "fd", "pending", "name", "ready", "timer",
+    __slots__ = ("sid", "gen", "sock", "fd", "pending", "name", "ready", "announced", "timer",
                  "frames", "bytes", "last_in", "parked", "part", "half")
 
     def __init__(self, sid: int, gen: int, sock: socket.socket) -> None:
         self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
         self.pending = bytearray()      # the start of an incomplete frame
         self.name = ""
-        self.ready = False
+        self.ready = False              # HELLO accepted
+        self.announced = False          # READY published: its WELCOME is on the reply queue
         self.timer: Timer | None = None
         self.frames = self.bytes = 0
         self.last_in = 0.0
@@ -118,6 +119,11 @@ class Receiver(GatewayChild):
         self.stopped = False
         self.now = 0.0            # time.time() of this wake-up's first read; 0: not read yet
         self.unflushed = 0        # bytes read since the last flush: counted against BACKLOG_LIMIT at once
+        # HELLOs accepted whose WELCOME is not on the reply queue yet.  Their slots say READY only
+        # once it is: a successor that finds READY takes the WELCOME for sent, and a client whose
+        # WELCOME died in our backlog would wait for it for ever; without READY it gets a handshake
+        # timeout (an ERROR), or BAD_HELLO for its next frame, and reconnects.
+        self.welcomed: list[Conn] = []
 
     def add(self, sid: int, gen: int, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -141,7 +147,7 @@ class Receiver(GatewayChild):
             return
         if rgen == gen and flags & SlotFlag.READY:
             # A receiver before us (which crashed) already took this client's HELLO.
-            conn.ready = True
+            conn.ready = conn.announced = True
             conn.name = name.rstrip(b"\0").decode()
             conn.last_in, conn.frames, conn.bytes = last_in, frames, nbytes
             if conn.name:
@@ -337,7 +343,7 @@ class Receiver(GatewayChild):
             conn.timer = None
         self.rep_out.add(Deliver(conn.sid, conn.gen, encode_wire(
             Welcome(PROTOCOL_VERSION, conn.sid, conn.gen, name, self.max_frame))))
-        self.publish(conn)          # now: push by name and relays look the name up in the table
+        self.welcomed.append(conn)  # READY is published once the WELCOME is on the queue (flush)
         return True
 
     def relay(self, conn: Conn, frame: Relay) -> None:
@@ -390,7 +396,7 @@ class Receiver(GatewayChild):
             self.control.send(Op.RELEASED, conn.sid, conn.gen)
 
     def publish(self, conn: Conn) -> None:
-        flags = (SlotFlag.READY if conn.ready else 0) | (SlotFlag.HALF_READ if conn.half else 0)
+        flags = (SlotFlag.READY if conn.announced else 0) | (SlotFlag.HALF_READ if conn.half else 0)
         conn.part.write(conn.gen, flags, 0, conn.last_in, conn.frames, conn.bytes, conn.name.encode())
 
     # --- flushing and backpressure ------------------------------------------------
@@ -418,6 +424,12 @@ class Receiver(GatewayChild):
             self.backlog_bytes -= len(message)
             c[C_QMSGS] += 1
             c[C_REQUESTS] += requests
+        if self.welcomed and not any(q is self.replies for q, _, _ in backlog):
+            for conn in self.welcomed:
+                if self.conns.get(conn.sid) is conn:
+                    conn.announced = True
+                    self.publish(conn)     # now push by name finds it (table.find_name)
+            self.welcomed.clear()
         if c[C_REQUESTS] != requests_before:
             # At once, not within STATS_INTERVAL: if we die now, a successor continues from the published
             # count, and a count behind the queue would let a later stop's drain end before the answers.
