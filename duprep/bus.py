@@ -28,6 +28,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from typing import Callable
@@ -58,9 +59,6 @@ DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
 _encode = msgspec.msgpack.Encoder().encode
-_monotonic = time.monotonic
-CLOCK_EVERY = 16        # run_handler reads the clock before every 16th handler call while they are fast:
-FAST_CALLS = 0.001      # the calls since the last read took at most this long together
 _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker, unless the gateway says (table header)
@@ -530,11 +528,18 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
     message at a time; the replies to one message leave together, when the
     last of its requests is handled.
     """
+    pulse = _Pulse(worker._row, worker._batch, min(worker._heartbeat, 1.0))
+    try:
+        _run_handler(worker, handler, stop, pulse)
+    finally:
+        pulse.close()
+
+
+def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pulse: "_Pulse") -> None:
     batch = worker._batch
     counters = worker._c
     room = worker._room
     add_run = worker._add_run
-    heartbeat = min(worker._heartbeat, 1.0)     # while busy: a handler call may run hang_timeout - 1 s
     while True:
         try:
             worker._check()
@@ -544,28 +549,15 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
             if stop():
                 return
             raise
+        pulse.busy()
         # A message's requests come grouped by connection (a Chunk each): the replies to a group
         # are framed here and handed over together, one Deliver per group, not one call per reply.
         sid = gen = -1
         frames: list[bytes] = []
         size = done = 0
-        # One message can hold many clients' requests: show life between handler calls too, or a
-        # supervisor would take a long but moving batch for a hang (hangs.py).  The clock is read
-        # before every handler call while calls are slow, before every 16th while they are fast.
-        last_read = _monotonic()
-        beat_due = last_read + heartbeat
-        countdown = 2                 # (the first read, before the second call, times the first)
         try:
             while batch:
                 request = batch.popleft()
-                countdown -= 1
-                if not countdown:
-                    now = _monotonic()
-                    countdown = 1 if now - last_read > FAST_CALLS else CLOCK_EVERY
-                    last_read = now
-                    if now >= beat_due:
-                        worker._alive()
-                        beat_due = now + heartbeat
                 try:
                     result = handler(request)
                 except Exception as e:
@@ -607,12 +599,63 @@ def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = 
                     log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
                     worker.fail(request, str(e))
         finally:
+            pulse.idle()
             if frames:
                 add_run(sid, gen, frames, size)
             counters[C_REQUESTS] += done
         if worker._interrupted and stop():
             worker.flush()
             return
+
+
+class _Pulse:
+    """A worker's heartbeat while run_handler works through a queue message.
+
+    One message can hold many clients' requests, handled one after another; the worker beats only
+    as it takes a message, so a long but moving batch would look hung to its supervisor (hangs.py).
+    While a message is in hand, a thread looks every ``every`` seconds whether a handler call began
+    since its last look (the batch got shorter) and if so publishes the heartbeat.  A call that never
+    returns stops the beats, which is the point.  Nothing per call in the worker's own thread; the
+    thread sleeps on an Event while the worker waits for requests.
+    """
+
+    def __init__(self, row: ProcRow, batch: "deque[Request]", every: float) -> None:
+        self._row, self._batch, self._every = row, batch, every
+        self._busy = False
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="duprep-pulse", daemon=True)
+        self._thread.start()
+
+    def busy(self) -> None:
+        """A message is in hand (the worker's thread, after taking it)."""
+        self._busy = True
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def idle(self) -> None:
+        self._busy = False
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        seen = -1
+        while True:
+            self._wake.wait()
+            if self._closed.wait(self._every):
+                return
+            if not self._busy:
+                self._wake.clear()
+                if self._busy:              # (busy() may have run between the test and the clear)
+                    self._wake.set()
+                continue
+            left = len(self._batch)
+            if left != seen:
+                seen = left
+                self._row.publish_heartbeat()
 
 
 def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait: float = 0.0) -> int:

@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client may leave our writes blocked before it is cut off")
     s.add_argument("--keepalive", type=float, default=60.0,
                    help="seconds without a byte from a client before TCP probes it; a client host that "
-                        "vanished without closing is given up after about twice this, idle or not (0: the "
-                        "kernel's settings, 2 hours; at most 32767)")
+                        "vanished without closing is given up after twice the larger of this and "
+                        "--write-timeout, idle or not (0: the kernel's settings, 2 hours; at most 32767)")
     s.add_argument("--drain-timeout", type=float, default=10.0,
                    help="seconds a graceful stop waits for queued answers to reach the clients")
     s.add_argument("--heartbeat", type=float, default=30.0,

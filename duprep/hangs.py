@@ -3,8 +3,8 @@
 gunicorn's ``murder_workers`` on the table's heartbeats.  Every process of an
 instance publishes a heartbeat in its table row at least every ``heartbeat``
 seconds while its loop runs (a worker also each time it takes a queue
-message, between handler calls at least every second, and while it waits
-for room on the reply queue).  A supervised process that has a row (a worker
+message, every second while it works through one if a handler call began
+since (``bus._Pulse``), and while it waits for room on the reply queue).  A supervised process that has a row (a worker
 still importing its app has none yet) and whose last heartbeat is older than
 ``hang_timeout`` -- a handler that never returns, a loop that spins, a process
 stopped with SIGSTOP -- is aborted with SIGABRT, so that faulthandler writes
@@ -28,7 +28,7 @@ from . import ipcnames
 from .errors import DuprepError
 from .table import Table
 
-__all__ = ["ABORT_GRACE", "overdue", "abort", "kill", "Watch"]
+__all__ = ["ABORT_GRACE", "overdue", "rowless", "abort", "kill", "Watch"]
 
 log = logging.getLogger("duprep")
 
@@ -38,9 +38,9 @@ ABORT_GRACE: Final = 5.0      # seconds between SIGABRT (traceback, then core or
 def overdue(table: Table, pids: Iterable[int], limit: float, now: float) -> tuple[dict[int, float], float]:
     """Which of these processes have shown no life for ``limit`` seconds.
 
-    A process's last sign of life is its row's heartbeat.  One without a row yet is not judged: a
-    worker importing a slow app, or waiting for its gateway (``--wait``), has not started serving.
-    Returns ``({pid: seconds silent}, when the next one could be overdue)``.
+    A process's last sign of life is its row's heartbeat.  One without a row yet is not judged (see
+    :func:`rowless`): a worker importing a slow app, or waiting for its gateway (``--wait``), has not
+    started serving.  Returns ``({pid: seconds silent}, when the next one could be overdue)``.
     """
     wanted = set(pids)
     beats: dict[int, float] = {}
@@ -55,6 +55,11 @@ def overdue(table: Table, pids: Iterable[int], limit: float, now: float) -> tupl
         else:
             next_check = min(next_check, last + limit)
     return late, next_check
+
+
+def rowless(table: Table, pids: Iterable[int]) -> set[int]:
+    """Those of these processes that have no row in the table (yet)."""
+    return set(pids) - {p.pid for p in table.procs()}
 
 
 def abort(pidfd: int) -> None:

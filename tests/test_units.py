@@ -492,12 +492,14 @@ def test_client_sockets_get_keepalive_and_user_timeout():
     with server, socket.create_connection(server.getsockname()):
         conn, _ = server.accept()
         with conn:
-            net.tune_client(conn, sndbuf=65536, keepalive=60)
+            net.tune_client(conn, sndbuf=65536, keepalive=60, write_timeout=30)
             opt = lambda level, name: conn.getsockopt(level, name)   # noqa: E731
             assert opt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1 and opt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             assert (opt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), opt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
                     opt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (60, 10, 6)
             assert opt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120000    # not shorter than the probing
+            net.tune_client(conn, sndbuf=0, keepalive=2, write_timeout=20)
+            assert opt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 40000     # nor than --write-timeout
             assert not conn.getblocking()
 
 

@@ -76,6 +76,7 @@ class Child:
         self.failures = 0
         self.stopped = False          # said STOPPED: its graceful stop is done
         self.aborted = False          # sent SIGABRT for hanging (hangs.py): a crash, not a boot failure
+        self.warned = False           # logged that it has no heartbeat long after its start
 
     @property
     def pid(self) -> int:
@@ -340,7 +341,7 @@ class Acceptor:
 
     def tune(self, sock: socket.socket) -> None:
         cfg = self.cfg
-        net.tune_client(sock, sndbuf=cfg.sndbuf, keepalive=cfg.keepalive)
+        net.tune_client(sock, sndbuf=cfg.sndbuf, keepalive=cfg.keepalive, write_timeout=cfg.write_timeout)
 
     def hand_over_both(self, conn: Conn) -> None:
         """The sender first: it must hold the socket before the receiver can queue a WELCOME for it.
@@ -525,7 +526,7 @@ class Acceptor:
                 child_end.close()
         child.started = time.monotonic()
         child.stopped = False
-        child.aborted = False
+        child.aborted = child.warned = False
         child.ready = child.role == "worker"
         child.pidfd = os.pidfd_open(child.proc.pid)
         self.loop.register(child.pidfd, READ, lambda ev: self.on_child_exit(child))
@@ -639,9 +640,16 @@ class Acceptor:
         if self.state != "ready" or not limit or self.table is None:
             return
         live = {c.pid: c for c in self.children.values() if c.pidfd >= 0 and not c.aborted}
-        late, next_check = hangs.overdue(self.table, live, limit, time.monotonic())
+        now = time.monotonic()
+        late, next_check = hangs.overdue(self.table, live, limit, now)
         for pid, silent in late.items():
             self.abort(live[pid], silent)
+        slow = [c for c in live.values() if not c.warned and now - c.started >= limit]
+        for pid in hangs.rowless(self.table, [c.pid for c in slow]) if slow else ():
+            child = live[pid]
+            child.warned = True
+            log.warning("%r has not started serving after %.0f s (no heartbeat yet: still importing its app, "
+                        "or stuck before it?); it is not aborted for that", child, now - child.started)
         self.loop.call_at(next_check, self.check_hung)
 
     def abort(self, child: Child, silent: float) -> None:

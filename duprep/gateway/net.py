@@ -36,16 +36,18 @@ def listen(host: str, port: int, *, backlog: int) -> socket.socket:
 MAX_KEEPALIVE: Final = 32767     # the kernel's largest TCP_KEEPIDLE
 
 
-def tune_client(sock: socket.socket, *, sndbuf: int, keepalive: float = 0.0) -> None:
+def tune_client(sock: socket.socket, *, sndbuf: int, keepalive: float = 0.0, write_timeout: float = 0.0) -> None:
     """Options for an accepted client socket, set once by the acceptor for every holder.
 
     ``keepalive`` (seconds, at most MAX_KEEPALIVE; 0: the kernel's settings): after that long without
-    a byte from the peer TCP probes it, a probe every sixth of it, and TCP_USER_TIMEOUT is twice it:
-    a client host that vanished without closing (power cut, cable) is given up after about twice
-    ``keepalive``, whether the connection was idle (keepalive) or had answers in flight (which the
-    kernel would otherwise retransmit for a quarter of an hour).  TCP_USER_TIMEOUT also decides when
-    unanswered probes end the connection (tcp(7)), so it must not be shorter than the probing: one
-    lost probe must not end a live connection.
+    a byte from the peer TCP probes it, a probe every sixth of it; and TCP_USER_TIMEOUT is twice the
+    larger of ``keepalive`` and ``write_timeout``.  So a client host that vanished without closing
+    (power cut, cable) is given up after about that long, whether the connection was idle (the probes)
+    or had answers in flight (which the kernel would otherwise retransmit for a quarter of an hour).
+    TCP_USER_TIMEOUT also ends a connection whose probes go unanswered, and one whose receive window
+    stays closed (tcp(7), Linux): so it is never shorter than the probing (one lost probe must not end
+    a live connection) nor than ``write_timeout`` (a slow reader is the sender's to cut, counted and
+    logged, not the kernel's).
     """
     sock.setblocking(False)
     if sndbuf:
@@ -58,4 +60,5 @@ def tune_client(sock: socket.socket, *, sndbuf: int, keepalive: float = 0.0) -> 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(idle / 6)))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 2 * idle * 1000)
+            limit = 2 * max(idle, min(write_timeout, MAX_KEEPALIVE))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(limit * 1000))
