@@ -614,7 +614,7 @@ class _Pulse:
     One message can hold many clients' requests, handled one after another; the worker beats only
     as it takes a message, so a long but moving batch would look hung to its supervisor (hangs.py).
     While a message is in hand, a thread looks every ``every`` seconds whether a handler call began
-    since its last look (the batch got shorter) and if so publishes the heartbeat.  A call that never
+    since its last look (another message, or the batch got shorter) and if so publishes the heartbeat.  A call that never
     returns stops the beats, which is the point.  Nothing per call in the worker's own thread; the
     thread sleeps on an Event while the worker waits for requests.
     """
@@ -622,6 +622,7 @@ class _Pulse:
     def __init__(self, row: ProcRow, batch: "deque[Request]", every: float) -> None:
         self._row, self._batch, self._every = row, batch, every
         self._busy = False
+        self._messages = 0                  # taken so far: with the batch's length, what "moved" means
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="duprep-pulse", daemon=True)
@@ -629,6 +630,7 @@ class _Pulse:
 
     def busy(self) -> None:
         """A message is in hand (the worker's thread, after taking it)."""
+        self._messages += 1
         self._busy = True
         if not self._wake.is_set():
             self._wake.set()
@@ -642,7 +644,7 @@ class _Pulse:
         self._thread.join(5)
 
     def _run(self) -> None:
-        seen = -1
+        seen = (-1, -1)
         while True:
             self._wake.wait()
             if self._closed.wait(self._every):
@@ -652,9 +654,9 @@ class _Pulse:
                 if self._busy:              # (busy() may have run between the test and the clear)
                     self._wake.set()
                 continue
-            left = len(self._batch)
-            if left != seen:
-                seen = left
+            now = (self._messages, len(self._batch))
+            if now != seen:
+                seen = now
                 self._row.publish_heartbeat()
 
 

@@ -650,6 +650,9 @@ class Acceptor:
             child.warned = True
             log.warning("%r has not started serving after %.0f s (no heartbeat yet: still importing its app, "
                         "or stuck before it?); it is not aborted for that", child, now - child.started)
+        for c in live.values():       # (so that the warning comes on time too)
+            if not c.warned and c.started + limit > now:
+                next_check = min(next_check, c.started + limit)
         self.loop.call_at(next_check, self.check_hung)
 
     def abort(self, child: Child, silent: float) -> None:
