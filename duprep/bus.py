@@ -614,9 +614,9 @@ class _Pulse:
     One message can hold many clients' requests, handled one after another; the worker beats only
     as it takes a message, so a long but moving batch would look hung to its supervisor (hangs.py).
     While a message is in hand, a thread looks every ``every`` seconds whether a handler call began
-    since its last look (another message, or the batch got shorter) and if so publishes the heartbeat.  A call that never
-    returns stops the beats, which is the point.  Nothing per call in the worker's own thread; the
-    thread sleeps on an Event while the worker waits for requests.
+    since its last look (another message, or the batch got shorter) and if so publishes the
+    heartbeat.  A call that never returns stops the beats, which is the point.  Nothing per call in
+    the worker's own thread; the thread sleeps on an Event while the worker waits for requests.
     """
 
     def __init__(self, row: ProcRow, batch: "deque[Request]", every: float) -> None:
@@ -654,9 +654,9 @@ class _Pulse:
                 if self._busy:              # (busy() may have run between the test and the clear)
                     self._wake.set()
                 continue
-            now = (self._messages, len(self._batch))
-            if now != seen:
-                seen = now
+            state = (self._messages, len(self._batch))
+            if state != seen:
+                seen = state
                 self._row.publish_heartbeat()
 
 

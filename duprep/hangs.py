@@ -4,13 +4,13 @@ gunicorn's ``murder_workers`` on the table's heartbeats.  Every process of an
 instance publishes a heartbeat in its table row at least every ``heartbeat``
 seconds while its loop runs (a worker also each time it takes a queue
 message, every second while it works through one if a handler call began
-since (``bus._Pulse``), and while it waits for room on the reply queue).  A supervised process that has a row (a worker
-still importing its app has none yet) and whose last heartbeat is older than
-``hang_timeout`` -- a handler that never returns, a loop that spins, a process
-stopped with SIGSTOP -- is aborted with SIGABRT, so that faulthandler writes
-its Python traceback to the log, and killed if it is still there
-ABORT_GRACE seconds later.  Its supervisor then handles it as a crash: it
-answers what it held (WORKER_LOST) and replaces it.
+since (``bus._Pulse``), and while it waits for room on the reply queue).  A
+supervised process that has a row (a worker still importing its app has none
+yet) and whose last heartbeat is older than ``hang_timeout`` -- a handler that
+never returns, a loop that spins, a process stopped with SIGSTOP -- is aborted
+with SIGABRT, so that faulthandler writes its Python traceback to the log, and
+killed if it is still there ABORT_GRACE seconds later.  Its supervisor then
+handles it as a crash: it answers what it held (WORKER_LOST) and replaces it.
 
 Used by the gateway's acceptor for its children and by ``duprep worker -n N``
 for its workers; both take the limits from the table's header, so one setting

@@ -14,11 +14,12 @@ Backpressure: messages that do not fit a full queue wait, in order, in a
 bounded backlog (BACKLOG_LIMIT bytes) while the receiver watches the queue
 for room; past that limit it parks every connection that becomes readable
 (interest set to nothing), so TCP pushes back on the clients instead of
-memory growing.  Bytes read count against the limit at once: once a
-wake-up has read that much, each further connection it reports gets a
-SMALL_READ, not READ_SIZE -- one wake-up can report a thousand readable
-connections, and 64 KiB from each would be 64 MiB (4 KiB: 4 MiB).  (Parking at the first full queue made it flap: two
-epoll_ctl calls per connection, more than its reads.)
+memory growing.  (Parking at the first full queue made it flap: two
+epoll_ctl calls per connection, more than its reads.)  Bytes read count
+against the limit at once: once a wake-up has read that much, each further
+connection it reports gets a SMALL_READ, not READ_SIZE -- one wake-up can
+report a thousand readable connections, and 64 KiB from each would be
+64 MiB (4 KiB: 4 MiB).
 Items for the reply queue (WELCOME, ERROR, relays, closes) are flushed
 before requests, so a client never gets an answer before its WELCOME.
 
