@@ -496,3 +496,19 @@ def test_a_passed_socket_that_is_not_a_tcp_listener_stops_the_boot_with_a_reason
     assert proc.returncode == 4, err
     assert b"not a listening TCP socket" in err and b"ListenStream=" in err
     assert not ipc_leftovers(instance)
+
+
+def test_serve_options_default_to_the_gateway_configs_defaults() -> None:
+    """`duprep serve` and GatewayConfig (the library's way to a gateway) must not drift apart."""
+    import argparse
+    import msgspec
+    serve = next(a for a in cli.build_parser()._actions
+                 if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    fields = {f.name: f.default for f in msgspec.structs.fields(GatewayConfig)}
+    checked = 0
+    for action in serve._actions:
+        if action.dest in fields:
+            default = int(action.default) if action.dest == "port" else action.default
+            assert default == fields[action.dest], action.dest
+            checked += 1
+    assert checked >= 18
