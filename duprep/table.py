@@ -89,7 +89,6 @@ _PROC = struct.Struct(PROC_FORMAT)
 _U32 = struct.Struct("<I")
 _COUNTERS_OFFSET: Final = struct.calcsize(PROC_FORMAT[:PROC_FORMAT.index("dd") + 2])   # 40: after heartbeat
 _HEARTBEAT_OFFSET: Final = _COUNTERS_OFFSET - 8                                           # 32
-_U64 = struct.Struct("<Q")
 _HAND = struct.Struct(HAND_FORMAT)
 A_OFFSET: Final = 0
 R_OFFSET: Final = 72
