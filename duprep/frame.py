@@ -396,18 +396,24 @@ class BatchPacker:
         self._counts: list[int] = []
         self._encode = msgspec.msgpack.Encoder().encode
 
-    def add(self, item: Struct, size: int = -1, count: int = 0) -> None:
+    def add(self, item: Struct, size: int = -1, count: int = 0) -> bool:
         """Queue ``item``; ``size`` is its :func:`bound` if the caller knows it already; ``count``
-        is added to its message's count (:meth:`take_counted`)."""
+        is added to its message's count (:meth:`take_counted`).
+
+        True if ``item`` did not fit the open message: that one is now full, and ready to be sent
+        (:meth:`take_full`) while the caller goes on adding.
+        """
         if size < 0:
             size = bound(item)
         if size + 3 > self.limit:
             raise ValueError(f"bus item of up to {size} bytes exceeds the queue message size {self.limit}")
-        if self._size + size > self.limit or len(self._items) == 65535:
+        full = self._size + size > self.limit or len(self._items) == 65535
+        if full:
             self._seal()
         self._items.append(item)
         self._size += size
         self._count += count
+        return full
 
     def _seal(self) -> None:
         if self._items:
@@ -425,6 +431,12 @@ class BatchPacker:
         self._seal()
         done, self._done = self._done, []
         self._counts = []
+        return done
+
+    def take_full(self) -> list[tuple[bytes, int]]:
+        """:meth:`take_counted`, but only the messages that are full: the open one stays open."""
+        done = list(zip(self._done, self._counts))
+        self._done, self._counts = [], []
         return done
 
     def take_counted(self) -> list[tuple[bytes, int]]:

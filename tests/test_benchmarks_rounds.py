@@ -170,3 +170,28 @@ def test_reports_show_the_rounds_and_render_files_without_them():
     smoke = copy.deepcopy(old)
     smoke["target_rounds"] = {"reason": "the plan has no target rounds", "rounds": [], "errors": []}
     assert "not run: the plan has no target rounds" in report.text_tables(smoke)
+
+
+def test_idlecpu_splits_idle_time_by_what_the_other_cpus_did():
+    """benchmarks.idlecpu: each idle period is set against what ran and what waited elsewhere meanwhile;
+    two waits that overlap count once in the idle time spent with work waiting."""
+    from benchmarks import idlecpu
+    text = """\
+           time    cpu  task name                       wait time  sch delay   run time
+                        [tid/pid]                          (msec)     (msec)     (msec)
+--------------- ------  ------------------------------  ---------  ---------  ---------
+    100.001000 [0000]  worker[11]                           0.000      0.000      1.000
+    100.002000 [0001]  recv[12]                                                  awakened: w two[14]
+    100.003000 [0001]  recv[12]                             0.000      0.000      3.000
+    100.003500 [0001]  w two[14]                            0.000      1.000      0.500
+    100.004000 [0000]  <idle>                               0.000      0.000      3.000
+    100.006000 [0000]  sender[13/13]                        0.000      2.500      2.000
+"""
+    slices = idlecpu.parse_timehist(text)
+    assert [s.name for s in slices] == ["worker", "recv", "w two", "<idle>", "sender"]
+    rep = idlecpu.analyse(slices)
+    ms = lambda c: {k: round(v * 1e3, 3) for k, v in c.items() if v}   # noqa: E731
+    assert round(rep.idle * 1e3, 3) == 3.0 and rep.cpus == {0}
+    assert ms(rep.running_elsewhere) == {"recv": 2.0, "w two": 0.5}
+    assert ms(rep.waiting_elsewhere) == {"sender": 2.5, "w two": 1.0}
+    assert round(rep.idle_with_waiting * 1e3, 3) == 2.5

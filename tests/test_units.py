@@ -78,6 +78,22 @@ def test_batch_packer_respects_the_message_size():
         packer.add(frame.Chunk(1, 1, "", 0.0, b"x" * 2000))
 
 
+def test_batch_packer_says_when_a_message_is_full_and_hands_over_only_full_ones():
+    """The receiver puts a full message while it reads on (Receiver.send_full): add() must say when
+    one filled up, and take_full() must leave the open message alone."""
+    packer = frame.BatchPacker(1024)
+    items = [frame.Chunk(i, 1, "c", 1.5, os.urandom(100)) for i in range(50)]
+    sealed_at = [i for i, it in enumerate(items) if packer.add(it, count=1)]
+    assert sealed_at and sealed_at[0] > 1          # the first adds fit, then one does not
+    full = packer.take_full()
+    assert len(full) == len(sealed_at) and all(len(m) <= 1024 for m, _ in full)
+    assert packer.take_full() == []
+    rest = packer.take_counted()                  # the open message, still there
+    assert len(rest) == 1
+    got = [c for m, _ in full + rest for c in frame.decode_requests(m)]
+    assert got == items and sum(n for _, n in full + rest) == 50
+
+
 def _chunk(sid: int, bodies: list[bytes], client: str = "", received: float = 100.0) -> frame.Chunk:
     return frame.Chunk(sid, 7, client, received, frame.array_header(len(bodies)) + b"".join(bodies))
 

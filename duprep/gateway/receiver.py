@@ -8,7 +8,9 @@ sender's job, so an ERROR frame can still be written), the client names
 One epoll wait point.  Each readable socket gets one ``recv_into`` of up to
 64 KiB into a shared buffer, split into as many frames as it holds.  The
 frames of a whole batch of events are packed into as few queue messages as
-fit and sent before the next wait: one ``mq_send`` per batch, not per frame.
+fit: one ``mq_send`` per message, not per frame.  Each message goes as soon
+as it is full, even in the middle of a wake-up (``send_full``: the workers
+start on it while the rest is read), and the last one before the next wait.
 
 Backpressure: messages that do not fit a full queue wait, in order, in a
 bounded backlog (BACKLOG_LIMIT bytes) while the receiver watches the queue
@@ -291,8 +293,9 @@ class Receiver(GatewayChild):
         dies in our backlog must not count, or the sender's drain would wait for answers that cannot come.
         """
         frames = array_header(len(bodies)) + b"".join(bodies)
-        self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
-                         CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames), len(bodies))
+        if self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
+                            CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames), len(bodies)):
+            self.send_full()
 
     def handle(self, conn: Conn, frame: object) -> bool:
         """Act on one frame; False if the connection was ended."""
@@ -412,29 +415,14 @@ class Receiver(GatewayChild):
                     self.backlog.append((q, message, requests))
                     self.backlog_bytes += len(message)
         backlog = self.backlog
-        c = self.c
-        requests_before = c[C_REQUESTS]
-        while backlog and not self.full:         # a full queue is retried once it says it has room
-            q, message, requests = backlog[0]
-            try:
-                q.put_nowait(message)
-            except WouldBlock:
-                self.full = True
-                break
-            backlog.popleft()
-            self.backlog_bytes -= len(message)
-            c[C_QMSGS] += 1
-            c[C_REQUESTS] += requests
+        if not self.full:                        # a full queue is retried once it says it has room
+            self.put_backlog()
         if self.welcomed and not any(q is self.replies for q, _, _ in backlog):
             for conn in self.welcomed:
                 if self.conns.get(conn.sid) is conn:
                     conn.announced = True
                     self.publish(conn)     # now push by name finds it (table.find_name)
             self.welcomed.clear()
-        if c[C_REQUESTS] != requests_before:
-            # At once, not within STATS_INTERVAL: if we die now, a successor continues from the published
-            # count, and a count behind the queue would let a later stop's drain end before the answers.
-            self.row.publish_counter(C_REQUESTS)
         waiting = backlog[0][0].fileno() if backlog else -1
         if waiting != self.waiting_on:           # watch the queue whose room we need, and only that
             if self.waiting_on >= 0:
@@ -448,6 +436,48 @@ class Receiver(GatewayChild):
             self.resume()
         if self.stopping and not backlog:
             self.finish_stop()
+
+    def send_full(self) -> None:
+        """A request message is full in the middle of a wake-up: put it now, not when the wake-up ends.
+
+        One wake-up can read a thousand connections, for milliseconds; the
+        workers should not sit idle meanwhile, waiting for requests already
+        read (measured: one CPU of two idle 5-7 % of the time at the target
+        cell, with the receiver running alone on the other).  Everything
+        ready goes, reply-queue items first as in flush(), so it is still one
+        mq_send per full message.  A queue found full earlier in the wake-up
+        is tried again (the workers may have made room since), at most once
+        per full message.
+        """
+        for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
+            for message, requests in (out.take_counted() if q is self.replies else out.take_full()):
+                self.backlog.append((q, message, requests))
+                self.backlog_bytes += len(message)
+        # What this wake-up read is in the backlog now (counted in backlog_bytes) but for the open message.
+        self.unflushed = 0
+        self.full = False
+        self.put_backlog()
+
+    def put_backlog(self) -> None:
+        """Put backlog messages, in order, until a queue is full (then ``full`` is set) or none is left."""
+        backlog = self.backlog
+        c = self.c
+        requests_before = c[C_REQUESTS]
+        while backlog:
+            q, message, requests = backlog[0]
+            try:
+                q.put_nowait(message)
+            except WouldBlock:
+                self.full = True
+                break
+            backlog.popleft()
+            self.backlog_bytes -= len(message)
+            c[C_QMSGS] += 1
+            c[C_REQUESTS] += requests
+        if c[C_REQUESTS] != requests_before:
+            # At once, not within STATS_INTERVAL: if we die now, a successor continues from the published
+            # count, and a count behind the queue would let a later stop's drain end before the answers.
+            self.row.publish_counter(C_REQUESTS)
 
     def on_room(self, _ev: int) -> None:
         self.full = False                        # flush() runs next, before the loop sleeps
