@@ -89,6 +89,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--wait must be >= 0, got {args.wait:g}")
     setup_logging("worker", args.instance)
     set_title("worker", args.instance)
+    os.environ["DUPREP_INSTANCE"] = args.instance      # for apps that open a bus.Replier of their own
     try:
         handler = load_app(args.app)
     except ConfigError as e:

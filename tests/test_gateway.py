@@ -1513,3 +1513,32 @@ def test_a_welcome_that_died_with_the_receiver_ends_in_an_error_not_in_silence(g
         filler.close()
         if late is not None:
             late.close()
+
+
+def test_the_conformance_app_makes_the_gateway_send_every_kind_of_answer(gateway):
+    """duprep.apps.conformance (protocol.md 1.14): what a client author drives to see DEFERRED, APP_ERROR,
+    a worker PUSH, a reply too large for the queues, a late answer and no answer at all."""
+    gw = gateway(app="duprep.apps.conformance:handle")
+    with duprep.Client("127.0.0.1", gw.port, timeout=10) as c:
+        assert c.request(b"plain") == b"plain"
+        with pytest.raises(duprep.RemoteError) as e:
+            c.request(b"fail:on purpose")
+        assert e.value.code == ErrorCode.APP_ERROR and "RuntimeError: on purpose" in str(e.value)
+        with pytest.raises(duprep.Deferred) as d:
+            c.request(b"defer:50")
+        m = c.receive(timeout=10)
+        assert (m.kind, m.msgid, m.data) == ("deferred", d.value.msgid, b"defer:50")
+        assert c.request(b"push:hello") == b"push:hello"
+        m = c.receive(timeout=10)
+        assert (m.kind, m.source, m.data, m.cpid) == ("push", "", b"hello", 0)
+        assert c.request(b"size:5000") == b"x" * 5000
+        with pytest.raises(duprep.RemoteError) as e:
+            c.request(b"size:100000")
+        assert e.value.code == ErrorCode.APP_ERROR and "exceeds the largest frame" in str(e.value)
+        with pytest.raises(duprep.Timeout) as t:
+            c.request(b"sleep:300", timeout=0.05)
+        m = c.receive(timeout=10)
+        assert (m.kind, m.msgid, m.data) == ("late", t.value.msgid, b"sleep:300")
+        with pytest.raises(duprep.Timeout):      # nothing is coming: only a bounded wait can show it
+            c.request(b"none", timeout=0.3)
+        assert c.request(b"after") == b"after"   # the connection is fine
