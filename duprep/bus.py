@@ -125,17 +125,27 @@ class Replier:
     # --- answering -------------------------------------------------------------
 
     def reply(self, request: Request, data: bytes, /) -> None:
-        """Answer ``request``; may be called later and from another process."""
+        """Answer ``request``; may be called later and from another process.
+
+        A one-way request (a SEND: ``request.oneway``) is never answered (protocol.md 1.6): reply(),
+        defer() and fail() do nothing for it, so code that treats both kinds alike stays correct.
+        """
+        if request.oneway:
+            return
         if self._closed:
             self._check()
         self._add(request.sid, request.generation, _encode(Reply(request.msgid, request.cpid, data)), Reply)
 
     def defer(self, request: Request, /) -> None:
         """Tell the client now that the answer will come later (its request() raises Deferred)."""
+        if request.oneway:
+            return
         self._send(request.sid, request.generation, Defer(request.msgid, request.cpid))
 
     def fail(self, request: Request, message: str, /, *, code: int = ErrorCode.APP_ERROR) -> None:
         """Answer ``request`` with an ERROR frame (the client's request() raises RemoteError)."""
+        if request.oneway:
+            return
         self._c[C_ERRORS] += 1
         self._send(request.sid, request.generation, Error(request.msgid, request.cpid, code, message[:1000]))
 
