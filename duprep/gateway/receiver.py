@@ -417,12 +417,8 @@ class Receiver(GatewayChild):
         backlog = self.backlog
         if not self.full:                        # a full queue is retried once it says it has room
             self.put_backlog()
-        if self.welcomed and not any(q is self.replies for q, _, _ in backlog):
-            for conn in self.welcomed:
-                if self.conns.get(conn.sid) is conn:
-                    conn.announced = True
-                    self.publish(conn)     # now push by name finds it (table.find_name)
-            self.welcomed.clear()
+        if self.welcomed:
+            self.announce()
         waiting = backlog[0][0].fileno() if backlog else -1
         if waiting != self.waiting_on:           # watch the queue whose room we need, and only that
             if self.waiting_on >= 0:
@@ -457,6 +453,17 @@ class Receiver(GatewayChild):
         self.unflushed = 0
         self.full = False
         self.put_backlog()
+        if self.welcomed:       # at once, not when the wake-up ends: a successor must not find a
+            self.announce()     # welcomed client un-READY (it would refuse it as not handshaken)
+
+    def announce(self) -> None:
+        """Publish READY for the clients whose WELCOME is on the reply queue (none is left in the backlog)."""
+        if not any(q is self.replies for q, _, _ in self.backlog):
+            for conn in self.welcomed:
+                if self.conns.get(conn.sid) is conn:
+                    conn.announced = True
+                    self.publish(conn)     # now push by name finds it (table.find_name)
+            self.welcomed.clear()
 
     def put_backlog(self) -> None:
         """Put backlog messages, in order, until a queue is full (then ``full`` is set) or none is left."""
