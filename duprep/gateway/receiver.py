@@ -31,7 +31,10 @@ successor would take the rest of it for a new frame (and might even find a
 well-formed one in a payload).  So the receiver publishes at once when a
 connection's reads stop inside a frame and when they are back at a frame
 boundary (``SlotFlag.HALF_READ`` in the slot's R part), and a receiver that
-takes over ends such a connection instead of reading it.
+takes over ends such a connection instead of reading it.  ("At once" is after
+the read has been split: a receiver killed in between, a few microseconds per
+read, leaves that one connection to be misread by its successor; the bytes
+misread are that client's own, so no other connection can be affected.)
 """
 
 from __future__ import annotations
