@@ -30,6 +30,7 @@ HANDSHAKE_S = 2          # --handshake-timeout of the main gateway: check 11l wa
 WORKERS = 2
 N_CHECKS = 82         # lines the full run prints (a check that silently stopped running fails the test)
 
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The client, built with every warning an error."""
