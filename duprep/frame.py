@@ -442,6 +442,4 @@ class BatchPacker:
     def take_counted(self) -> list[tuple[bytes, int]]:
         """:meth:`take`, each message with the sum of its items' counts."""
         self._seal()
-        done = list(zip(self._done, self._counts))
-        self._done, self._counts = [], []
-        return done
+        return self.take_full()

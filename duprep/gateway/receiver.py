@@ -412,11 +412,7 @@ class Receiver(GatewayChild):
         """Before sleeping: send what this batch produced, keep what does not fit yet."""
         self.now = 0.0
         self.unflushed = 0
-        for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
-            if out:
-                for message, requests in out.take_counted():
-                    self.backlog.append((q, message, requests))
-                    self.backlog_bytes += len(message)
+        self.to_backlog(self.req_out.take_counted())
         backlog = self.backlog
         if not self.full:                        # a full queue is retried once it says it has room
             self.put_backlog()
@@ -448,16 +444,22 @@ class Receiver(GatewayChild):
         is tried again (the workers may have made room since), at most once
         per full message.
         """
-        for q, out in ((self.replies, self.rep_out), (self.requests, self.req_out)):   # replies first
-            for message, requests in (out.take_counted() if q is self.replies else out.take_full()):
-                self.backlog.append((q, message, requests))
-                self.backlog_bytes += len(message)
+        self.to_backlog(self.req_out.take_full())
         # What this wake-up read is in the backlog now (counted in backlog_bytes) but for the open message.
         self.unflushed = 0
         self.full = False
         self.put_backlog()
         if self.welcomed:       # at once, not when the wake-up ends: a successor must not find a
             self.announce()     # welcomed client un-READY (it would refuse it as not handshaken)
+
+    def to_backlog(self, requests: list[tuple[bytes, int]]) -> None:
+        """Append every reply-queue item packed so far, then ``requests`` (request-queue messages), to the
+        backlog: replies first, so a WELCOME goes before the requests that came behind its HELLO."""
+        for q, messages in ((self.replies, self.rep_out.take_counted() if self.rep_out else []),
+                            (self.requests, requests)):
+            for message, n in messages:
+                self.backlog.append((q, message, n))
+                self.backlog_bytes += len(message)
 
     def announce(self) -> None:
         """Publish READY for the clients whose WELCOME is on the reply queue (none is left in the backlog)."""
