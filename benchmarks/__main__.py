@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import cbuild, harness, machine, report
+from benchmarks import cbuild, harness, machine, report, sysctl
 from benchmarks.peers.registry import PEERS, peer_names
 from benchmarks.plan import PLANS, custom
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                    help="business worker processes for asyncio, pyzmq and duprep (default: nproc)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the result files")
+    p.add_argument("--stock-mqueue", action="store_true",
+                   help="keep the machine's fs.mqueue limits (default, as root: raise them to "
+                        "systemd/60-duprep.conf's for the run, as an install does, and restore them)")
     p.add_argument("--no-files", action="store_true", help="print the report only")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
     p.add_argument("--render", type=Path, metavar="JSON", help="re-print the report of a saved JSON file")
@@ -106,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"duprep benchmarks: {name} plan, {len(plan.cells)} cells, peers {', '.join(p.name for p in peers)}, "
           f"{args.workers} workers", flush=True)
     try:
-        results = harness.run(plan, peers, workers=args.workers, repo=REPO,
-                              log=lambda line: print(line, flush=True))
+        with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq:
+            print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
+            results = harness.run(plan, peers, workers=args.workers, repo=REPO,
+                                  log=lambda line: print(line, flush=True))
     except cbuild.BuildError as exc:
         print(f"cannot build the C load generator: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: every server was stopped; no result files written", file=sys.stderr)
         return 130
     results["machine"] = machine.describe(REPO)
+    results["machine"]["mqueue"] = mq
     results["machine"]["loadavg_start"] = [round(x, 2) for x in load_start]
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["elapsed_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)

@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.plan import TARGET_CELL
 
-__all__ = ["targets", "text_tables", "markdown", "write_files"]
+__all__ = ["targets", "text_tables", "markdown", "write_files", "mqueue_text"]
 
 MiB = 2**20
 IDLE_EPSILON_PCT = 0.1      # "0 % idle CPU" at a resolution ticks cannot give: under 1 ms per second
@@ -122,6 +122,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         add("duprep idle CPU", None, "0 %", None, unit="%")
     return out
+
+
+def mqueue_text(mq: dict[str, Any]) -> str:
+    """One line: the fs.mqueue limits a run had, and whether it raised them (benchmarks/sysctl.py)."""
+    limits = mq["limits"]
+    text = f"msg_max {limits['fs.mqueue.msg_max']}, msgsize_max {limits['fs.mqueue.msgsize_max']}"
+    if mq["raised"]:
+        text += " (raised for the run to systemd/60-duprep.conf's, as an install does; restored after)"
+    elif mq["note"]:
+        text += f" ({mq['note']})"
+    return text
 
 
 def _fmt(v: float | None, spec: str = ".2f", unit: str = "") -> str:
@@ -324,6 +335,7 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
         f"- nproc {m['nproc']}, memory {m['mem_total_bytes'] / 2**30:.1f} GiB, {m['kernel']} ({m['machine']})",
         f"- Python {m['python']} ({m.get('python_build', 'build not recorded')}); {pk}",
         f"- cc: {m['cc']}; RLIMIT_NOFILE {results['rlimit_nofile']}",
+        f"- POSIX queue limits: {mqueue_text(m['mqueue']) if 'mqueue' in m else 'not recorded'}",
         f"- load average (1/5/15 min) before the run {m.get('loadavg_start')}, after {m.get('loadavg_end')}; "
         f"run took {results.get('elapsed_s', 0):.0f} s",
         "",

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_benchmark_smoke_run_writes_its_reports(tmp_path):
+    from benchmarks import sysctl
+    before = sysctl.current()
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path), "--no-plots"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -25,6 +28,13 @@ def test_benchmark_smoke_run_writes_its_reports(tmp_path):
     text = json.dumps(data)
     assert "duprep" in text and "C epoll echo" in text
     assert data["target_rounds"]["rounds"] == [] and data["target_rounds"]["reason"]   # smoke plan: none
+    # The queue limits it ran with are recorded (raised to systemd/60-duprep.conf's if root), and put back.
+    mq = data["machine"]["mqueue"]
+    conf = sysctl.read_conf(Path(ROOT, "systemd", "60-duprep.conf"))
+    if os.geteuid() == 0:
+        assert all(mq["limits"][k] >= v for k, v in conf.items()), mq
+    assert "POSIX queue limits: msg_max" in (tmp_path / [f for f in files if f.endswith(".md")][0]).read_text()
+    assert sysctl.current() == before
 
 
 def test_sensitivity_slows_down_exactly_the_stage_it_names(tmp_path):

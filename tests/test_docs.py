@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -100,6 +101,8 @@ def test_the_systemd_units_verify_cleanly(tmp_path):
     duprep_bin = os.path.join(os.path.dirname(sys.executable), "duprep")
     units = []
     for name in sorted(os.listdir(os.path.join(ROOT, "systemd"))):
+        if not name.endswith((".service", ".socket")):
+            continue            # (60-duprep.conf is a sysctl.d file)
         text = open(os.path.join(ROOT, "systemd", name), encoding="utf-8").read()
         text = text.replace("/opt/duprep/.venv/bin/duprep", duprep_bin).replace("/opt/myapp", str(tmp_path))
         (tmp_path / name).write_text(text)
@@ -123,3 +126,20 @@ def test_the_instance_template_has_the_gateway_units_settings():
         [x for x in plain if not x.startswith("ExecStart=")]
     assert "ExecStart=/opt/duprep/.venv/bin/duprep serve --instance %i $DUPREP_ARGS" in template
     assert "EnvironmentFile=/etc/duprep/%i.env" in template
+
+
+def test_the_sysctl_file_gives_the_queues_the_readme_promises():
+    """systemd/60-duprep.conf and what README.md says a gateway takes with it."""
+    from duprep import queues
+    values = {}
+    for line in open(os.path.join(ROOT, "systemd", "60-duprep.conf"), encoding="utf-8"):
+        if line.strip() and not line.startswith("#"):
+            key, value = (x.strip() for x in line.split("=", 1))
+            values[key] = int(value)
+    lim = queues.KernelLimits(msg_max=values["fs.mqueue.msg_max"], msgsize_max=values["fs.mqueue.msgsize_max"],
+                              queues_max=256, rlimit_msgqueue=64 << 20)       # the units' LimitMSGQUEUE=64M
+    assert queues.plan(limits=lim) == queues.QueuePlan(64, 65536)
+    by_hand = queues.plan(limits=dataclasses.replace(lim, rlimit_msgqueue=819200))
+    assert (by_hand.depth, by_hand.msgsize) == (12, 16384)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "takes 64 messages of 64 KiB" in readme and "it takes 12 of 16 KiB" in readme

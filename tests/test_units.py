@@ -423,6 +423,26 @@ def test_plan_fits_the_stock_kernel():
     assert queues.plan(depth=3, msgsize=4096, limits=lim) == queues.QueuePlan(3, 4096)
 
 
+def test_plan_keeps_depth_before_size():
+    # Raised sysctls but the stock RLIMIT_MSGQUEUE: 12 x 16 KiB, not 3 x 64 KiB (a few big messages
+    # let one full queue stall the stage behind it).
+    lim = queues.KernelLimits(msg_max=64, msgsize_max=65536, queues_max=256, rlimit_msgqueue=819200)
+    p = queues.plan(limits=lim)
+    assert (p.depth, p.msgsize) == (12, 16384) and "RLIMIT_MSGQUEUE" in p.clamped
+    assert 2 * p.bytes <= 819200 // 2 < 2 * queues.charge(13, 16384)
+    # With room for it (LimitMSGQUEUE= in the unit) it takes everything it asks for.
+    roomy = queues.KernelLimits(msg_max=64, msgsize_max=65536, queues_max=256, rlimit_msgqueue=64 << 20)
+    assert queues.plan(limits=roomy) == queues.QueuePlan(64, 65536)
+    # An explicit depth is kept and the size shrinks to fit it; an explicit size is kept and the depth shrinks.
+    def geometry(p: queues.QueuePlan) -> tuple[int, int]:
+        return p.depth, p.msgsize
+    assert geometry(queues.plan(depth=20, limits=lim)) == (20, 8192)
+    assert geometry(queues.plan(msgsize=65536, limits=lim)) == (3, 65536)
+    # Fewer than MIN_DEPTH messages allowed at all: the size still shrinks until those fit.
+    few = queues.KernelLimits(msg_max=4, msgsize_max=65536, queues_max=256, rlimit_msgqueue=819200)
+    assert geometry(queues.plan(limits=few)) == (4, 32768)
+
+
 def test_create_over_msg_max_names_the_limit(instance):
     name = ipcnames.request_queue(instance)
     with pytest.raises(LimitError, match="fs.mqueue.msg_max"):

@@ -1,0 +1,76 @@
+"""The POSIX queue limits a benchmark run gives duprep: those of a production install.
+
+What: while a run lasts, raise ``fs.mqueue.msg_max`` and ``msgsize_max`` to
+the values of ``systemd/60-duprep.conf`` (never lower them), and put back
+what was there when it ends.  Why: the peers are compared as their users
+would run them, and a duprep install raises these limits with that file
+(README, "Kernel limits"); on the stock limits its queues are 10 messages of
+8 KiB, with them 12 of 16 KiB under the default RLIMIT_MSGQUEUE.  Only root
+can write them; otherwise, or with ``--stock-mqueue``, the run keeps what the
+machine has.  Either way the result files say which limits the run had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["KEYS", "read_conf", "current", "production_limits"]
+
+KEYS = ("fs.mqueue.msg_max", "fs.mqueue.msgsize_max")
+
+
+def _path(key: str) -> Path:
+    return Path("/proc/sys") / key.replace(".", "/")
+
+
+def read_conf(path: Path) -> dict[str, int]:
+    """The ``key = value`` lines of a sysctl.d file, for KEYS."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith(("#", ";")) and "=" in line:
+            key, value = (x.strip() for x in line.split("=", 1))
+            if key in KEYS:
+                out[key] = int(value)
+    return out
+
+
+def current() -> dict[str, int]:
+    """The machine's values of KEYS now."""
+    return {key: int(_path(key).read_text()) for key in KEYS}
+
+
+@contextlib.contextmanager
+def production_limits(conf: Path, *, enabled: bool = True) -> Iterator[dict[str, Any]]:
+    """Raise KEYS to ``conf``'s values for the duration; yields what the run had, for the results.
+
+    A value already at least as high is left alone; one that cannot be
+    written (not root, a read-only /proc/sys) is left alone and said so.
+    """
+    before = current()
+    info: dict[str, Any] = {"limits": dict(before), "raised": {}, "note": ""}
+    changed: dict[str, int] = {}
+    if not enabled:
+        info["note"] = "kept as they were: --stock-mqueue"
+    elif os.geteuid() != 0:
+        info["note"] = "not root: the machine's limits kept"
+    else:
+        try:
+            for key, value in read_conf(conf).items():
+                if value > before[key]:
+                    _path(key).write_text(str(value))
+                    changed[key] = before[key]
+                    info["raised"][key] = value
+        except OSError as e:
+            info["note"] = f"could not raise {key}: {e}; the machine's limits kept for it"
+        info["limits"] = current()
+    try:
+        yield info
+    finally:
+        for key, value in changed.items():
+            try:
+                _path(key).write_text(str(value))
+            except OSError:
+                pass
