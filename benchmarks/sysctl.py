@@ -57,14 +57,15 @@ def production_limits(conf: Path, *, enabled: bool = True) -> Iterator[dict[str,
     elif os.geteuid() != 0:
         info["note"] = "not root: the machine's limits kept"
     else:
-        try:
-            for key, value in read_conf(conf).items():
-                if value > before[key]:
+        for key, value in read_conf(conf).items():
+            if value > before[key]:
+                try:
                     _path(key).write_text(str(value))
-                    changed[key] = before[key]
-                    info["raised"][key] = value
-        except OSError as e:
-            info["note"] = f"could not raise {key}: {e}; the machine's limits kept for it"
+                except OSError as e:
+                    info["note"] = f"could not raise {key}: {e}; the machine's value kept"
+                    continue
+                changed[key] = before[key]
+                info["raised"][key] = value
         info["limits"] = current()
     try:
         yield info

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 import struct
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -130,12 +131,9 @@ def test_the_instance_template_has_the_gateway_units_settings():
 
 def test_the_sysctl_file_gives_the_queues_the_readme_promises():
     """systemd/60-duprep.conf and what README.md says a gateway takes with it."""
+    from benchmarks import sysctl
     from duprep import queues
-    values = {}
-    for line in open(os.path.join(ROOT, "systemd", "60-duprep.conf"), encoding="utf-8"):
-        if line.strip() and not line.startswith("#"):
-            key, value = (x.strip() for x in line.split("=", 1))
-            values[key] = int(value)
+    values = sysctl.read_conf(Path(ROOT, "systemd", "60-duprep.conf"))
     lim = queues.KernelLimits(msg_max=values["fs.mqueue.msg_max"], msgsize_max=values["fs.mqueue.msgsize_max"],
                               queues_max=256, rlimit_msgqueue=64 << 20)       # the units' LimitMSGQUEUE=64M
     assert queues.plan(limits=lim) == queues.QueuePlan(64, 65536)
