@@ -146,7 +146,10 @@ class _PeerRun:
         try:
             server = self.peer.start(launch)
             baseline = len(server.pids())
-            self.log(f"-- {self.peer.name} [{app}] up on port {server.port}, {baseline} process(es)")
+            self.log(f"-- {self.peer.name} [{app}] up on port {server.port}, {baseline} process(es)"
+                     + (f"; {server.setup}" if server.setup else ""))
+            if server.setup and server.setup not in self.rec["notes"]:
+                self.rec["notes"].append(server.setup)
             if probe:               # on the fresh server, so that earlier load does not count
                 self._probes(server, baseline)
             for cell in cells:
@@ -338,7 +341,8 @@ class _TargetRounds:
         stack.callback(self._stop, peer.name, server)
         baseline = len(server.pids())
         self.servers[peer.name] = (server, baseline)
-        self.log(f"-- {peer.name} [rounds] up on port {server.port}, {baseline} process(es)")
+        self.log(f"-- {peer.name} [rounds] up on port {server.port}, {baseline} process(es)"
+                 + (f"; {server.setup}" if server.setup else ""))
 
     def _drive(self, peer: Peer, r: int) -> dict[str, Any]:
         """One load of round ``r`` on ``peer``; its loadgen result, or the error."""

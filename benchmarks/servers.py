@@ -102,6 +102,7 @@ class Server:
         self._on_stopped = on_stopped
         self._report: StopReport | None = None
         self._seen: dict[int, int] = {}        # pid -> start time of every process of the server seen so far
+        self.setup = ""       # what the server chose for itself that a result should show (duprep: its queues)
 
     @property
     def pid(self) -> int:

@@ -35,6 +35,8 @@ def test_benchmark_smoke_run_writes_its_reports(tmp_path):
         assert all(mq["limits"][k] >= v for k, v in conf.items()), mq
     assert "POSIX queue limits: msg_max" in (tmp_path / [f for f in files if f.endswith(".md")][0]).read_text()
     assert sysctl.current() == before
+    [dup] = [p for p in data["peers"] if p["name"] == "duprep"]
+    assert any(n.startswith("queues: requests ") for n in dup["notes"]), dup["notes"]   # the geometry it chose
 
 
 def test_sensitivity_slows_down_exactly_the_stage_it_names(tmp_path):

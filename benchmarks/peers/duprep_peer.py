@@ -64,6 +64,14 @@ def ipc_leftovers(instance: str) -> list[str]:
     return sorted(found)
 
 
+def queues_text(status: dict[str, Any]) -> str:
+    """The queue geometry a gateway chose (it depends on the kernel's limits: README, "Kernel limits")."""
+    q = status.get("queues") or {}
+    parts = [f"{name} {q[name]['capacity']} x {q[name]['message_size']} bytes"
+             for name in ("requests", "replies") if name in q]
+    return "queues: " + ", ".join(parts) if parts else ""
+
+
 def launch(*, app: str, workers: int, max_conns: int, repo: Path, env: dict[str, str],
            log_path: Path, python: str = sys.executable, timeout: float = 60.0) -> Server:
     """Start duprep serving ``benchmarks.apps:<app>`` and wait until it is ready."""
@@ -94,6 +102,7 @@ def launch(*, app: str, workers: int, max_conns: int, repo: Path, env: dict[str,
             st = _status(python, instance, repo, env)
             if st and st.get("state") == "ready" and st.get("port"):
                 server.port = int(st["port"])
+                server.setup = queues_text(st)
                 return server
             if time.monotonic() > deadline:
                 raise ServerError(f"duprep not ready within {timeout:.0f}s (last status {st}):\n"
