@@ -57,3 +57,23 @@ def test_sensitivity_slows_down_exactly_the_stage_it_names(tmp_path):
     assert rate("none") > 2000
     for stage in ("receiver", "sender", "workers"):
         assert rate(stage) < 1000, stage
+
+
+def test_ab_compares_two_variants_in_interleaved_pairs():
+    """benchmarks.ab: each variant gets its own options (B's queue depth shows in its queues line), every
+    pair gives a ratio, the summary counts them; the machine's queue limits are put back."""
+    from benchmarks import sysctl
+    before = sysctl.current()
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--pairs", "2", "--conns", "4", "--depth", "1",
+                          "--warmup", "0.2", "--duration", "0.3", "--workers", "1", "--b-args", "--queue-depth 4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("B queues: requests 4 x ") for line in lines), out.stdout
+    assert not any(line.startswith("A queues: requests 4 x ") for line in lines), out.stdout
+    assert sum(line.startswith("pair ") and " B/A " in line for line in lines) == 2
+    assert lines[-1].startswith("B/A median ") and "over 2 pairs" in lines[-1]
+    assert sysctl.current() == before
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--b-tree", "/nonexistent"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no duprep source in /nonexistent" in bad.stderr

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from benchmarks.servers import Server, ServerError, StopReport, log_tail, term_with_parent
 
@@ -73,13 +73,16 @@ def queues_text(status: dict[str, Any]) -> str:
 
 
 def launch(*, app: str, workers: int, max_conns: int, repo: Path, env: dict[str, str],
-           log_path: Path, python: str = sys.executable, timeout: float = 60.0) -> Server:
-    """Start duprep serving ``benchmarks.apps:<app>`` and wait until it is ready."""
+           log_path: Path, python: str = sys.executable, timeout: float = 60.0,
+           extra: Sequence[str] = ()) -> Server:
+    """Start duprep serving ``benchmarks.apps:<app>`` and wait until it is ready (``extra``: more
+    ``duprep serve`` options, e.g. for benchmarks.ab)."""
     instance = instance_name()
     cmd = [python, "-m", "duprep", "serve", "--host", "127.0.0.1", "--port", "0", "--instance", instance,
            "--workers", str(workers), "--app", f"benchmarks.apps:{app}"]
     if "--max-clients" in _serve_options(python, repo, env):
         cmd += ["--max-clients", str(max(4096, max_conns + 1024))]
+    cmd += extra
 
     def after_stop(report: StopReport) -> None:
         left = ipc_leftovers(instance)

@@ -1,0 +1,124 @@
+"""Is duprep variant B faster than variant A?  Interleaved pairs at one load.
+
+What: ``python -m benchmarks.ab`` runs two duprep variants at one load
+(default the target cell: echo, N=1000, D=8, P=64) in ``--pairs`` pairs, each
+pair one load on A and one on B with a fresh gateway each, the order swapped
+every pair, and prints each pair's B/A throughput ratio, their median and how
+many pairs were above 1.  A variant is a source tree (``--a-tree``/``--b-tree``,
+default this checkout: e.g. a ``git worktree`` of another commit) and extra
+``duprep serve`` options (``--a-args``/``--b-args``, e.g. ``"--queue-size
+16384"``).
+
+Why: on a shared machine absolute rates drift by 10-20 % between minutes, so
+two runs taken apart say nothing about a change of a few percent; the ratio
+of two loads taken back to back does, and the median of several such pairs
+with how many of them agree is what the project's notes report.
+
+Like ``tools/bench`` it runs under an install's queue limits
+(benchmarks/sysctl.py; ``--stock-mqueue`` keeps the machine's), and it
+prints the queues each variant took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import cbuild, report, sysctl
+from benchmarks.loadgen import LoadSpec, run_load
+from benchmarks.peers import duprep_peer
+
+__all__ = ["Variant", "measure", "summary", "main"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One side of the comparison: a source tree and extra ``duprep serve`` options."""
+
+    name: str
+    tree: Path
+    args: tuple[str, ...] = ()
+
+
+def measure(v: Variant, spec: LoadSpec, *, workers: int, log_path: Path) -> tuple[dict[str, Any], str]:
+    """One fresh gateway of ``v``, one load: loadgen's result and the queues the gateway took."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(v.tree), env.get("PYTHONPATH", "")]))
+    server = duprep_peer.launch(app=spec.app, workers=workers, max_conns=spec.conns, repo=v.tree, env=env,
+                                log_path=log_path, extra=v.args)
+    try:
+        return run_load(cbuild.build("loadgen"), LoadSpec(**{**spec.__dict__, "port": server.port})), server.setup
+    finally:
+        stopped = server.stop()
+        if stopped.notes:
+            print(f"  note ({v.name}): {'; '.join(stopped.notes)}", file=sys.stderr)
+
+
+def summary(ratios: list[float]) -> str:
+    """The line the notes quote: median B/A, pairs above 1, range."""
+    above = sum(r > 1 for r in ratios)
+    return (f"B/A median {statistics.median(ratios):.3f} over {len(ratios)} pairs, {above} above 1 "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a-tree", type=Path, default=REPO, help="source tree of A (default: this checkout)")
+    p.add_argument("--b-tree", type=Path, default=REPO, help="source tree of B (default: this checkout)")
+    p.add_argument("--a-args", default="", help="extra duprep serve options for A (one shell-quoted string)")
+    p.add_argument("--b-args", default="", help="extra duprep serve options for B")
+    p.add_argument("--pairs", type=int, default=8, help="interleaved pairs (default 8)")
+    p.add_argument("--conns", type=int, default=1000)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--payload", type=int, default=64)
+    p.add_argument("--app", choices=("echo", "kv"), default="echo")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=2.0)
+    p.add_argument("--stock-mqueue", action="store_true", help="keep the machine's fs.mqueue limits")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    a = Variant("A", args.a_tree.resolve(), tuple(shlex.split(args.a_args)))
+    b = Variant("B", args.b_tree.resolve(), tuple(shlex.split(args.b_args)))
+    bad = [str(v.tree) for v in (a, b) if not (v.tree / "duprep" / "__init__.py").is_file()]
+    if bad or args.pairs < 1:
+        print(f"bad options: {'no duprep source in ' + ', '.join(bad) if bad else f'--pairs {args.pairs}'}",
+              file=sys.stderr)
+        return 2
+    spec = LoadSpec(port=0, conns=args.conns, depth=args.depth, payload=args.payload, app=args.app,
+                    warmup_s=args.warmup, duration_s=args.duration)
+    print(f"A: {a.tree} {shlex.join(a.args)}\nB: {b.tree} {shlex.join(b.args)}\n"
+          f"{args.app} N={args.conns} D={args.depth} P={args.payload}, {args.workers} workers", flush=True)
+    ratios: list[float] = []
+    with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq, \
+            tempfile.TemporaryDirectory(prefix="duprep-ab-") as tmp:
+        print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
+        for i in range(args.pairs):
+            rates, setups = {}, {}
+            for v in ((a, b) if i % 2 == 0 else (b, a)):
+                res, setups[v.name] = measure(v, spec, workers=args.workers, log_path=Path(tmp, "serve.log"))
+                rates[v.name] = float(res["replies_per_s"])
+            if i == 0:
+                print(f"A {setups['A']}\nB {setups['B']}", flush=True)
+            ratios.append(rates["B"] / rates["A"])
+            print(f"pair {i + 1:>2}  A {rates['A']:>11,.0f}  B {rates['B']:>11,.0f}  B/A {ratios[-1]:.3f}",
+                  flush=True)
+    print(summary(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
