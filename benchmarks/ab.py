@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cbuild, report, sysctl
-from benchmarks.loadgen import LoadSpec, run_load
+from benchmarks import report, sysctl
+from benchmarks.loadgen import LoadSpec
 from benchmarks.peers import duprep_peer
 
 __all__ = ["Variant", "measure", "summary", "main"]
@@ -53,14 +53,8 @@ def measure(v: Variant, spec: LoadSpec, *, workers: int, log_path: Path) -> tupl
     """One fresh gateway of ``v``, one load: loadgen's result and the queues the gateway took."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(v.tree), env.get("PYTHONPATH", "")]))
-    server = duprep_peer.launch(app=spec.app, workers=workers, max_conns=spec.conns, repo=v.tree, env=env,
-                                log_path=log_path, extra=v.args)
-    try:
-        return run_load(cbuild.build("loadgen"), LoadSpec(**{**spec.__dict__, "port": server.port})), server.setup
-    finally:
-        stopped = server.stop()
-        if stopped.notes:
-            print(f"  note ({v.name}): {'; '.join(stopped.notes)}", file=sys.stderr)
+    return duprep_peer.measure_once(spec, workers=workers, repo=v.tree, env=env, log_path=log_path,
+                                    extra=v.args, label=v.name)
 
 
 def summary(ratios: list[float]) -> str:

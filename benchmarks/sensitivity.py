@@ -31,8 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cbuild
-from benchmarks.loadgen import LoadSpec, run_load
+from benchmarks.loadgen import LoadSpec
 from benchmarks.peers import duprep_peer
 
 __all__ = ["STAGES", "SITECUSTOMIZE", "measure", "main"]
@@ -91,14 +90,7 @@ def measure(stage: str, delay_us: float, spec: LoadSpec, *, workers: int, site_d
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site_dir), str(REPO), env.get("PYTHONPATH", "")]))
     env[STAGE_ENV], env[DELAY_ENV] = stage, str(delay_us)
-    server = duprep_peer.launch(app=spec.app, workers=workers, max_conns=spec.conns, repo=REPO, env=env,
-                                log_path=log_path)
-    try:
-        return run_load(cbuild.build("loadgen"), LoadSpec(**{**spec.__dict__, "port": server.port}))
-    finally:
-        report = server.stop()
-        if report.notes:
-            print(f"  note ({stage}): {'; '.join(report.notes)}", file=sys.stderr)
+    return duprep_peer.measure_once(spec, workers=workers, repo=REPO, env=env, log_path=log_path, label=stage)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ instance runs at a time (POSIX queue memory is limited per user).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks import cbuild
+from benchmarks.loadgen import LoadSpec, run_load
 from benchmarks.servers import Server, ServerError, StopReport, log_tail, term_with_parent
 
-__all__ = ["launch", "instance_name", "ipc_leftovers"]
+__all__ = ["launch", "measure_once", "instance_name", "ipc_leftovers"]
 
 _counter = 0
 
@@ -117,3 +120,20 @@ def launch(*, app: str, workers: int, max_conns: int, repo: Path, env: dict[str,
     except BaseException:
         server.stop()
         raise
+
+
+def measure_once(spec: LoadSpec, *, workers: int, repo: Path, env: dict[str, str], log_path: Path,
+                 extra: Sequence[str] = (), label: str = "duprep") -> tuple[dict[str, Any], str]:
+    """A fresh gateway, one load, then stopped: loadgen's result and the queues the gateway took.
+
+    For the tools that compare duprep with itself (benchmarks.ab, benchmarks.sensitivity); anything
+    the stop had to clean up is printed to stderr under ``label``.
+    """
+    server = launch(app=spec.app, workers=workers, max_conns=spec.conns, repo=repo, env=env,
+                    log_path=log_path, extra=extra)
+    try:
+        return run_load(cbuild.build("loadgen"), dataclasses.replace(spec, port=server.port)), server.setup
+    finally:
+        stopped = server.stop()
+        if stopped.notes:
+            print(f"  note ({label}): {'; '.join(stopped.notes)}", file=sys.stderr)
