@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report, sysctl
-from benchmarks.loadgen import LoadSpec
+from benchmarks.loadgen import LoadError, LoadSpec
 from benchmarks.peers import duprep_peer
+from benchmarks.servers import ServerError
 
 __all__ = ["Variant", "measure", "summary", "main"]
 
@@ -69,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--a-tree", type=Path, default=REPO, help="source tree of A (default: this checkout)")
     p.add_argument("--b-tree", type=Path, default=REPO, help="source tree of B (default: this checkout)")
-    p.add_argument("--a-args", default="", help="extra duprep serve options for A (one shell-quoted string)")
-    p.add_argument("--b-args", default="", help="extra duprep serve options for B")
+    p.add_argument("--a-args", default="", metavar="OPTIONS",
+                   help="extra duprep serve options for A, one shell-quoted string; write --a-args=--opt "
+                        "when it starts with a dash and has no space")
+    p.add_argument("--b-args", default="", metavar="OPTIONS", help="the same for B")
     p.add_argument("--pairs", type=int, default=8, help="interleaved pairs (default 8)")
     p.add_argument("--conns", type=int, default=1000)
     p.add_argument("--depth", type=int, default=8)
@@ -96,20 +100,34 @@ def main(argv: list[str] | None = None) -> int:
                     warmup_s=args.warmup, duration_s=args.duration)
     print(f"A: {a.tree} {shlex.join(a.args)}\nB: {b.tree} {shlex.join(b.args)}\n"
           f"{args.app} N={args.conns} D={args.depth} P={args.payload}, {args.workers} workers", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)    # so that the limits are put back
     ratios: list[float] = []
-    with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq, \
-            tempfile.TemporaryDirectory(prefix="duprep-ab-") as tmp:
-        print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
-        for i in range(args.pairs):
-            rates, setups = {}, {}
-            for v in ((a, b) if i % 2 == 0 else (b, a)):
-                res, setups[v.name] = measure(v, spec, workers=args.workers, log_path=Path(tmp, "serve.log"))
-                rates[v.name] = float(res["replies_per_s"])
-            if i == 0:
-                print(f"A {setups['A']}\nB {setups['B']}", flush=True)
-            ratios.append(rates["B"] / rates["A"])
-            print(f"pair {i + 1:>2}  A {rates['A']:>11,.0f}  B {rates['B']:>11,.0f}  B/A {ratios[-1]:.3f}",
-                  flush=True)
+    try:
+        with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq, \
+                tempfile.TemporaryDirectory(prefix="duprep-ab-") as tmp:
+            print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
+            for i in range(args.pairs):
+                rates, setups = {}, {}
+                for v in ((a, b) if i % 2 == 0 else (b, a)):
+                    res, setups[v.name] = measure(v, spec, workers=args.workers,
+                                                  log_path=Path(tmp, f"serve-{v.name}.log"))
+                    errors = {k: n for k, n in res["errors"].items() if n}
+                    if errors or not res["replies_per_s"]:
+                        print(f"variant {v.name}: the load failed ({errors or 'no replies'}, error codes "
+                              f"{res.get('error_codes') or 'none'}); no ratio from it", file=sys.stderr)
+                        return 1
+                    rates[v.name] = float(res["replies_per_s"])
+                if i == 0:
+                    print(f"A {setups['A']}\nB {setups['B']}", flush=True)
+                ratios.append(rates["B"] / rates["A"])
+                print(f"pair {i + 1:>2}  A {rates['A']:>11,.0f}  B {rates['B']:>11,.0f}  B/A {ratios[-1]:.3f}",
+                      flush=True)
+    except (ServerError, LoadError) as exc:
+        print(f"cannot measure: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: every gateway was stopped and the queue limits put back", file=sys.stderr)
+        return 130
     print(summary(ratios))
     return 0
 

@@ -128,11 +128,10 @@ def mqueue_text(mq: dict[str, Any]) -> str:
     """One line: the fs.mqueue limits a run had, and whether it raised them (benchmarks/sysctl.py)."""
     limits = mq["limits"]
     text = f"msg_max {limits['fs.mqueue.msg_max']}, msgsize_max {limits['fs.mqueue.msgsize_max']}"
-    if mq["raised"]:
-        text += " (raised for the run to systemd/60-duprep.conf's, as an install does; restored after)"
-    elif mq["note"]:
-        text += f" ({mq['note']})"
-    return text
+    said = [f"raised {', '.join(k.rsplit('.', 1)[1] for k in mq['raised'])} for the run to "
+            "systemd/60-duprep.conf's, as an install does; restored after"] if mq["raised"] else []
+    said += mq.get("notes", [])
+    return text + (f" ({'; '.join(said)})" if said else "")
 
 
 def _fmt(v: float | None, spec: str = ".2f", unit: str = "") -> str:

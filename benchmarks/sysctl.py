@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,31 +48,36 @@ def production_limits(conf: Path, *, enabled: bool = True) -> Iterator[dict[str,
     """Raise KEYS to ``conf``'s values for the duration; yields what the run had, for the results.
 
     A value already at least as high is left alone; one that cannot be
-    written (not root, a read-only /proc/sys) is left alone and said so.
+    written (not root, a read-only /proc/sys) is left alone and said so
+    (``notes``).  Whatever was raised is put back however the block ends; a
+    value that cannot be put back is reported on stderr with the command
+    that does it by hand.
     """
     before = current()
-    info: dict[str, Any] = {"limits": dict(before), "raised": {}, "note": ""}
+    info: dict[str, Any] = {"limits": dict(before), "raised": {}, "notes": []}
     changed: dict[str, int] = {}
-    if not enabled:
-        info["note"] = "kept as they were: --stock-mqueue"
-    elif os.geteuid() != 0:
-        info["note"] = "not root: the machine's limits kept"
-    else:
-        for key, value in read_conf(conf).items():
-            if value > before[key]:
-                try:
-                    _path(key).write_text(str(value))
-                except OSError as e:
-                    info["note"] = f"could not raise {key}: {e}; the machine's value kept"
-                    continue
-                changed[key] = before[key]
-                info["raised"][key] = value
-        info["limits"] = current()
     try:
+        if not enabled:
+            info["notes"].append("kept as they were: --stock-mqueue")
+        elif os.geteuid() != 0:
+            info["notes"].append("not root: the machine's limits kept")
+        else:
+            for key, value in read_conf(conf).items():
+                if value > before[key]:
+                    changed[key] = before[key]          # before the write: a write cut short is undone too
+                    try:
+                        _path(key).write_text(str(value))
+                    except OSError as e:
+                        del changed[key]
+                        info["notes"].append(f"could not raise {key}: {e}; the machine's value kept")
+                        continue
+                    info["raised"][key] = value
+            info["limits"] = current()
         yield info
     finally:
         for key, value in changed.items():
             try:
                 _path(key).write_text(str(value))
-            except OSError:
-                pass
+            except OSError as e:
+                print(f"warning: could not put {key} back to {value} ({e}); as root: sysctl -w {key}={value}",
+                      file=sys.stderr)

@@ -101,7 +101,7 @@ def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 
     if msgsize is None:
         want = d if depth is not None else min(MIN_DEPTH, d)
         while s > 8192 and queues * charge(want, s) > budget:
-            s //= 2
+            s = max(8192, s // 2)
     while depth is None and d > 2 and queues * charge(d, s) > budget:
         d -= 1
     if (d, s) != asked:

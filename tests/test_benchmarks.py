@@ -77,3 +77,46 @@ def test_ab_compares_two_variants_in_interleaved_pairs():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--b-tree", "/nonexistent"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no duprep source in /nonexistent" in bad.stderr
+    # A load with errors gives no ratio: B's frames are too large for its queues, so it closes every connection.
+    failed = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--pairs", "1", "--conns", "2", "--depth", "1",
+                             "--payload", "2000", "--warmup", "0.2", "--duration", "0.3", "--workers", "1",
+                             "--b-args", "--queue-size 1024"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "variant B: the load failed" in failed.stderr, failed.stdout + failed.stderr
+    assert "B/A" not in failed.stdout and sysctl.current() == before
+
+
+def test_ab_stopped_by_sigterm_stops_its_gateway_and_puts_the_limits_back():
+    import signal
+    import time
+    from benchmarks import procfs, sysctl
+    before = sysctl.current()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ab", "--pairs", "3", "--conns", "4", "--depth", "1",
+                             "--warmup", "0.2", "--duration", "30", "--workers", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def cmdline(pid: int) -> bytes:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    return f.read()
+            except OSError:
+                return b""
+
+        def up(procs: list[procfs.ProcInfo]) -> bool:      # receiver, sender and worker all started
+            lines = [cmdline(p.pid) for p in procs]
+            return all(any(w in c for c in lines) for w in (b"gateway.receiver", b"gateway.sender", b"worker"))
+
+        deadline = time.monotonic() + 60
+        gateway = procfs.descendants(proc.pid)
+        while not up(gateway) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            gateway = procfs.descendants(proc.pid)
+        assert up(gateway), gateway
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err, out + err
+    assert sysctl.current() == before
+    assert all(procfs.start_time(p.pid) != p.start for p in gateway)     # every gateway process is gone

@@ -441,6 +441,9 @@ def test_plan_keeps_depth_before_size():
     # Fewer than MIN_DEPTH messages allowed at all: the size still shrinks until those fit.
     few = queues.KernelLimits(msg_max=4, msgsize_max=65536, queues_max=256, rlimit_msgqueue=819200)
     assert geometry(queues.plan(limits=few)) == (4, 32768)
+    # Halving never goes below 8 KiB, also from a size that is not a power of two.
+    odd = queues.KernelLimits(msg_max=64, msgsize_max=12000, queues_max=256, rlimit_msgqueue=300000)
+    assert geometry(queues.plan(limits=odd)) == (9, 8192)
 
 
 def test_create_over_msg_max_names_the_limit(instance):
