@@ -195,3 +195,54 @@ def test_idlecpu_splits_idle_time_by_what_the_other_cpus_did():
     assert ms(rep.running_elsewhere) == {"recv": 2.0, "w two": 0.5}
     assert ms(rep.waiting_elsewhere) == {"sender": 2.5, "w two": 1.0}
     assert round(rep.idle_with_waiting * 1e3, 3) == 2.5
+
+
+# --- the run's queue limits (benchmarks/sysctl.py), on stand-in files: pure logic ----------------------------
+
+class _Knob:
+    """A stand-in for one /proc/sys file: reads its value, and a write can be made to fail."""
+
+    def __init__(self, value: int, *, writable: bool = True) -> None:
+        self.value, self.writable = value, writable
+
+    def read_text(self) -> str:
+        return str(self.value)
+
+    def write_text(self, text: str) -> None:
+        if not self.writable:
+            raise PermissionError("read-only file system")
+        self.value = int(text)
+
+
+def _knobs(monkeypatch: pytest.MonkeyPatch, **writable: bool) -> dict[str, _Knob]:
+    from benchmarks import sysctl
+    knobs = {"fs.mqueue.msg_max": _Knob(10, writable=writable.get("msg_max", True)),
+             "fs.mqueue.msgsize_max": _Knob(8192, writable=writable.get("msgsize_max", True))}
+    monkeypatch.setattr(sysctl, "_path", knobs.__getitem__)
+    monkeypatch.setattr(sysctl.os, "geteuid", lambda: 0)
+    return knobs
+
+
+def test_run_limits_are_raised_and_put_back_also_when_the_run_is_interrupted(monkeypatch):
+    from benchmarks import sysctl
+    knobs = _knobs(monkeypatch)
+    conf = Path(ROOT, "systemd", "60-duprep.conf")
+    with pytest.raises(KeyboardInterrupt):
+        with sysctl.production_limits(conf) as mq:
+            assert (knobs["fs.mqueue.msg_max"].value, knobs["fs.mqueue.msgsize_max"].value) == (64, 65536)
+            assert mq["limits"] == {"fs.mqueue.msg_max": 64, "fs.mqueue.msgsize_max": 65536} and not mq["notes"]
+            assert "raised msg_max, msgsize_max for the run" in report.mqueue_text(mq)
+            raise KeyboardInterrupt
+    assert (knobs["fs.mqueue.msg_max"].value, knobs["fs.mqueue.msgsize_max"].value) == (10, 8192)
+
+
+def test_a_limit_that_cannot_be_raised_is_kept_and_said_so(monkeypatch):
+    from benchmarks import sysctl
+    knobs = _knobs(monkeypatch, msgsize_max=False)
+    with sysctl.production_limits(Path(ROOT, "systemd", "60-duprep.conf")) as mq:
+        assert mq["limits"] == {"fs.mqueue.msg_max": 64, "fs.mqueue.msgsize_max": 8192}
+        text = report.mqueue_text(mq)
+        assert "raised msg_max for the run" in text and "could not raise fs.mqueue.msgsize_max" in text
+    assert knobs["fs.mqueue.msg_max"].value == 10
+    with sysctl.production_limits(Path(ROOT, "systemd", "60-duprep.conf"), enabled=False) as mq:
+        assert mq["limits"]["fs.mqueue.msg_max"] == 10 and mq["notes"] == ["kept as they were: --stock-mqueue"]
