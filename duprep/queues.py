@@ -75,14 +75,15 @@ def kernel_limits() -> KernelLimits:
         rlimit_msgqueue=soft if soft != resource.RLIM_INFINITY else 2**62)
 
 
-def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 2,
-         limits: KernelLimits | None = None) -> QueuePlan:
+def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 2, share: int = 2,
+         max_depth: int = 64, limits: KernelLimits | None = None) -> QueuePlan:
     """Choose depth and message size for ``queues`` queues.
 
     Explicit values are taken as they are (and checked by :func:`create`);
-    defaults use what the kernel offers, up to 64 messages of 64 KiB, within
-    half of RLIMIT_MSGQUEUE so that a second instance or a client daemon
-    still fits beside this one.  When that budget is short, depth comes
+    defaults use what the kernel offers, up to ``max_depth`` messages of 64
+    KiB, within 1/``share`` of RLIMIT_MSGQUEUE (a gateway: half, so that a
+    second instance or a client daemon still fits beside it; a client
+    daemon's uplink: an eighth).  When that budget is short, depth comes
     before size: the message size is halved (not below 8 KiB) until
     MIN_DEPTH messages fit, and only then is the depth lowered (not below 2).
     A few big messages let a full queue stall the stage behind it: at the
@@ -92,11 +93,11 @@ def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 
     if depth is not None and depth < 1 or msgsize is not None and msgsize < 1024:
         raise ConfigError("queue depth must be >= 1 and message size >= 1024 bytes")
     why = []
-    d = depth if depth is not None else min(64, lim.msg_max)
+    d = depth if depth is not None else min(max_depth, lim.msg_max)
     s = msgsize if msgsize is not None else min(65536, lim.msgsize_max)
-    if depth is None and lim.msg_max < 64:
+    if depth is None and lim.msg_max < max_depth:
         why.append(f"depth at most fs.mqueue.msg_max={lim.msg_max}")
-    budget = lim.rlimit_msgqueue // 2
+    budget = lim.rlimit_msgqueue // share
     asked = (d, s)
     if msgsize is None:
         want = d if depth is not None else min(MIN_DEPTH, d)
@@ -105,7 +106,7 @@ def plan(*, depth: int | None = None, msgsize: int | None = None, queues: int = 
     while depth is None and d > 2 and queues * charge(d, s) > budget:
         d -= 1
     if (d, s) != asked:
-        why.append(f"half of RLIMIT_MSGQUEUE={lim.rlimit_msgqueue} bytes")
+        why.append(f"{'half' if share == 2 else f'1/{share}'} of RLIMIT_MSGQUEUE={lim.rlimit_msgqueue} bytes")
     return QueuePlan(depth=d, msgsize=s, clamped=", ".join(why))
 
 

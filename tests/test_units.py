@@ -446,6 +446,18 @@ def test_plan_keeps_depth_before_size():
     assert geometry(queues.plan(limits=odd)) == (9, 8192)
 
 
+def test_client_daemon_uplink_keeps_depth_before_size():
+    from duprep.clienthost.config import default_sizes
+
+    def uplink(msg_max: int, msgsize_max: int, rlimit: int) -> tuple[int, int]:
+        sizes = default_sizes(queues.KernelLimits(msg_max, msgsize_max, 256, rlimit))
+        return sizes["uplink_depth"], sizes["uplink_size"]
+    assert uplink(10, 8192, 819200) == (10, 8192)             # stock
+    assert uplink(64, 65536, 819200) == (10, 8192)            # raised sysctls, default RLIMIT: not 2 x 64 KiB
+    assert uplink(64, 65536, 64 << 20) == (10, 65536)         # and LimitMSGQUEUE=64M
+    assert uplink(3, 8192, 819200) == (3, 8192)
+
+
 def test_create_over_msg_max_names_the_limit(instance):
     name = ipcnames.request_queue(instance)
     with pytest.raises(LimitError, match="fs.mqueue.msg_max"):
