@@ -19,10 +19,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 from benchmarks import cbuild, harness, machine, report, sysctl
 from benchmarks.peers.registry import PEERS, peer_names
@@ -62,17 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                    help="business worker processes for asyncio, pyzmq and duprep (default: nproc)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the result files")
-    p.add_argument("--stock-mqueue", action="store_true",
-                   help="keep the machine's fs.mqueue limits (default, as root: raise them to "
-                        "systemd/60-duprep.conf's for the run, as an install does, and restore them)")
+    sysctl.add_option(p)
     p.add_argument("--no-files", action="store_true", help="print the report only")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
     p.add_argument("--render", type=Path, metavar="JSON", help="re-print the report of a saved JSON file")
     return p
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     peers = [by_name[n] for n in args.peers] if args.peers else list(PEERS)
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
     started = dt.datetime.now(dt.timezone.utc)
     load_start = os.getloadavg()
     if load_start[0] > (os.cpu_count() or 1):
@@ -109,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"duprep benchmarks: {name} plan, {len(plan.cells)} cells, peers {', '.join(p.name for p in peers)}, "
           f"{args.workers} workers", flush=True)
     try:
-        with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq:
-            print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
+        with sysctl.for_run(args) as mq:
             results = harness.run(plan, peers, workers=args.workers, repo=REPO,
                                   log=lambda line: print(line, flush=True))
     except cbuild.BuildError as exc:

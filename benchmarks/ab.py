@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, sysctl
+from benchmarks import sysctl
 from benchmarks.loadgen import LoadError, LoadSpec
 from benchmarks.peers import duprep_peer
 from benchmarks.servers import ServerError
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=2.0)
-    p.add_argument("--stock-mqueue", action="store_true", help="keep the machine's fs.mqueue limits")
+    sysctl.add_option(p)
     return p
 
 
@@ -100,12 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                     warmup_s=args.warmup, duration_s=args.duration)
     print(f"A: {a.tree} {shlex.join(a.args)}\nB: {b.tree} {shlex.join(b.args)}\n"
           f"{args.app} N={args.conns} D={args.depth} P={args.payload}, {args.workers} workers", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)    # so that the limits are put back
     ratios: list[float] = []
     try:
-        with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq, \
-                tempfile.TemporaryDirectory(prefix="duprep-ab-") as tmp:
-            print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
+        with sysctl.for_run(args), tempfile.TemporaryDirectory(prefix="duprep-ab-") as tmp:
             for i in range(args.pairs):
                 rates, setups = {}, {}
                 for v in ((a, b) if i % 2 == 0 else (b, a)):

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, sysctl
+from benchmarks import sysctl
 from benchmarks.loadgen import LoadSpec
 from benchmarks.peers import duprep_peer
 
@@ -107,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=3.0)
-    p.add_argument("--stock-mqueue", action="store_true", help="keep the machine's fs.mqueue limits "
-                   "(default, as root: those of systemd/60-duprep.conf for the run, as tools/bench)")
+    sysctl.add_option(p)
     return p
 
 
@@ -122,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = LoadSpec(port=0, conns=args.conns, depth=args.depth, payload=args.payload,
                     warmup_s=args.warmup, duration_s=args.duration)
     rates: dict[str, list[float]] = {s: [] for s in stages}
-    signal.signal(signal.SIGTERM, signal.default_int_handler)    # so that the limits are put back
-    with sysctl.production_limits(REPO / "systemd" / "60-duprep.conf", enabled=not args.stock_mqueue) as mq, \
-            tempfile.TemporaryDirectory(prefix="duprep-sensitivity-") as tmp:
-        print(f"queue limits: {report.mqueue_text(mq)}", flush=True)
+    with sysctl.for_run(args), tempfile.TemporaryDirectory(prefix="duprep-sensitivity-") as tmp:
         site = Path(tmp)
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         for r in range(args.rounds):

@@ -12,15 +12,18 @@ machine has.  Either way the result files say which limits the run had.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["KEYS", "read_conf", "current", "production_limits"]
+__all__ = ["KEYS", "INSTALL_CONF", "read_conf", "current", "production_limits", "add_option", "for_run"]
 
 KEYS = ("fs.mqueue.msg_max", "fs.mqueue.msgsize_max")
+INSTALL_CONF = Path(__file__).resolve().parent.parent / "systemd" / "60-duprep.conf"
 
 
 def _path(key: str) -> Path:
@@ -44,7 +47,7 @@ def current() -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def production_limits(conf: Path, *, enabled: bool = True) -> Iterator[dict[str, Any]]:
+def production_limits(conf: Path = INSTALL_CONF, *, enabled: bool = True) -> Iterator[dict[str, Any]]:
     """Raise KEYS to ``conf``'s values for the duration; yields what the run had, for the results.
 
     A value already at least as high is left alone; one that cannot be
@@ -81,3 +84,21 @@ def production_limits(conf: Path, *, enabled: bool = True) -> Iterator[dict[str,
             except OSError as e:
                 print(f"warning: could not put {key} back to {value} ({e}); as root: sysctl -w {key}={value}",
                       file=sys.stderr)
+
+
+def add_option(parser: argparse.ArgumentParser) -> None:
+    """``--stock-mqueue``, for every tool that starts duprep gateways (tools/bench, ab, sensitivity)."""
+    parser.add_argument("--stock-mqueue", action="store_true",
+                        help="keep the machine's fs.mqueue limits (default, as root: raise them to "
+                             "systemd/60-duprep.conf's for the run, as an install does, and restore them)")
+
+
+@contextlib.contextmanager
+def for_run(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """:func:`production_limits` as ``--stock-mqueue`` asks, said on stdout; SIGTERM interrupts the
+    run (KeyboardInterrupt) so that the limits are put back."""
+    from benchmarks import report
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with production_limits(enabled=not args.stock_mqueue) as info:
+        print(f"queue limits: {report.mqueue_text(info)}", flush=True)
+        yield info

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -30,7 +29,7 @@ def test_benchmark_smoke_run_writes_its_reports(tmp_path):
     assert data["target_rounds"]["rounds"] == [] and data["target_rounds"]["reason"]   # smoke plan: none
     # The queue limits it ran with are recorded (raised to systemd/60-duprep.conf's if root), and put back.
     mq = data["machine"]["mqueue"]
-    conf = sysctl.read_conf(Path(ROOT, "systemd", "60-duprep.conf"))
+    conf = sysctl.read_conf(sysctl.INSTALL_CONF)
     if os.geteuid() == 0:
         assert all(mq["limits"][k] >= v for k, v in conf.items()), mq
     assert "POSIX queue limits: msg_max" in (tmp_path / [f for f in files if f.endswith(".md")][0]).read_text()

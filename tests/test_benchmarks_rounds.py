@@ -226,7 +226,7 @@ def _knobs(monkeypatch: pytest.MonkeyPatch, **writable: bool) -> dict[str, _Knob
 def test_run_limits_are_raised_and_put_back_also_when_the_run_is_interrupted(monkeypatch):
     from benchmarks import sysctl
     knobs = _knobs(monkeypatch)
-    conf = Path(ROOT, "systemd", "60-duprep.conf")
+    conf = sysctl.INSTALL_CONF
     with pytest.raises(KeyboardInterrupt):
         with sysctl.production_limits(conf) as mq:
             assert (knobs["fs.mqueue.msg_max"].value, knobs["fs.mqueue.msgsize_max"].value) == (64, 65536)
@@ -239,10 +239,10 @@ def test_run_limits_are_raised_and_put_back_also_when_the_run_is_interrupted(mon
 def test_a_limit_that_cannot_be_raised_is_kept_and_said_so(monkeypatch):
     from benchmarks import sysctl
     knobs = _knobs(monkeypatch, msgsize_max=False)
-    with sysctl.production_limits(Path(ROOT, "systemd", "60-duprep.conf")) as mq:
+    with sysctl.production_limits() as mq:
         assert mq["limits"] == {"fs.mqueue.msg_max": 64, "fs.mqueue.msgsize_max": 8192}
         text = report.mqueue_text(mq)
         assert "raised msg_max for the run" in text and "could not raise fs.mqueue.msgsize_max" in text
     assert knobs["fs.mqueue.msg_max"].value == 10
-    with sysctl.production_limits(Path(ROOT, "systemd", "60-duprep.conf"), enabled=False) as mq:
+    with sysctl.production_limits(enabled=False) as mq:
         assert mq["limits"]["fs.mqueue.msg_max"] == 10 and mq["notes"] == ["kept as they were: --stock-mqueue"]

@@ -6,7 +6,6 @@ import dataclasses
 import os
 import re
 import struct
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -133,7 +132,7 @@ def test_the_sysctl_file_gives_the_queues_the_readme_promises():
     """systemd/60-duprep.conf and what README.md says a gateway takes with it."""
     from benchmarks import sysctl
     from duprep import queues
-    values = sysctl.read_conf(Path(ROOT, "systemd", "60-duprep.conf"))
+    values = sysctl.read_conf(sysctl.INSTALL_CONF)
     lim = queues.KernelLimits(msg_max=values["fs.mqueue.msg_max"], msgsize_max=values["fs.mqueue.msgsize_max"],
                               queues_max=256, rlimit_msgqueue=64 << 20)       # the units' LimitMSGQUEUE=64M
     assert queues.plan(limits=lim) == queues.QueuePlan(64, 65536)

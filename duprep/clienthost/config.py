@@ -89,8 +89,9 @@ def default_sizes(limits: KernelLimits | None = None) -> dict[str, int]:
     before size.  A request is never split, so the size bounds it; with the
     default RLIMIT_MSGQUEUE that is 8 KiB even where the sysctls allow more,
     because 2 x 64 KiB ran 15-20 % slower than 10 x 8 KiB (eight local
-    processes, echo, 3 pairs).  ``--uplink-size`` takes more.  Reply queues, one per
-    local endpoint, are 4 x 1 KiB (larger replies come in pieces).
+    processes, echo, 3 pairs).  ``--uplink-size`` takes more.  Reply
+    queues, one per local endpoint, are 4 x 1 KiB (larger replies come in
+    pieces).
     """
     lim = limits or kernel_limits()
     up = plan(queues=1, share=8, max_depth=10, limits=lim)
