@@ -75,14 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it starts with a dash and has no space")
     p.add_argument("--b-args", default="", metavar="OPTIONS", help="the same for B")
     p.add_argument("--pairs", type=int, default=8, help="interleaved pairs (default 8)")
-    p.add_argument("--conns", type=int, default=1000)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--payload", type=int, default=64)
-    p.add_argument("--app", choices=("echo", "kv"), default="echo")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--duration", type=float, default=2.0)
-    sysctl.add_option(p)
+    duprep_peer.add_load_options(p, duration=2.0, apps=True)
     return p
 
 
@@ -95,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad options: {'no duprep source in ' + ', '.join(bad) if bad else f'--pairs {args.pairs}'}",
               file=sys.stderr)
         return 2
-    spec = LoadSpec(port=0, conns=args.conns, depth=args.depth, payload=args.payload, app=args.app,
-                    warmup_s=args.warmup, duration_s=args.duration)
+    spec = duprep_peer.load_spec(args)
     print(f"A: {a.tree} {shlex.join(a.args)}\nB: {b.tree} {shlex.join(b.args)}\n"
           f"{args.app} N={args.conns} D={args.depth} P={args.payload}, {args.workers} workers", flush=True)
     ratios: list[float] = []

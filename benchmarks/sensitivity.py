@@ -100,13 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-us", type=float, default=0.3, help="busy wait added per request (default 0.3)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--stages", default=",".join(STAGES[1:]), help="comma list of receiver,sender,workers")
-    p.add_argument("--conns", type=int, default=1000)
-    p.add_argument("--depth", type=int, default=8)
-    p.add_argument("--payload", type=int, default=64)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--duration", type=float, default=3.0)
-    sysctl.add_option(p)
+    duprep_peer.add_load_options(p, duration=3.0)
     return p
 
 
@@ -117,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.rounds < 1 or args.delay_us <= 0:
         print(f"bad options: stages {bad or 'ok'}, rounds {args.rounds}, delay {args.delay_us}", file=sys.stderr)
         return 2
-    spec = LoadSpec(port=0, conns=args.conns, depth=args.depth, payload=args.payload,
-                    warmup_s=args.warmup, duration_s=args.duration)
+    spec = duprep_peer.load_spec(args)
     rates: dict[str, list[float]] = {s: [] for s in stages}
     with sysctl.for_run(args), tempfile.TemporaryDirectory(prefix="duprep-sensitivity-") as tmp:
         site = Path(tmp)

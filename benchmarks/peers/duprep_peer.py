@@ -13,6 +13,7 @@ instance runs at a time (POSIX queue memory is limited per user).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -22,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks import cbuild
+from benchmarks import cbuild, sysctl
 from benchmarks.loadgen import LoadSpec, run_load
 from benchmarks.servers import Server, ServerError, StopReport, log_tail, term_with_parent
 
-__all__ = ["launch", "measure_once", "instance_name", "ipc_leftovers"]
+__all__ = ["launch", "measure_once", "add_load_options", "load_spec", "instance_name", "ipc_leftovers"]
 
 _counter = 0
 
@@ -120,6 +121,26 @@ def launch(*, app: str, workers: int, max_conns: int, repo: Path, env: dict[str,
     except BaseException:
         server.stop()
         raise
+
+
+def add_load_options(p: argparse.ArgumentParser, *, duration: float, apps: bool = False) -> None:
+    """The options of the one load that ``measure_once`` runs (with ``apps``, also ``--app``), and
+    ``--stock-mqueue``: what benchmarks.ab and benchmarks.sensitivity share."""
+    p.add_argument("--conns", type=int, default=1000)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--payload", type=int, default=64)
+    if apps:
+        p.add_argument("--app", choices=("echo", "kv"), default="echo")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=duration)
+    sysctl.add_option(p)
+
+
+def load_spec(args: argparse.Namespace) -> LoadSpec:
+    """The load that ``add_load_options`` described (the port is filled in per gateway)."""
+    return LoadSpec(port=0, conns=args.conns, depth=args.depth, payload=args.payload,
+                    app=getattr(args, "app", "echo"), warmup_s=args.warmup, duration_s=args.duration)
 
 
 def measure_once(spec: LoadSpec, *, workers: int, repo: Path, env: dict[str, str], log_path: Path,
