@@ -357,7 +357,10 @@ class _TargetRounds:
             if note:
                 self.rec["notes"].append(f"{peer.name}, round {r + 1}: {note}")
                 self.log(f"   {note}")
-            entry["result"] = run_load(self.loadgen, _load_spec(peer, self.plan, server.port, TARGET_CELL))
+            pids = server.pids()       # a fixed set while driven (no peer of the rounds forks per client)
+            entry["roles"] = {str(pid): procfs.role(pid, server.pid) for pid in pids}
+            spec = dataclasses.replace(_load_spec(peer, self.plan, server.port, TARGET_CELL), watch=tuple(pids))
+            entry["result"] = run_load(self.loadgen, spec)
             self.log(f"   {where}{_load_line(entry['result'])}")
             if not server.alive():
                 raise ServerError("server died during the load")

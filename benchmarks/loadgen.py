@@ -41,13 +41,14 @@ class LoadSpec:
     duration_s: float = 3.0
     setup_timeout_s: float = 60.0
     timeout_ms: int = 10000
+    watch: tuple[int, ...] = ()    # processes whose CPU time in the window the result gives ("watched")
 
     def argv(self, binary: Path) -> list[str]:
         return [str(binary), "--host", "127.0.0.1", "--port", str(self.port), "--conns", str(self.conns),
                 "--depth", str(self.depth), "--payload", str(self.payload), "--mode", self.mode,
                 "--proto", self.proto, "--app", self.app, "--warmup", str(self.warmup_s),
                 "--duration", str(self.duration_s), "--setup-timeout", str(self.setup_timeout_s),
-                "--timeout-ms", str(self.timeout_ms)]
+                "--timeout-ms", str(self.timeout_ms), *(["--watch", ",".join(map(str, self.watch))] if self.watch else [])]
 
 
 def run_load(binary: Path, spec: LoadSpec) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ProcInfo", "descendants", "start_time", "memory", "cpu_ticks", "cpu_ns", "tcp_held", "CLK_TCK"]
+__all__ = ["ProcInfo", "descendants", "start_time", "memory", "cpu_ticks", "cpu_ns", "role", "tcp_held", "CLK_TCK"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -113,6 +113,23 @@ def cpu_ns(pids: list[int]) -> dict[int, int]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def role(pid: int, leader: int) -> str:
+    """What a server's process is, for the CPU breakdown: duprep's role from its command line
+    (acceptor, receiver, sender, worker), else "main" for the leader and "child" for the others."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    for w in words:
+        if w.startswith("duprep.gateway."):
+            return w.rsplit(".", 1)[1]
+    if "duprep" in words[:-1]:
+        sub = words[words.index("duprep") + 1]
+        return {"serve": "acceptor"}.get(sub, sub)
+    return "main" if pid == leader else "child"
 
 
 # Server-side TCP states in which the server still holds a client's connection:

@@ -270,13 +270,67 @@ def _round_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cpu_per_reply(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """One round load's CPU per reply in µs: the server's (user, sys, by role) and the load generator's.
+
+    None for a load without a result or without the watched processes (files older than this table).
+    """
+    res = entry.get("result")
+    if not res or "watched" not in res or not res["replies"]:
+        return None
+    per = 1e6 / res["clk_tck"] / res["replies"]
+    roles = entry.get("roles", {})
+    by_role: dict[str, list[float]] = {}          # role -> [user, sys, processes]
+    for w in res["watched"]:
+        r = by_role.setdefault(roles.get(str(w["pid"]), "?"), [0.0, 0.0, 0])
+        r[0] += w["user_ticks"] * per
+        r[1] += w["sys_ticks"] * per
+        r[2] += 1
+    user, sys_ = sum(r[0] for r in by_role.values()), sum(r[1] for r in by_role.values())
+    return {"user": user, "sys": sys_, "total": user + sys_, "processes": len(res["watched"]), "by_role": by_role,
+            "loadgen": res["loadgen_cpu_pct"] / 100 * res["measured_s"] * 1e6 / res["replies"]}
+
+
+CPU_HEAD = ["peer", "server CPU per reply (µs)", "user", "sys", "processes", "loadgen CPU per reply (µs)"]
+
+
+def _cpu_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Per round peer, the round with the median server CPU per reply; duprep's also by role."""
+    titles = {p["name"]: p["title"] for p in results["peers"]}
+    rows = []
+    for name in (results.get("target_rounds") or {}).get("order", []):
+        got = [c for rnd in _rounds(results) for e in rnd if e["peer"] == name
+               for c in [_cpu_per_reply(e)] if c is not None]
+        if not got:
+            continue
+        mid = sorted(got, key=lambda c: c["total"])[(len(got) - 1) // 2]
+        rows.append([titles.get(name, name), f"{mid['total']:.2f}", f"{mid['user']:.2f}", f"{mid['sys']:.2f}",
+                     str(mid["processes"]), f"{mid['loadgen']:.2f}"])
+        if len(mid["by_role"]) > 1:
+            for role, (user, sys_, n) in sorted(mid["by_role"].items(), key=lambda kv: -kv[1][0] - kv[1][1]):
+                rows.append([f"  {name} {role}" + (f" x{n}" if n > 1 else ""), f"{user + sys_:.2f}",
+                             f"{user:.2f}", f"{sys_:.2f}", str(n), ""])
+    return rows
+
+
+CPU_NOTE = ("CPU PER REPLY: the CPU time (utime/stime, /proc/PID/stat) of each server's processes during the "
+            "measurement window, read by the load generator at the window's two ends, divided by the replies in "
+            "the window; for each peer the round with the median total. The server and the generator share the "
+            "cores, so a peer's rate is about the CPU there is over the sum of the two; this cost moves less "
+            "from minute to minute than the rate does.")
+
+
 def _round_section(results: dict[str, Any], table: Callable[[list[str], list[list[str]]], str],
                    bullet: str = "") -> list[str]:
     """The TARGET ROUNDS section (text or Markdown); nothing for result files older than the rounds."""
     if results.get("target_rounds") is None:
         return []
     lines = [f"{bullet}{line}" for line in _round_lines(results)]
-    return ([table(_round_head(results), _round_rows(results)), ""] if _rounds(results) else []) + lines
+    if not _rounds(results):
+        return lines
+    cpu = _cpu_rows(results)
+    return ([table(_round_head(results), _round_rows(results)), ""] + lines
+            + (["", CPU_NOTE, "", table(CPU_HEAD, cpu)] if cpu else []))
 
 
 def _text_table(head: list[str], rows: list[list[str]]) -> str:

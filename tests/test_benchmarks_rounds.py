@@ -83,16 +83,20 @@ def test_round_phase_runs_interleaved_and_survives_failures(monkeypatch):
     assert tr["peers"] == ["cecho", "duprep", "pyzmq"]        # ROUND_PEERS order; skipped asyncio, not forking
     assert tr["order"] == ["cecho", "duprep"]                 # pyzmq did not start
     assert [[e["peer"] for e in rnd] for rnd in tr["rounds"]] == [["cecho", "duprep"], ["duprep", "cecho"]]
-    assert tr["rounds"][0][1] == {"peer": "duprep", "error": "injected"}
+    failed = tr["rounds"][0][1]
+    assert (failed["peer"], failed["error"], "result" in failed) == ("duprep", "injected", False)
     assert all("result" in e for rnd in tr["rounds"] for e in rnd if e is not tr["rounds"][0][1])
     assert [e.split(":")[0] for e in tr["errors"]] == ["pyzmq, start", "duprep, round 1"]
     assert sorted(s["peer"] for s in tr["stops"]) == ["cecho", "duprep"]
     assert all(not s["forced"] and not s["leftovers_killed"] for s in tr["stops"])
+    for e in (e for rnd in tr["rounds"] for e in rnd if "result" in e):     # CPU per reply: every process
+        assert [str(w["pid"]) for w in e["result"]["watched"]] == list(e["roles"])   # of the server, in the window
+        assert set(e["roles"].values()) == {"main"} and e["result"]["clk_tck"] > 0
     rounds_launches = [s for s in starts if s.log_path.name.endswith("-rounds.log")]
     assert [(s.app, s.max_conns, s.workers) for s in rounds_launches] == [("echo", 10, 1)] * 2
     assert any(line.startswith("-- target rounds: cecho, duprep, pyzmq; 2 rounds") for line in lines)
     text = report.text_tables(results)
-    assert "TARGET ROUNDS" in text and "duprep, round 1: injected" in text
+    assert "TARGET ROUNDS" in text and "duprep, round 1: injected" in text and "CPU PER REPLY" in text
 
 
 def test_round_phase_is_skipped_without_the_target_cell():
@@ -170,6 +174,32 @@ def test_reports_show_the_rounds_and_render_files_without_them():
     smoke = copy.deepcopy(old)
     smoke["target_rounds"] = {"reason": "the plan has no target rounds", "rounds": [], "errors": []}
     assert "not run: the plan has no target rounds" in report.text_tables(smoke)
+
+
+def test_cpu_per_reply_shows_the_median_round_and_each_process_role():
+    results = _results(rounds=True)
+    assert "CPU PER REPLY" not in report.text_tables(results)      # files from before the watched processes
+    for r, rnd in enumerate(results["target_rounds"]["rounds"]):
+        for e in rnd:
+            if "result" in e:
+                e["result"].update(replies=1000, measured_s=2.0, clk_tck=100, watched=[
+                    {"pid": 7, "user_ticks": 10 * (r + 1), "sys_ticks": 5}, {"pid": 8, "user_ticks": 2, "sys_ticks": 0},
+                    {"pid": 9, "user_ticks": 2, "sys_ticks": 0}])
+                e["roles"] = {"7": "receiver", "8": "worker", "9": "worker"}
+                if e["peer"] == "cecho":
+                    e["result"]["watched"] = e["result"]["watched"][:1]
+                    e["roles"] = {"7": "main"}
+    rows = {r[0]: r[1:] for r in report._cpu_rows(results)}
+    # one tick over 1000 replies at 100 Hz is 10 µs; the loadgen's 50 % of 2 s over 1000 replies is 1000 µs
+    assert rows["title cecho"] == ["250.00", "200.00", "50.00", "1", "1000.00"]     # round 2 of 3: the median
+    assert rows["title duprep"] == ["290.00", "240.00", "50.00", "3", "1000.00"]
+    assert rows["  duprep receiver"] == ["250.00", "200.00", "50.00", "1", ""]
+    assert rows["  duprep worker x2"] == ["40.00", "40.00", "0.00", "2", ""]
+    assert rows["title pyzmq"][0] == "190.00"       # two rounds: the lower of the two
+    assert list(rows) == ["title cecho", "title duprep", "  duprep receiver", "  duprep worker x2",
+                          "title pyzmq", "  pyzmq receiver", "  pyzmq worker x2"]
+    assert "CPU PER REPLY" in report.text_tables(results)
+    assert "| title duprep | 290.00 |" in report.markdown(results, [])
 
 
 def test_idlecpu_splits_idle_time_by_what_the_other_cpus_did():

@@ -23,6 +23,10 @@
  *               ROUTER broker; there is no HELLO/WELCOME in this protocol.
  * Apps (--app): echo (payload is checked on return) or kv (get/put/delete/list
  * mix on 1000 keys, see benchmarks/apps.py).
+ * --watch PID,PID,...: the CPU time (utime, stime from /proc/PID/stat) each of
+ * these processes spent during the measurement window is in the result
+ * ("watched"), read at the window's two ends, so the harness can give a
+ * server's CPU per reply without a clock of its own.
  *
  * Request ids: msgid = (seq << 8) | slot, so out-of-order replies are matched
  * to their slot and checked against the id that slot is waiting for.
@@ -32,6 +36,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -78,6 +83,9 @@ static double opt_warmup = 1.0, opt_duration = 3.0, opt_setup_timeout = 60.0;
 static int opt_mode = MODE_PERSISTENT, opt_proto = PROTO_FRAME, opt_app = APP_ECHO;
 static int opt_timeout_ms = 10000, opt_connect_batch = 256;
 static double opt_idle_max = 900.0;      /* idle mode: hold at most this long even if stdin stays open */
+#define MAX_WATCH 64
+static int n_watch, watch_pid[MAX_WATCH];
+static long long watch_ticks[2][MAX_WATCH][2];   /* [window start, end][process][utime, stime]; -1: gone */
 
 /* ---- state ---- */
 static conn_t *conns;
@@ -485,6 +493,40 @@ static double cpu_seconds(void) {
     return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
+/* utime and stime of every watched process now, in clock ticks, into watch_ticks[end]. */
+static void read_watched(int end) {
+    for (int k = 0; k < n_watch; k++) {
+        char path[64], buf[1024];
+        long long *t = watch_ticks[end][k];
+        t[0] = t[1] = -1;
+        snprintf(path, sizeof path, "/proc/%d/stat", watch_pid[k]);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) continue;
+        buf[n] = 0;
+        char *p = strrchr(buf, ')');      /* the command name may hold spaces and parentheses */
+        /* after ") ": state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime */
+        if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lld %lld", &t[0], &t[1]) != 2)
+            t[0] = t[1] = -1;
+    }
+}
+
+/* , "clk_tck": 100, "watched": [{"pid": 1, "user_ticks": 2, "sys_ticks": 3}, ...]: processes gone
+ * before the window ended are left out. */
+static void print_watched(void) {
+    printf(", \"clk_tck\": %ld, \"watched\": [", sysconf(_SC_CLK_TCK));
+    for (int k = 0, first = 1; k < n_watch; k++) {
+        long long *a = watch_ticks[0][k], *b = watch_ticks[1][k];
+        if (a[0] < 0 || b[0] < 0) continue;
+        printf("%s{\"pid\": %d, \"user_ticks\": %lld, \"sys_ticks\": %lld}", first ? "" : ", ", watch_pid[k],
+               b[0] - a[0], b[1] - a[1]);
+        first = 0;
+    }
+    printf("]");
+}
+
 static void print_result(const char *event, double setup_s, double measured_s, double cpu_s) {
     double rate = measured_s > 0 ? (double)n_replies / measured_s : 0;
     /* ERROR frames by code, appended to the JSON object: , "error_codes": {"9": 3}} */
@@ -515,6 +557,7 @@ static void print_result(const char *event, double setup_s, double measured_s, d
            (unsigned long long)err_error_frames, (unsigned long long)err_bad_frames,
            (unsigned long long)err_mismatch, (unsigned long long)err_timeouts,
            outstanding(), measured_s > 0 ? 100.0 * cpu_s / measured_s : 0.0);
+    if (measured_s > 0) print_watched();
     printf("%s", codes);
     fflush(stdout);
 }
@@ -522,7 +565,8 @@ static void print_result(const char *event, double setup_s, double measured_s, d
 static void usage(void) {
     fprintf(stderr, "usage: loadgen --port P [--host H] [--conns N] [--depth D] [--payload P]\n"
                     "  [--warmup S] [--duration S] [--mode persistent|connect|idle] [--proto frame|zmtp]\n"
-                    "  [--app echo|kv] [--setup-timeout S] [--timeout-ms MS] [--connect-batch N] [--idle-max S]\n");
+                    "  [--app echo|kv] [--setup-timeout S] [--timeout-ms MS] [--connect-batch N] [--idle-max S]\n"
+                    "  [--watch PID,PID,...]\n");
     exit(2);
 }
 
@@ -542,6 +586,14 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--timeout-ms")) opt_timeout_ms = atoi(v);
         else if (!strcmp(a, "--connect-batch")) opt_connect_batch = atoi(v);
         else if (!strcmp(a, "--idle-max")) opt_idle_max = atof(v);
+        else if (!strcmp(a, "--watch")) {
+            for (char *end; *v && n_watch < MAX_WATCH; v = *end ? end + 1 : end) {
+                long pid = strtol(v, &end, 10);
+                if (end == v || pid <= 0 || (*end && *end != ',')) usage();
+                watch_pid[n_watch++] = (int)pid;
+            }
+            if (*v) usage();                  /* more than MAX_WATCH */
+        }
         else if (!strcmp(a, "--mode"))
             opt_mode = !strcmp(v, "persistent") ? MODE_PERSISTENT : !strcmp(v, "connect") ? MODE_CONNECT
                      : !strcmp(v, "idle") ? MODE_IDLE : (usage(), 0);
@@ -632,6 +684,7 @@ int main(int argc, char **argv) {
             phase_measuring = 1;
             t_measure_start = now;
             cpu0 = cpu_seconds();
+            read_watched(0);
         }
         if (now >= t_end || now >= hard_deadline) break;
         if (now >= next_scan) { scan_timeouts(now); next_scan = now + 250000000ull; }
@@ -641,6 +694,7 @@ int main(int argc, char **argv) {
         loop_once(ms);
     }
     now = now_ns();
+    read_watched(1);
     double measured = phase_measuring ? (double)(now - t_measure_start) / 1e9 : 0;
     print_result("done", setup_s, measured, cpu_seconds() - cpu0);
     return 0;
