@@ -74,8 +74,8 @@ class IdleReport:
     idle: float = 0.0                   # summed over the CPUs in ``cpus``
     cpus: set[int] = field(default_factory=set)   # CPUs whose idle periods the trace shows
     idle_with_waiting: float = 0.0      # part of ``idle`` while some task waited on another CPU's run queue
-    running_elsewhere: collections.Counter[str] = field(default_factory=collections.Counter)
-    waiting_elsewhere: collections.Counter[str] = field(default_factory=collections.Counter)
+    running_elsewhere: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    waiting_elsewhere: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
 
 
 def parse_timehist(text: str) -> list[Slice]:
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"of which {1e3 * rep.idle_with_waiting:.1f} ms with a task waiting on another CPU's run queue")
             for label, counter in (("ran elsewhere", rep.running_elsewhere),
                                    ("waited elsewhere", rep.waiting_elsewhere)):
-                top = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in counter.most_common(5) if v >= 5e-5)
+                most = sorted(counter.items(), key=lambda kv: -kv[1])[:5]
+                top = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in most if v >= 5e-5)
                 print(f"  while a CPU was idle, {label}: {top or '-'}")
     return 0
 
