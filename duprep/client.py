@@ -15,8 +15,10 @@ messages and the final answers of deferred requests come through
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -29,7 +31,7 @@ from .errors import (BrokenResourceError, ClosedResourceError, Deferred, Protoco
 from .inbox import DEFAULT_MAX_BYTES, Inbox
 from .frame import (MAX_NAME, PROTOCOL_VERSION, Call, Defer, Error, ErrorCode, Hello, Push, Relay, Reply, Send,
                     Welcome, encode_wire, server_decoder)
-from .wire import FrameReader
+from .wire import FrameReader, keepalive
 
 __all__ = ["Client", "Message"]
 
@@ -91,17 +93,22 @@ class Client:
         host, port: the gateway's address.
         name: a name other clients can relay to and workers can push to
             (unique among connected clients; None: anonymous).
-        timeout: default seconds for connect, handshake and ``request()``.
+        timeout: default seconds for connect, handshake, ``request()``,
+            ``relay()`` and ``send()`` (None: no deadline).
         max_inbox: bytes of pushes and relays held for ``receive()``; beyond
             it they are dropped and counted in ``pushes_dropped`` (answers to
             this client's own requests are always kept).
+
+    The connection has TCP keepalive (``wire.keepalive``): a gateway that
+    vanished without closing is reported as BrokenResourceError about 25 s
+    after it last answered, also to a thread waiting in ``receive()``.
 
     Raises RefusedError if the gateway refuses (full, name taken, ...),
     OSError if it cannot be reached.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 2000, *, name: str | None = None,
-                 timeout: float = 20.0, max_inbox: int = DEFAULT_MAX_BYTES) -> None:
+                 timeout: float | None = 20.0, max_inbox: int = DEFAULT_MAX_BYTES) -> None:
         self.timeout = timeout
         self._cpid = os.getpid()
         self._ids = itertools.count(1)
@@ -118,6 +125,7 @@ class Client:
         self._sock = socket.create_connection((host, port), timeout=timeout)
         try:
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(self._sock)
             self._sock.sendall(encode_wire(Hello(PROTOCOL_VERSION, name or "")))
             self._reader = FrameReader(1 << 24)
             welcome = self._read_one(timeout)
@@ -138,12 +146,12 @@ class Client:
 
     # --- handshake ---------------------------------------------------------------
 
-    def _read_one(self, timeout: float) -> object:
-        deadline = time.monotonic() + timeout
+    def _read_one(self, timeout: float | None) -> object:
+        deadline = None if timeout is None else time.monotonic() + timeout
         pending: list[object] = []
         while not pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise Timeout(f"no WELCOME within {timeout:g} s")
             self._sock.settimeout(left)
             try:
@@ -163,19 +171,26 @@ class Client:
     def request(self, data: bytes, *, timeout: float | None = None) -> bytes:
         """Send ``data`` to a business worker and return its reply.
 
-        Raises Timeout (the reply, if it comes, goes to ``receive()`` as
-        "late"), Deferred (the worker will answer later, through
-        ``receive()`` as "deferred"), RemoteError (the worker's handler
-        failed), BrokenResourceError (connection lost).
+        ``timeout`` (default: the Client's) counts from the call, writing
+        included.  Raises Timeout (the reply, if it comes, goes to
+        ``receive()`` as "late"), Deferred (the worker will answer later,
+        through ``receive()`` as "deferred"), RemoteError (the worker's
+        handler failed), BrokenResourceError (connection lost).
         """
         timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         msgid, waiter = self._register()
-        self._write(Call(msgid, self._cpid, timeout_ms(timeout), data))
-        return self._wait(msgid, waiter, timeout)
+        self._write_for(msgid, Call(msgid, self._cpid, timeout_ms(timeout), data), timeout)
+        return self._wait(msgid, waiter, timeout, deadline)
 
-    def send(self, data: bytes) -> None:
-        """One-way message to the business workers; nothing comes back."""
-        self._write(Send(next(self._ids), self._cpid, data))
+    def send(self, data: bytes, *, timeout: float | None = None) -> None:
+        """One-way message to the business workers; nothing comes back.
+
+        Returns once the frame is written; raises Timeout if the gateway did
+        not take it within ``timeout`` seconds (default: the Client's).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        self._write(Send(next(self._ids), self._cpid, data), timeout)
 
     def relay(self, target: str, data: bytes, *, timeout: float | None = None) -> None:
         """Deliver ``data`` to the client named ``target`` through the gateway.
@@ -185,9 +200,10 @@ class Client:
         """
         check_target(target)
         timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         msgid, waiter = self._register()
-        self._write(Relay(msgid, self._cpid, target, data))
-        self._wait(msgid, waiter, timeout)
+        self._write_for(msgid, Relay(msgid, self._cpid, target, data), timeout)
+        self._wait(msgid, waiter, timeout, deadline)
 
     @property
     def pushes_dropped(self) -> int:
@@ -248,20 +264,88 @@ class Client:
             self._waiting[msgid] = waiter
         return msgid, waiter
 
-    def _write(self, frame: msgspec.Struct) -> None:
+    def _write_for(self, msgid: int, frame: msgspec.Struct, timeout: float | None) -> None:
+        """:meth:`_write` the frame of a registered request; if it is not written, nobody waits for msgid."""
+        try:
+            self._write(frame, timeout)
+        except BaseException:
+            with self._lock:
+                self._waiting.pop(msgid, None)
+            raise
+
+    def _write(self, frame: msgspec.Struct, timeout: float | None) -> None:
+        """Write one frame within ``timeout`` seconds (None: however long it takes).
+
+        One thread writes at a time.  A gateway that does not read fills the
+        kernel's buffer; at the deadline a frame not yet begun raises Timeout
+        and the connection stays usable, while a frame cut in the middle
+        also ends the connection: the gateway could never find where the
+        next frame starts.
+        """
         self._check()
         data = encode_wire(frame)
         if len(data) - 4 > self.max_frame:
             raise ProtocolError(f"a frame of {len(data) - 4} bytes exceeds this gateway's max_frame "
                                 f"{self.max_frame} (its queue message size limits it)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._send_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise Timeout(f"could not write within {timeout:g} s: the gateway is not taking what other "
+                          "threads of this client send")
         try:
-            with self._send_lock:
-                self._sock.sendall(data)
-        except OSError as e:
-            raise BrokenResourceError(f"connection lost: {e}") from None
+            sent = self._send(memoryview(data), deadline)
+        finally:
+            self._send_lock.release()
+        if sent < len(data):
+            if sent:
+                self._cut(f"a frame was cut short: the gateway did not read it within {timeout:g} s")
+            raise Timeout(f"could not write within {timeout:g} s: the gateway is not reading"
+                          + ("; the connection is closed, as the frame was cut short" if sent else ""))
 
-    def _wait(self, msgid: int, waiter: _Waiter, timeout: float | None) -> bytes:
-        if not waiter.event.wait(timeout):
+    def _send(self, view: memoryview, deadline: float | None) -> int:
+        """Bytes of ``view`` written by ``deadline``: all of them, or fewer once it passed; never blocks
+        past it.  An error or an exception (a signal handler's) in the middle of the frame ends the
+        connection."""
+        sent = 0
+        try:
+            while sent < len(view):
+                try:
+                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT)
+                    continue
+                except BlockingIOError:
+                    pass
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return sent
+                fd = self._sock.fileno()
+                if fd < 0:
+                    raise ClosedResourceError("this Client was closed while writing")
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                poller.poll(None if left is None else max(1, math.ceil(left * 1000)))
+        except OSError as e:
+            if 0 < sent < len(view):
+                self._cut(f"connection lost in the middle of a frame: {e}")
+            if self._closed:
+                raise ClosedResourceError("this Client was closed while writing") from None
+            raise BrokenResourceError(f"connection lost: {e}") from None
+        except BaseException:
+            if 0 < sent < len(view):
+                self._cut("a frame was cut short by an exception in the writing thread")
+            raise
+        return sent
+
+    def _cut(self, why: str) -> None:
+        """End the connection: its byte stream no longer starts a frame where the gateway expects one."""
+        if self._broken is None:
+            self._broken = BrokenResourceError(why)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _wait(self, msgid: int, waiter: _Waiter, timeout: float | None, deadline: float | None) -> bytes:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not waiter.event.wait(left):
             with self._lock:
                 if self._waiting.pop(msgid, None) is not None:
                     _remember(self._late, msgid)

@@ -5,8 +5,10 @@ process that calls ``receive()`` less often than they come would otherwise
 hold every one of them in memory.  So pushes and relays are kept only while
 the messages waiting stay under ``max_bytes``; beyond it they are dropped and
 counted (``dropped``), with one warning in the log.  Late and deferred
-answers and errors are always kept: they answer this client's own requests,
-so the client itself bounds them.
+answers and errors are always kept, and take none of that room: they
+answer this client's own requests (a client tracks at most
+``client.REMEMBER`` of them), and a pile of late replies must not get
+pushes dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ OVERHEAD = 200                  # what one held message costs beside its data (o
 
 
 class Inbox:
-    """A FIFO of messages for ``receive()``: unbounded for answers, bounded for pushes."""
+    """A FIFO of messages for ``receive()``: bounded for pushes and relays, not for answers."""
 
     __slots__ = ("max_bytes", "dropped", "_q", "_lock", "_bytes", "_warned")
 
@@ -33,18 +35,14 @@ class Inbox:
             raise ValueError("max_inbox must be >= 0")
         self.max_bytes = max_bytes
         self.dropped = 0                  # pushes and relays dropped because receive() fell behind
-        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[object, int]] = queue.SimpleQueue()   # (item, bytes it counts)
         self._lock = threading.Lock()
         self._bytes = 0
         self._warned = False
 
     def put(self, item: object) -> None:
-        """Keep ``item`` (an answer, or a marker such as "closed"), whatever the size."""
-        data = getattr(item, "data", None)
-        if data is not None:
-            with self._lock:
-                self._bytes += len(data) + OVERHEAD
-        self._q.put(item)
+        """Keep ``item`` (an answer, or a marker such as "closed"), whatever the size, outside the bound."""
+        self._q.put((item, 0))
 
     def offer(self, item: object) -> bool:
         """Keep a push or relay if there is room; else drop and count it (False)."""
@@ -57,7 +55,7 @@ class Inbox:
                 self.dropped += 1
                 warn, self._warned = not self._warned, True
         if kept:
-            self._q.put(item)
+            self._q.put((item, size))
             return True
         if warn:
             log.warning("pushes arrive faster than receive() takes them: dropping those above %d bytes "
@@ -66,9 +64,8 @@ class Inbox:
 
     def get(self, timeout: float | None) -> object:
         """The next item; raises queue.Empty after ``timeout`` seconds (None: wait for ever; 0: do not wait)."""
-        item = self._q.get(timeout=timeout) if timeout is None or timeout > 0 else self._q.get_nowait()
-        data = getattr(item, "data", None)
-        if data is not None:
+        item, size = self._q.get(timeout=timeout) if timeout is None or timeout > 0 else self._q.get_nowait()
+        if size:
             with self._lock:
-                self._bytes -= len(data) + OVERHEAD
+                self._bytes -= size
         return item

@@ -107,11 +107,80 @@ def test_timeout_then_late_reply_surfaces_through_receive(gateway):
         assert (late.kind, late.msgid, late.data) == ("late", info.value.msgid, b"sleep:0.5")
 
 
+def test_client_options_none_timeout_keepalive_and_refused_frames(gateway):
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port, timeout=None) as c:         # None: no deadline anywhere
+        assert c.request(b"no deadline") == b"no deadline"
+        c.send(b"one way")
+        opt = c._sock.getsockopt
+        assert opt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1           # a vanished gateway is noticed
+        assert (opt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), opt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                opt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (10, 5, 3)
+        for _ in range(3):
+            with pytest.raises(duprep.ProtocolError):
+                c.request(b"x" * c.max_frame)
+        assert not c._waiting                 # a request whose frame was refused leaves no waiter behind
+        assert c.request(b"still fine", timeout=10) == b"still fine"
+
+
+def test_request_and_send_time_out_while_the_gateway_does_not_read(gateway):
+    """A timeout counts writing too: a call whose frame cannot be written (another thread's write in
+    progress, or the kernel's buffers full) gets Timeout on time, and the connection stays consistent."""
+    gw = gateway(workers=1)
+    with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
+        big = b"y" * (c.max_frame - 64)
+        # 1. Another thread's frame is being written: a request cannot begin its own.
+        c.send(b"sleep:4")                    # the only worker sleeps: queues, backlog, then TCP fill up
+        stop = threading.Event()
+        started: list[float] = []
+        errors: list[BaseException] = []
+
+        def flood() -> None:
+            try:
+                while not stop.is_set():
+                    started.append(time.monotonic())
+                    c.send(big, timeout=60)
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                errors.append(e)
+        t = threading.Thread(target=flood)
+        t.start()
+        try:
+            wait_until(lambda: errors or time.monotonic() - started[-1] > 0.3, timeout=30,
+                       what="a send() waiting for the gateway to read")
+            t0 = time.monotonic()
+            with pytest.raises(duprep.Timeout):
+                c.request(b"ping", timeout=1)
+            assert time.monotonic() - t0 < 2.5
+            assert not c._waiting             # the request was never written: nothing waits for it
+        finally:
+            stop.set()
+            t.join(60)
+        assert not errors and not t.is_alive()
+        assert c.request(b"after", timeout=30) == b"after"      # the worker woke: everything flows again
+
+        # 2. The kernel's buffers are full: the write itself gives up at the deadline.
+        c.send(b"sleep:4")
+        give_up = time.monotonic() + 3
+        with pytest.raises(duprep.Timeout):
+            while time.monotonic() < give_up:
+                t0 = time.monotonic()
+                try:
+                    c.send(big, timeout=0.3)
+                finally:
+                    assert time.monotonic() - t0 < 1.3
+        if c._broken is None:                 # the frame had not begun: the connection goes on
+            assert c.request(b"after", timeout=30) == b"after"
+        else:                                 # it was cut short: the gateway could not find the next one
+            assert "cut short" in str(c._broken)
+            with pytest.raises(duprep.BrokenResourceError):
+                c.request(b"after", timeout=30)
+
+
 def test_reply_for_a_gone_client_never_reaches_the_slot_reuser(gateway, instance):
     gw = gateway("--max-clients", "1")
     old = duprep.Client("127.0.0.1", gw.port, name="old")
     old_sid, old_gen = old.sid, old.generation
-    old._write(Call(99, 1, 0, b"sleep:0.6|for-old"))     # in flight when the client vanishes
+    old._write(Call(99, 1, 0, b"sleep:0.6|for-old"), None)     # in flight when the client vanishes
     wait_until(lambda: snapshot(instance)["processes"] and any(
         p["role"] == "worker" and p["counters"].get("queue_messages") for p in snapshot(instance)["processes"]),
         what="the worker to take the request")

@@ -17,7 +17,7 @@ sleeps (:meth:`Link.flush`); only when the kernel buffer is full is the
 socket watched for EPOLLOUT.
 
 Dead peers that never answer (a cable pulled, a host gone) are found by
-TCP keepalive: 10 s idle, then 3 probes 5 s apart.
+TCP keepalive (``wire.keepalive``): 10 s idle, then 3 probes 5 s apart.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import msgspec
 
 from ..frame import PROTOCOL_VERSION, Error, ErrorCode, Hello, Welcome, encode_wire, server_decoder
 from ..gateway.loop import ERR, READ, WRITE, EventLoop, Timer
-from ..wire import FrameReader, FrameTooLarge
+from ..wire import FrameReader, FrameTooLarge, keepalive
 from .config import DaemonConfig
 from .dial import CallbackDial, Dial, DirectDial
 
@@ -42,7 +42,6 @@ __all__ = ["Link", "backoff_delay"]
 log = logging.getLogger("duprep")
 
 READ_SIZE = 65536          # larger reads are slower in CPython (pitfalls.md)
-KEEPALIVE = (10, 5, 3)     # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
 
 
 def backoff_delay(attempts: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -55,11 +54,7 @@ def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        idle, intvl, cnt = KEEPALIVE
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+        keepalive(sock)
 
 
 class Link:
