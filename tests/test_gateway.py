@@ -8,6 +8,8 @@ import random
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +24,7 @@ from duprep.gateway.child import EXIT_BUSY, EXIT_LIMIT
 from duprep.status import render, snapshot
 from duprep.wire import FrameReader
 
-from .conftest import alive, comm, descendants, duprep_cli, ipc_leftovers, wait_until
+from .conftest import ROOT, alive, comm, descendants, duprep_cli, ipc_leftovers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -823,6 +825,55 @@ def test_a_crashed_child_is_restarted_and_clients_carry_on(gateway, instance, ro
         _request_after_restart(c, b"after")
         restarts = {p["role"]: p for p in snapshot(instance)["processes"]}["acceptor"]["counters"]["restarts"]
         assert restarts == 1
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_worker_that_dies_while_the_gateway_boots_is_replaced(instance):
+    """Respawning used to wait for "ready": a worker killed while the receiver and sender were still
+    booting was logged as "restarting" and never came back, and the gateway served without a worker."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "duprep", "serve", "--instance", instance, "--port", "0",
+                             "--workers", "1", "--app", "tests.apps:handle"], env=env, stderr=subprocess.DEVNULL)
+    stopped = -1
+    try:
+        def children() -> dict[str, int]:
+            try:
+                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                    pids = [int(p) for p in f.read().split()]
+            except OSError:
+                return {}
+            return {role: p for p in pids for role in ("receiver", "worker") if f"{role} " in _cmdline(p)}
+        kids: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while len(kids) < 2 and time.monotonic() < deadline:   # (no sleep: the receiver boots in ms)
+            kids = children()
+        os.kill(kids["receiver"], signal.SIGSTOP)     # a slow boot: the gateway cannot be ready meanwhile
+        stopped = kids["receiver"]
+        os.kill(kids["worker"], signal.SIGKILL)
+        wait_until(lambda: children().get("worker", kids["worker"]) != kids["worker"], timeout=20,
+                   what="a new worker while the gateway boots")
+        assert snapshot(instance)["state"] == "booting"
+        os.kill(stopped, signal.SIGCONT)
+        stopped = -1
+        wait_until(lambda: snapshot(instance)["state"] == "ready", what="the gateway to be ready")
+        with duprep.Client("127.0.0.1", snapshot(instance)["port"]) as c:
+            assert c.request(b"served", timeout=20) == b"served"
+    finally:
+        if stopped > 0:
+            os.kill(stopped, signal.SIGCONT)
+        family = [proc.pid, *descendants(proc.pid)]
+        proc.terminate()
+        proc.wait(30)
+        for pid in family:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_what_is_queued_while_the_sender_restarts_is_delivered_and_closes_free_slots(gateway, instance):

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import msgspec
 import pytest
@@ -379,6 +380,21 @@ def test_dial_resolves_a_name_off_the_loop_and_connects(monkeypatch):
     finally:
         loop.close()
         listener.close()
+
+
+def test_a_loop_stopped_before_it_runs_returns_at_once():
+    """A gateway child whose acceptor is gone before its loop starts (READY could not be sent) stops
+    the loop first: run() must return, not sleep for ever with the instance's queues open."""
+    loop = EventLoop()
+    fired: list[int] = []
+    try:
+        loop.call_later(30, lambda: fired.append(1))    # what run() would otherwise wait for
+        loop.stop()
+        t0 = time.monotonic()
+        loop.run()
+        assert time.monotonic() - t0 < 5 and not fired and not loop.running
+    finally:
+        loop.close()
 
 
 def test_link_reports_the_sends_it_drops_before_writing_them():

@@ -631,8 +631,8 @@ class Acceptor:
         self.loop.unregister(q.fileno())
 
     def respawn(self, child: Child) -> None:
-        if self.state == "ready":          # not if a stop began meanwhile
-            self.spawn(child)
+        if self.state in ("booting", "ready"):   # not if a stop began meanwhile (a worker may die while
+            self.spawn(child)                    # the receiver and sender still boot)
 
     def check_hung(self) -> None:
         """Abort the children that stopped showing life (hangs.py); runs again at the next such deadline."""

@@ -63,6 +63,7 @@ class EventLoop:
         self._signals: dict[int, Callable[[int], Any]] = {}
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self.running = False
+        self._stop_asked = False
 
     # --- descriptors ------------------------------------------------------
 
@@ -133,10 +134,12 @@ class EventLoop:
     # --- running --------------------------------------------------------------
 
     def stop(self) -> None:
+        """Leave :meth:`run` after the current batch; asked before it starts, it returns at once."""
         self.running = False
+        self._stop_asked = True
 
     def run(self) -> None:
-        self.running = True
+        self.running = not self._stop_asked
         while self.running:
             self.run_once()
 
