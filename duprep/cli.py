@@ -142,11 +142,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     removed = [n for n in (names["requests"], names["replies"]) if queues.unlink(n)]
     try:
         t = Table.attach(names["table"])
+    except FileNotFoundError:
+        pass
+    except DuprepError:                # another layout, or cut short by a crash while it was created
+        if Table.unlink_name(names["table"]):
+            removed.append(names["table"])
+    else:
         t.close()
         t.unlink()
         removed.append(names["table"])
-    except (FileNotFoundError, DuprepError):
-        pass
     lock.unlink()
     lock.close()
     print("removed: " + (", ".join(removed) if removed else "nothing"))

@@ -43,9 +43,10 @@ import _posixshmem
 import mmap
 import sys
 from multiprocessing import shared_memory
-from typing import Any, Final, Iterator
+from typing import Any, Final, Iterator, NoReturn
 assert sys.byteorder == "little"      # the layout is little-endian; ProcRow.publish_counter stores natively
 
+from . import ipcnames
 from .errors import ConfigError, ProtocolError
 
 __all__ = [
@@ -298,6 +299,8 @@ class Table:
         assert shm.buf is not None
         self.buf: memoryview = shm.buf
         self.owner = owner
+        if len(self.buf) < HEADER_SIZE:
+            self._refuse(f"{len(self.buf)} bytes, shorter than a table's header")
         h = self.header()
         if h["magic"] != MAGIC or h["layout"] != LAYOUT_VERSION:
             self.close()
@@ -312,6 +315,16 @@ class Table:
         self._procs_off = HEADER_SIZE + SLOT_SIZE * self.nslots
         self._hands_off = self._procs_off + PROC_SIZE * self.nprocs
         self._hand_size = hand_size(self.msgsize)
+        size = self._hands_off + self._hand_size * max(0, self.nprocs - FIRST_WORKER_ROW)
+        if len(self.buf) < size:
+            self._refuse(f"{len(self.buf)} bytes, shorter than the {size} its header describes")
+
+    def _refuse(self, why: str) -> NoReturn:
+        name = self._shm.name
+        self.close()
+        raise ProtocolError(f"shared memory {name} is not a whole duprep table ({why}): a gateway killed "
+                            "while creating it leaves such a segment; the next start or 'duprep cleanup' "
+                            "removes it")
 
     # --- life cycle -------------------------------------------------------
 
@@ -335,8 +348,24 @@ class Table:
 
     @classmethod
     def attach(cls, name: str) -> "Table":
-        """Attach to an existing table; raises FileNotFoundError if there is none."""
-        return cls(_attach(name, create=False), owner=False)
+        """Attach to an existing table; raises FileNotFoundError if there is none, ProtocolError if
+        the segment is not a whole table of this layout."""
+        try:
+            shm = _attach(name, create=False)
+        except ValueError as e:          # an empty segment: mmap refuses it
+            raise ProtocolError(f"shared memory {name} is not a whole duprep table ({e}): a gateway killed "
+                                "while creating it leaves such a segment; the next start or 'duprep cleanup' "
+                                "removes it") from None
+        return cls(shm, owner=False)
+
+    @staticmethod
+    def unlink_name(name: str) -> bool:
+        """Remove the segment ``name`` without attaching (one that is not a whole table); False if none."""
+        try:
+            os.unlink(os.path.join(ipcnames.SHM_DIR, name))
+        except FileNotFoundError:
+            return False
+        return True
 
     def close(self) -> None:
         """Detach (does not unlink)."""

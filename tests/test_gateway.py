@@ -745,6 +745,27 @@ def test_restart_after_kill_9_of_the_acceptor_only(gateway, instance):
         assert c.request(b"y") == b"y"
 
 
+@pytest.mark.parametrize("size", [0, 100])
+def test_a_table_cut_short_by_a_crash_blocks_neither_start_nor_cleanup(gateway, instance, size):
+    """A gateway killed between creating its table and sizing it leaves a segment shorter than a table:
+    cleanup and the next start remove it instead of failing on it."""
+    from duprep import ipcnames
+    path = os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(instance))
+
+    def leave_one() -> None:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+        os.close(fd)
+    leave_one()
+    out = duprep_cli("cleanup", "--instance", instance)
+    assert out.returncode == 0 and ipcnames.table_name(instance) in out.stdout, out.stderr
+    assert not os.path.exists(path)
+    leave_one()
+    gw = gateway()
+    with duprep.Client("127.0.0.1", gw.port) as c:
+        assert c.request(b"started") == b"started"
+
+
 def test_second_gateway_with_the_same_instance_refuses(gateway, instance):
     gw = gateway()
     out = duprep_cli("serve", "--instance", instance, "--port", "0", "--workers", "0")

@@ -239,9 +239,9 @@ class Acceptor:
             old = Table.attach(names["table"])
         except FileNotFoundError:
             pass
-        except DuprepError:
-            removed.append(names["table"])
-            _unlink_shm(names["table"])
+        except DuprepError:            # another layout, or cut short by a crash while it was created
+            if Table.unlink_name(names["table"]):
+                removed.append(names["table"])
         else:
             old.close()
             old.unlink()
@@ -795,13 +795,6 @@ class Acceptor:
             self.lock.close()
         self.loop.close()
         log.info("stopped; IPC objects of instance %s removed", self.instance)
-
-
-def _unlink_shm(name: str) -> None:
-    try:
-        os.unlink(os.path.join(ipcnames.SHM_DIR, name))
-    except FileNotFoundError:
-        pass
 
 
 def serve(cfg: GatewayConfig) -> int:
