@@ -16,6 +16,7 @@ closed before raising, so nothing leaks.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -23,7 +24,14 @@ from typing import Final, NamedTuple
 
 from .errors import BrokenResourceError, ProtocolError, WouldBlock
 
-__all__ = ["Op", "Record", "send", "recv", "pair"]
+__all__ = ["Op", "Record", "send", "recv", "pair", "InFlightLimit"]
+
+
+class InFlightLimit(WouldBlock):
+    """The kernel refused a descriptor (ETOOMANYREFS): for a user without CAP_SYS_RESOURCE or
+    CAP_SYS_ADMIN, descriptors sent over Unix sockets and not yet received count against the
+    sender's RLIMIT_NOFILE.  It passes once the peer takes some; the socket never reports that
+    (it is writable all along), so retry on a timer."""
 
 RECORD: Final = struct.Struct("<III")
 
@@ -63,6 +71,11 @@ def send(sock: socket.socket, op: int, sid: int = 0, generation: int = 0, fd: in
         raise BrokenResourceError(f"control channel closed: {e}") from None
     except BlockingIOError:
         raise WouldBlock("control channel full") from None
+    except OSError as e:
+        if e.errno == errno.ETOOMANYREFS:
+            raise InFlightLimit("descriptors handed over and not yet taken exceed RLIMIT_NOFILE "
+                                "(ETOOMANYREFS)") from None
+        raise
 
 
 def recv(sock: socket.socket) -> Record:

@@ -650,6 +650,44 @@ def test_control_channel_queues_what_would_block_and_keeps_order():
     b.close()
 
 
+def test_a_hand_over_refused_for_descriptors_in_flight_waits_and_is_retried_without_spinning(monkeypatch):
+    """ETOOMANYREFS (an unprivileged user's descriptors in flight over RLIMIT_NOFILE) used to crash the
+    acceptor.  Now the record waits in the outbox, retried on a timer: the socket is writable all
+    along, so EPOLLOUT would spin; the order of records is kept."""
+    from duprep.gateway import control
+    a, b = fdpass.pair()
+    loop_a, loop_b = EventLoop(), EventLoop()
+    got: list[tuple[int, int]] = []
+    ca = control.Control(a, loop_a, lambda rec: None, lambda: None)
+    cb = control.Control(b, loop_b, lambda rec: got.append((rec.op, rec.sid)), lambda: None)
+    real, tries = fdpass.send, []
+
+    def send(sock: socket.socket, op: int, sid: int = 0, gen: int = 0, fd: int | None = None) -> None:
+        tries.append(sid)
+        if fd is not None and len(tries) <= 3:
+            raise fdpass.InFlightLimit("descriptors handed over and not yet taken exceed RLIMIT_NOFILE")
+        real(sock, op, sid, gen, fd)
+    monkeypatch.setattr(control.fdpass, "send", send)
+    loop_a.running = True                         # run_once() below, as run() would
+    x, y = socket.socketpair()
+    try:
+        ca.send(fdpass.Op.CONN, 7, 1, x.fileno())
+        ca.send(fdpass.Op.RELEASED, 8, 1)         # behind it, in order
+        assert [r[:2] for r in ca.outbox] == [(fdpass.Op.CONN, 7), (fdpass.Op.RELEASED, 8)]
+        t0 = time.monotonic()
+        while len(got) < 2 and time.monotonic() - t0 < 10:
+            loop_a.run_once()
+            cb.poll()
+        assert got == [(fdpass.Op.CONN, 7), (fdpass.Op.RELEASED, 8)] and not ca.outbox
+        assert tries == [7, 7, 7, 7, 8]           # one try per retry timer, not one per loop turn
+        assert time.monotonic() - t0 >= 3 * control.RETRY * 0.9
+    finally:
+        for loop in (loop_a, loop_b):
+            loop.close()
+        for s in (a, b, x, y):
+            s.close()
+
+
 def test_seqlock_reader_waits_for_a_slow_writer_and_gives_up_on_a_dead_one(table, monkeypatch):
     import threading
     import time as _time

@@ -207,18 +207,29 @@ class Acceptor:
         log.info("instance %s booting on %s:%d (max %d clients)", self.instance, host, port, cfg.max_clients)
 
     def check_fd_limit(self) -> None:
-        """Each gateway process holds one descriptor per client: make sure max_clients fits."""
-        need = self.cfg.max_clients + 64
+        """Make sure max_clients fits the descriptors the acceptor holds: one per client (two with
+        callback links: L1 and L2), one pidfd per worker, and some for itself.
+
+        Descriptors handed to the receiver and sender and not yet taken also count against the
+        acceptor's RLIMIT_NOFILE for a user without CAP_SYS_RESOURCE (up to one per client for each
+        of the two): room for them is raised too where the hard limit allows, and a hand-over beyond
+        it waits (Control, InFlightLimit) rather than fail.
+        """
+        per_client = 2 if self.cfg.links == "callback" else 1
+        need = self.cfg.max_clients * per_client + self.cfg.workers + 64
+        want = need + 2 * self.cfg.max_clients
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < need:
-            target = need if hard == resource.RLIM_INFINITY else min(hard, max(need, soft))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))     # children inherit it
-            soft = target
+        if soft < want:
+            target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))     # children inherit it
+                soft = target
         if soft < need:
             raise LimitError(
-                f"--max-clients {self.cfg.max_clients} needs {need} open files per gateway process, but "
-                f"RLIMIT_NOFILE allows {soft} (hard limit {hard}). Fix: LimitNOFILE= in the systemd unit, "
-                f"'ulimit -n' as root, or a smaller --max-clients")
+                f"--max-clients {self.cfg.max_clients} needs {need} open files in the acceptor "
+                f"({per_client} per client, one per worker, 64 more), but RLIMIT_NOFILE allows {soft} (hard "
+                f"limit {hard}). Fix: LimitNOFILE= in the systemd unit, 'ulimit -n' as root, or a smaller "
+                f"--max-clients")
 
     def make_listener(self) -> socket.socket:
         sock = systemd.listen_socket()

@@ -101,7 +101,11 @@ class CallbackDialer:
         self.timer = self.loop.call_later(self.timeout, lambda: self._fail(
             f"connecting back to {self.host} did not complete within {self.timeout:g} s"))
         for link, port in (("l1", self.call.up_port), ("l2", self.call.down_port)):
-            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(self.family, socket.SOCK_STREAM)
+            except OSError as e:       # EMFILE: this client is refused, the others are not affected
+                self._fail(f"cannot open a socket to connect back: {e}")
+                return
             sock.setblocking(False)
             self.socks[link] = sock
             self.pending[link] = self.call.nonce

@@ -4,7 +4,10 @@ Records are small, but a burst of accepts (or of releases) can fill the
 SEQPACKET socket's buffer (about 280 records by default).  A record that
 would block is kept in an outbox, in order, and the socket is watched for
 EPOLLOUT until the outbox is empty: a hand-over or a release is never lost,
-and the loop never blocks on its peer.
+and the loop never blocks on its peer.  A descriptor the kernel refuses
+because too many are in flight (``fdpass.InFlightLimit``: an unprivileged
+user, a child slow to take them) waits in the outbox too, retried every
+RETRY seconds: the socket stays writable meanwhile, so EPOLLOUT would spin.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Callable
 
 from .. import fdpass
 from ..errors import BrokenResourceError, DuprepError, WouldBlock
-from .loop import READ, WRITE, EventLoop
+from .loop import READ, WRITE, EventLoop, Timer
 
 __all__ = ["Control"]
 
 log = logging.getLogger("duprep")
 BUFFER = 1 << 20      # bytes of socket buffer asked for each direction
+RETRY = 0.05          # seconds between tries while descriptors in flight are at the limit
 
 
 class Control:
@@ -40,6 +44,8 @@ class Control:
         self.on_drained = on_drained       # the outbox has just become empty
         self.outbox: deque[tuple[int, int, int, int | None]] = deque()
         self.closed = False
+        self.retry: Timer | None = None     # armed while the head of the outbox hit InFlightLimit
+        self.warned = False
         sock.setblocking(False)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
@@ -56,12 +62,28 @@ class Control:
             try:
                 fdpass.send(self.sock, op, sid, gen, fd)
                 return
-            except WouldBlock:
-                self.loop.modify(self.fd, READ | WRITE)
+            except WouldBlock as e:
+                self._blocked(e)
             except BrokenResourceError:
                 self._close()
                 return
         self.outbox.append((op, sid, gen, fd))
+
+    def _blocked(self, e: WouldBlock) -> None:
+        """The head of the outbox cannot go yet: wait for room, or for the peer to take descriptors."""
+        if isinstance(e, fdpass.InFlightLimit):
+            if not self.warned:
+                self.warned = True
+                log.warning("hand-overs wait: %s; raise LimitNOFILE= (or run with CAP_SYS_RESOURCE)", e)
+            self.loop.modify(self.fd, READ)
+            if self.retry is None:
+                self.retry = self.loop.call_later(RETRY, self._retry)
+        else:
+            self.loop.modify(self.fd, READ | WRITE)
+
+    def _retry(self) -> None:
+        self.retry = None
+        self._flush()
 
     def poll(self) -> None:
         """Read every record that is already there (also used to catch up out of turn)."""
@@ -89,7 +111,8 @@ class Control:
             op, sid, gen, fd = self.outbox[0]
             try:
                 fdpass.send(self.sock, op, sid, gen, fd)
-            except WouldBlock:
+            except WouldBlock as e:
+                self._blocked(e)
                 return
             except BrokenResourceError:
                 self._close()
@@ -103,5 +126,8 @@ class Control:
         if not self.closed:
             self.closed = True
             self.outbox.clear()
+            if self.retry is not None:
+                self.retry.cancel()
+                self.retry = None
             self.loop.close_later(self.sock)
             self.on_closed()
