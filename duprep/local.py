@@ -256,17 +256,32 @@ class Client:
     def receive(self, *, timeout: float | None = None) -> Message:
         """The next push, relay, late or deferred reply; raises Timeout if none comes in time.
 
-        Raises BrokenResourceError once when the daemon exits (the next
-        call attaches again), ClosedResourceError after :meth:`close`.
+        What has arrived is handed out first, also after the daemon has
+        exited (with the LINK_LOST errors for answers that cannot come any
+        more); then BrokenResourceError is raised once, and the next call
+        attaches again (or raises BrokenResourceError if no daemon runs).
+        ClosedResourceError after :meth:`close`.
         """
-        self._ready()
+        self._check_usable()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._inbox.get(left)
-            except queue.Empty:
-                raise Timeout(f"nothing received within {timeout:g} s") from None
+            s = self._session
+            if s is None or s.broken is not None:
+                # The daemon is gone: hand out what it sent before (the reader has put all of
+                # it in the inbox once it ends), and only then attach again or say why not.
+                if s is not None and s.thread is not None and s.thread is not threading.current_thread():
+                    s.thread.join(timeout=5)
+                try:
+                    item = self._inbox.get(0)
+                except queue.Empty:
+                    self._ready()
+                    continue
+            else:
+                try:
+                    item = self._inbox.get(left)
+                except queue.Empty:
+                    raise Timeout(f"nothing received within {timeout:g} s") from None
             if item is _CLOSED:
                 self._inbox.put(_CLOSED)
                 raise ClosedResourceError("this Client is closed")
@@ -294,12 +309,15 @@ class Client:
 
     # --- attaching ----------------------------------------------------------------------------
 
-    def _ready(self) -> _Session:
-        """The current session, attaching again if the daemon went away."""
+    def _check_usable(self) -> None:
         if self._closed:
             raise ClosedResourceError("this Client is closed")
         if os.getpid() != self._pid:
             raise ClosedResourceError(f"this Client belongs to process {self._pid}; make a new one after fork()")
+
+    def _ready(self) -> _Session:
+        """The current session, attaching again if the daemon went away."""
+        self._check_usable()
         s = self._session
         if s is not None and s.broken is None:
             return s

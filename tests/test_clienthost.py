@@ -47,7 +47,7 @@ from duprep.frame import (
 )
 from duprep.gateway.callback import CallbackRefused, CallMe, check_call, connect_back
 from duprep.launch import GatewayProcess, start_gateway
-from duprep.local import Client
+from duprep.local import LINK_LOST, Client
 from duprep.status import snapshot
 from duprep.wire import FrameReader
 
@@ -60,12 +60,22 @@ APP = ["--app", "tests.test_clienthost:app", "--workers", "2", "--drain-timeout"
 _ids = itertools.count()
 
 
-def app(request: Request) -> bytes:
+def app(request: Request) -> bytes | None:
     """The gateway's business handler in these tests.
 
     Echo; ``sleep:<s>`` echoes after a while; ``defer:<dir>`` answers DEFERRED
-    and leaves the request in ``<dir>`` for the test to answer later.
+    and leaves the request in ``<dir>`` for the test to answer later; ``none``
+    never answers; ``lost:<dir>`` leaves the request in ``<dir>`` and kills its
+    worker (the gateway answers WORKER_LOST, the test may answer after it).
     """
+    if request.data == b"none":
+        return None
+    if request.data.startswith(b"lost:"):
+        path = os.path.join(request.data[5:].decode(), "request")
+        with open(path + ".tmp", "wb") as f:
+            f.write(msgspec.msgpack.encode(request))
+        os.rename(path + ".tmp", path)
+        os.kill(os.getpid(), signal.SIGKILL)
     if request.data.startswith(b"sleep:"):
         time.sleep(float(request.data[6:]))
     if request.data.startswith(b"defer:"):
@@ -642,3 +652,41 @@ def test_callme_to_a_direct_gateway_is_refused_clearly(host: Host) -> None:
             bodies = reader.feed(data)
         err = server_decoder().decode(bodies[0])
         assert err.code == ErrorCode.BAD_HELLO and "--links callback" in err.message
+
+
+# --- review fixes: receive after the daemon, close racing an attach, unanswered requests, cleanup -----
+
+def closed_port() -> socket.socket:
+    """A bound TCP socket that does not listen: connecting to its port is refused (a link that stays down).
+    The caller closes it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def test_receive_hands_out_what_came_before_the_daemon_exited(host: Host) -> None:
+    """A late reply and a relay that arrived, and the LINK_LOST error for an answer that cannot come any
+    more, are handed out by receive() after the daemon has gone; only then does it raise, once, and the
+    next call says that no daemon runs (as duprep.Client's receive() does after a connection loss)."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname4")
+    d.wait_link("up")
+    c = host.client(pushes=True)
+    with pytest.raises(Timeout) as late:
+        c.request(b"sleep:0.3", timeout=0.05)
+    with pytest.raises(Timeout) as unanswered:
+        c.request(b"none", timeout=0.05)
+    with DirectClient("127.0.0.1", gw.port, name="sender4", timeout=10) as direct:
+        direct.relay("hostname4", b"to the host")
+    wait_until(lambda: (n := d.status()["counters"])["replies"] >= 1 and n["pushes"] >= 1,
+               what="the late reply and the relay on the reply queue")
+    d.stop()
+
+    got = []
+    with pytest.raises(BrokenResourceError, match="exited"):
+        for _ in range(10):
+            got.append(c.receive(timeout=10))
+    assert sorted((m.kind, m.msgid, m.code) for m in got) == sorted([
+        ("late", late.value.msgid, 0), ("relay", 0, 0), ("error", unanswered.value.msgid, LINK_LOST)])
+    with pytest.raises(BrokenResourceError, match="no client daemon is running"):
+        c.receive(timeout=10)
