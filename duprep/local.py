@@ -179,6 +179,7 @@ class Client:
         self._closed = False
         self._decoder = down_decoder()
         self._session: _Session | None = None
+        self._attaching: _Session | None = None   # a session being attached (close() wakes its wait)
         self._session = self._attach()
 
     # --- what the daemon told us --------------------------------------------------------
@@ -292,11 +293,19 @@ class Client:
             return item  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Detach and remove our reply queue; waiting requests raise ClosedResourceError."""
+        """Detach and remove our reply queue; waiting requests raise ClosedResourceError.
+
+        Also ends an attach another thread has under way (its call raises
+        ClosedResourceError): once this returns, nothing of the Client is left.
+        """
         if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
-        s, self._session = self._session, None
+        attaching = self._attaching
+        if attaching is not None:
+            attaching.attached.set()           # do not keep that thread waiting for the daemon
+        with self._attach_lock:                # an attach under way has finished and seen _closed
+            s, self._session = self._session, None
         if s is not None:
             self._end_session(s, detach=True)
         self._inbox.put(_CLOSED)
@@ -322,6 +331,7 @@ class Client:
         if s is not None and s.broken is None:
             return s
         with self._attach_lock:
+            self._check_usable()               # close() ran while we waited for the lock
             s = self._session
             if s is not None and s.broken is None:
                 return s
@@ -365,7 +375,10 @@ class Client:
             raise
         s = _Session(info, pidfd, name, queues.Queue(name, mq))
         s.finalizer = weakref.finalize(self, _unlink_own, name, self._pid)    # at exit if never closed
+        self._attaching = s
         try:
+            if self._closed:                   # close() came before it could see this session
+                raise ClosedResourceError("this Client was closed while it attached to the client daemon")
             s.uplink = queues.Queue(info.uplink)
             s.thread = threading.Thread(target=self._read_loop, args=(s,), daemon=True,
                                         name=f"duprep-local-{self.instance}")
@@ -375,29 +388,35 @@ class Client:
             if not s.attached.wait(max(0.0, deadline - time.monotonic())):
                 raise Timeout(f"the client daemon of {self.instance!r} did not answer within "
                               f"{self.attach_timeout:g} s")
+            if self._closed:                   # close() in another thread meanwhile: leave nothing
+                raise ClosedResourceError("this Client was closed while it attached to the client daemon")
             if s.refused:
                 raise BrokenResourceError(f"the client daemon refused to attach us: {s.refused}")
             if s.broken is not None and s.welcome is None:
                 raise BrokenResourceError(str(s.broken))
         except BaseException:
-            self._end_session(s, detach=False)
+            self._end_session(s, detach=True)      # if the daemon attached us after all, it is told
             raise
+        finally:
+            self._attaching = None
         return s
 
     def _end_session(self, s: _Session, *, detach: bool) -> None:
         """Stop the reader, remove our queue, tell the daemon (if asked), close everything."""
         queues.unlink(s.name)          # first: never a moment with a name but no endpoint
-        if detach and s.ep and s.broken is None and s.uplink is not None:
-            try:
-                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT)
-            except (Timeout, BrokenResourceError, OSError, posix_ipc.Error):
-                pass                   # the daemon learns it from our pidfd instead
         try:
             s.wake_w.send(b"x")
         except OSError:
             pass
         if s.thread is not None and s.thread is not threading.current_thread():
             s.thread.join(timeout=5)
+        if s.broken is None and not s.ep and s.thread is not None and not s.thread.is_alive():
+            self._drain(s)             # an Attached that came as we gave up waiting: detach it too
+        if detach and s.ep and s.broken is None and s.uplink is not None:
+            try:
+                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT)
+            except (Timeout, BrokenResourceError, OSError, posix_ipc.Error):
+                pass                   # the daemon learns it from our pidfd instead
         if s.broken is None:
             s.broken = ClosedResourceError("this Client is closed")
         self._fail_waiters(s, s.broken)

@@ -32,7 +32,7 @@ from duprep.client import Client as DirectClient
 from duprep.clienthost.launch import DaemonProcess, start_daemon
 from duprep.clienthost import procid
 from duprep.clienthost.procid import start_time
-from duprep.errors import BrokenResourceError, Deferred, RemoteError, Timeout
+from duprep.errors import BrokenResourceError, ClosedResourceError, Deferred, RemoteError, Timeout
 from duprep.frame import (
     PROTOCOL_VERSION,
     Call,
@@ -690,3 +690,44 @@ def test_receive_hands_out_what_came_before_the_daemon_exited(host: Host) -> Non
         ("late", late.value.msgid, 0), ("relay", 0, 0), ("error", unanswered.value.msgid, LINK_LOST)])
     with pytest.raises(BrokenResourceError, match="no client daemon is running"):
         c.receive(timeout=10)
+
+
+def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
+    """close() while another thread re-attaches to a slow daemon: that call raises ClosedResourceError at
+    once, and no reply queue, reader thread or daemon endpoint of the Client is left."""
+    gw = host.gateway()
+    d1 = host.daemon(f"127.0.0.1:{gw.port}")
+    d1.wait_link("up")
+    c = host.client(timeout=10, attach_timeout=60)
+    assert c.request(b"one") == b"one"
+    d1.stop()
+    d2 = host.daemon(f"127.0.0.1:{gw.port}")
+    uplink = posix_ipc.MessageQueue(ipcnames.clienthost_uplink(host.instance))
+    outcome: list[BaseException] = []
+
+    def reattach() -> None:
+        try:
+            c.request(b"two")
+        except BaseException as e:      # noqa: BLE001 - the test checks which
+            outcome.append(e)
+
+    os.kill(d2.pid, signal.SIGSTOP)                      # a daemon that does not answer the Attach yet
+    t = threading.Thread(target=reattach)
+    try:
+        t.start()
+        wait_until(lambda: uplink.current_messages == 1, what="the Attach waiting on the uplink")
+        t0 = time.monotonic()
+        c.close()
+        t.join(timeout=10)
+        assert time.monotonic() - t0 < 5, "close() must not wait for the attach to time out"
+    finally:
+        os.kill(d2.pid, signal.SIGCONT)
+        uplink.close()
+    assert not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], ClosedResourceError), outcome
+    assert not host.reply_queues()
+    assert not [x for x in threading.enumerate() if x.name.startswith("duprep-local")]
+    snap = wait_until(lambda: (s := d2.status())["counters"]["refused"] == 1 and s,
+                      what="the daemon to refuse the Attach of a queue that is gone")
+    assert snap["processes"] == []
+    with pytest.raises(ClosedResourceError):
+        c.request(b"three")
