@@ -95,6 +95,11 @@ __all__ = ["Client", "Message", "LINK_LOST"]
 _queue_numbers = itertools.count(1)
 
 
+def _deadline(timeout: float | None) -> float | None:
+    """The monotonic time ``timeout`` seconds from now; None for no deadline."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 def _unlink_own(name: str, owner: int) -> None:
     """Exit-time cleanup of a Client never closed; a forked child must not remove its parent's queue."""
     if os.getpid() == owner:
@@ -149,7 +154,9 @@ class Client:
 
     Args:
         instance: the client daemon's instance name.
-        timeout: default seconds for ``request()`` and ``relay()``.
+        timeout: default seconds for ``request()`` and ``relay()``, and for
+            ``send()`` to find room on the uplink; None: no deadline (wait
+            for ever; the request tells the worker "no deadline").
         pushes: also take pushes and relays addressed to the host as a
             whole (not to this pid).
         attach_timeout: seconds to wait for the daemon to accept us.
@@ -161,8 +168,10 @@ class Client:
     Timeout if the daemon does not answer the attach in time.
     """
 
-    def __init__(self, instance: str = "default", *, timeout: float = 20.0, pushes: bool = False,
+    def __init__(self, instance: str = "default", *, timeout: float | None = 20.0, pushes: bool = False,
                  attach_timeout: float = 5.0, max_inbox: int = DEFAULT_MAX_BYTES) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None (no deadline), not {timeout!r}")
         self.instance = ipcnames.check_instance(instance)
         self.timeout = timeout
         self.pushes = pushes
@@ -215,10 +224,11 @@ class Client:
         "late"), Deferred (the answer will come through ``receive()`` as
         "deferred"), RemoteError (the worker failed, or the frame is too
         large), BrokenResourceError (link down or lost, or the daemon
-        exited), ClosedResourceError (closed).
+        exited), ClosedResourceError (closed).  ``timeout`` None: the
+        Client's (which may itself be None: no deadline).
         """
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         s = self._ready()
         msgid, waiter = self._register(s)
         self._put(s, LCall(s.ep, self._pid, msgid, timeout_ms(timeout), data),
@@ -233,7 +243,7 @@ class Client:
         """
         s = self._ready()
         msgid = next(self._ids)
-        self._put(s, LSend(s.ep, self._pid, msgid, data), 0, time.monotonic() + self.timeout)
+        self._put(s, LSend(s.ep, self._pid, msgid, data), 0, _deadline(self.timeout))
 
     def relay(self, target: str, data: bytes, *, timeout: float | None = None) -> None:
         """Deliver ``data`` to the gateway client named ``target``.
@@ -243,7 +253,7 @@ class Client:
         """
         check_target(target)
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         s = self._ready()
         msgid, waiter = self._register(s)
         self._put(s, LRelay(s.ep, self._pid, msgid, target, data), msgid, deadline)

@@ -731,3 +731,16 @@ def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
     assert snap["processes"] == []
     with pytest.raises(ClosedResourceError):
         c.request(b"three")
+
+
+def test_timeout_none_means_no_deadline(host: Host) -> None:
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname5")
+    d.wait_link("up")
+    c = host.client(timeout=None)
+    assert c.request(b"sleep:0.1") == b"sleep:0.1"
+    c.send(b"one-way")
+    c.relay("hostname5", b"to myself")
+    assert c.request(b"x", timeout=5) == b"x"
+    with pytest.raises(ValueError, match="timeout"):
+        Client(host.instance, timeout=-1)
