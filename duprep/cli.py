@@ -165,7 +165,8 @@ def cmd_client_daemon(args: argparse.Namespace) -> int:
     sizes = default_sizes()
     cfg = DaemonConfig(
         instance=args.instance, server_host=host, server_port=port, name=args.name or "", links=args.links,
-        callback_host=args.callback_host or "", max_backoff=args.max_backoff,
+        callback_host=args.callback_host or "", max_backoff=args.max_backoff, late_grace=args.late_grace,
+        max_routes=args.max_routes,
         **{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()})
     return serve_client_daemon(cfg)
 
@@ -223,6 +224,12 @@ def _add_clienthost_commands(sub: _Commands) -> None:
                     help="bytes per reply-queue message; larger replies come in pieces (default: min(1024, "
                          "fs.mqueue.msgsize_max))")
     cd.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnect attempts, seconds")
+    cd.add_argument("--late-grace", type=float, default=10.0,
+                    help="seconds an unanswered request is remembered after its timeout, so that a late answer "
+                         "still reaches its process; then it is forgotten and counted as expired")
+    cd.add_argument("--max-routes", type=int, default=100_000,
+                    help="unanswered requests remembered at most (also those without a timeout, and deferred "
+                         "ones); beyond it the oldest is forgotten, its process told, and counted as forgotten")
     cd.set_defaults(func=cmd_client_daemon)
 
     cs = _command(sub, "client-status", "show a client daemon's link, local processes and queues")

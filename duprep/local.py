@@ -56,7 +56,7 @@ import msgspec
 import posix_ipc
 
 from . import ipcnames, queues
-from .client import Message, check_target, timeout_ms
+from .client import Message, _remember, check_target, timeout_ms
 from .inbox import DEFAULT_MAX_BYTES, Inbox
 from .clienthost import procid
 from .clienthost.instance import DaemonInfo, read_info
@@ -182,8 +182,9 @@ class Client:
         self._lock = threading.Lock()            # waiting / late / deferred
         self._attach_lock = threading.Lock()     # one (re)attach at a time
         self._waiting: dict[int, _Waiter] = {}
-        self._late: set[int] = set()
-        self._deferred: set[int] = set()
+        # msgids whose answer may still come later; bounded as duprep.Client's, oldest forgotten first
+        self._late: dict[int, None] = {}
+        self._deferred: dict[int, None] = {}
         self._inbox = Inbox(max_inbox)
         self._closed = False
         self._decoder = down_decoder()
@@ -489,7 +490,7 @@ class Client:
         if not waiter.event.wait(left):
             with self._lock:
                 if self._waiting.pop(msgid, None) is not None:
-                    self._late.add(msgid)
+                    _remember(self._late, msgid)
                     raise Timeout(f"no reply to msgid {msgid} within {timeout:g} s", msgid=msgid)
             waiter.event.wait()       # the reader filled it in while we were timing out
         frame = waiter.frame
@@ -543,7 +544,7 @@ class Client:
     def _lose_outstanding(self, reason: str) -> None:
         """The daemon is gone: late and deferred answers will never come; say so through receive()."""
         with self._lock:
-            lost = sorted(self._late | self._deferred)
+            lost = sorted({**self._late, **self._deferred})
             self._late.clear()
             self._deferred.clear()
         for msgid in lost:
@@ -595,13 +596,13 @@ class Client:
                 late = msgid in self._late
                 deferred = msgid in self._deferred
                 if kind is not Defer:
-                    self._late.discard(msgid)
-                    self._deferred.discard(msgid)
+                    self._late.pop(msgid, None)
+                    self._deferred.pop(msgid, None)
                 elif late:
-                    self._late.discard(msgid)
-                    self._deferred.add(msgid)
+                    self._late.pop(msgid, None)
+                    _remember(self._deferred, msgid)
             elif kind is Defer:
-                self._deferred.add(msgid)
+                _remember(self._deferred, msgid)
         if waiter is not None:
             waiter.frame = frame
             waiter.event.set()

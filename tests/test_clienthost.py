@@ -733,6 +733,62 @@ def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
         c.request(b"three")
 
 
+def test_unanswered_requests_are_forgotten_in_the_daemon_and_the_client(host: Host, monkeypatch: Any) -> None:
+    """A handler that returns None never answers: the daemon forgets the route late_grace after the
+    request's timeout (counted as expired), and the Client remembers at most REMEMBER late msgids."""
+    import duprep.client
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--late-grace", "0.2")
+    d.wait_link("up")
+    c = host.client()
+    monkeypatch.setattr(duprep.client, "REMEMBER", 5)
+    msgids = []
+    for _ in range(20):
+        with pytest.raises(Timeout) as e:
+            c.request(b"none", timeout=0.05)
+        msgids.append(e.value.msgid)
+    assert list(c._late) == msgids[-5:]                  # the oldest forgotten first
+    snap = wait_until(lambda: (s := d.status())["in_flight"] == 0 and s, what="the routes to expire")
+    assert snap["counters"]["expired"] == 20 and snap["counters"]["unmatched"] == 0
+    assert c.request(b"still works", timeout=10) == b"still works"
+
+
+def test_overdue_requests_do_not_hold_up_the_stop(host: Host) -> None:
+    """Routes whose requester has given up (kept for the grace, in case a late answer comes) do not make a
+    SIGTERM wait drain_timeout (5 s) for answers nobody waits for."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    c = host.client()
+    for _ in range(3):
+        with pytest.raises(Timeout):
+            c.request(b"none", timeout=0.05)
+    wait_until(lambda: (s := d.status())["overdue"] == 3 and s["in_flight"] == 3, what="three overdue routes")
+    t0 = time.monotonic()
+    assert d.stop(timeout=10) == 0
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_requests_without_a_deadline_are_bounded(host: Host) -> None:
+    """timeout 0 tells the worker "no deadline": such routes never expire, so at most --max-routes are
+    kept; the oldest is forgotten, counted, and its requester told through receive()."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--max-routes", "5")
+    d.wait_link("up")
+    c = host.client()
+    msgids = []
+    for _ in range(8):
+        with pytest.raises(Timeout) as e:
+            c.request(b"none", timeout=0)
+        msgids.append(e.value.msgid)
+    snap = wait_until(lambda: (s := d.status())["counters"]["forgotten"] == 3 and s, what="three routes forgotten")
+    assert snap["in_flight"] == 5
+    told = [c.receive(timeout=10) for _ in range(3)]
+    assert [(m.kind, m.msgid, m.code) for m in told] == [("error", i, LINK_LOST) for i in msgids[:3]]
+    assert b"forgot" in told[0].data
+    assert c.request(b"ok", timeout=10) == b"ok"
+
+
 def test_timeout_none_means_no_deadline(host: Host) -> None:
     gw = host.gateway()
     d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname5")
