@@ -614,6 +614,6 @@ class Client:
         elif kind is Error:
             self._inbox.put(Message("error", msgid, frame.message.encode(), "", frame.cpid,  # type: ignore[attr-defined]
                                     frame.code))  # type: ignore[attr-defined]
-        elif kind is Reply and (late or deferred):
+        elif kind is Reply:      # also one nobody waits for (forgotten, or after WORKER_LOST): "late"
             self._inbox.put(Message("deferred" if deferred else "late", msgid, frame.data, "",  # type: ignore[attr-defined]
                                     frame.cpid))  # type: ignore[attr-defined]

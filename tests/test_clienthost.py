@@ -789,6 +789,25 @@ def test_requests_without_a_deadline_are_bounded(host: Host) -> None:
     assert c.request(b"ok", timeout=10) == b"ok"
 
 
+def test_a_reply_after_worker_lost_is_handed_out_as_late(host: Host, tmp_path: Any) -> None:
+    """protocol.md 1.6: WORKER_LOST first, then the REPLY from the process the request was passed to;
+    as with duprep.Client, receive() hands that REPLY out as "late" instead of the daemon dropping it."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    c = host.client()
+    with pytest.raises(RemoteError) as lost:
+        c.request(f"lost:{tmp_path}".encode(), timeout=20)
+    assert lost.value.code == ErrorCode.WORKER_LOST
+    with open(tmp_path / "request", "rb") as f:
+        request = msgspec.msgpack.decode(f.read(), type=Request)
+    with bus.Replier(host.instance) as replier:
+        replier.reply(request, b"answered after all")
+    msg = c.receive(timeout=10)
+    assert (msg.kind, msg.msgid, msg.data) == ("late", lost.value.msgid, b"answered after all")
+    assert d.status()["counters"]["unmatched"] == 0
+
+
 def test_timeout_none_means_no_deadline(host: Host) -> None:
     gw = host.gateway()
     d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname5")

@@ -721,3 +721,13 @@ def test_routes_keep_at_most_max_routes_and_return_the_forgotten_one() -> None:
     assert evicted is not None and (evicted.ep, evicted.msgid) == (7, 11)
     assert r.resolve(first, final=True) is None and r.waiting() == 2 and r.in_flight(7) == (1, 0)
 
+
+def test_routes_keep_a_worker_lost_request_for_the_reply_that_may_follow() -> None:
+    r = Routes()
+    wire, _ = r.add(3, 5, due=1.0)
+    route = r.resolve(wire, final=True)
+    assert route is not None
+    r.worker_lost(wire, route)
+    again = r.resolve(wire, final=True)
+    assert again is not None and (again.ep, again.msgid) == (3, 5)
+    assert r.resolve(wire, final=True) is None          # a third answer is unmatched

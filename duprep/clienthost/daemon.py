@@ -373,9 +373,11 @@ class ClientDaemon:
                 self.c["unmatched"] += 1
             return
         ep = self.endpoints.get(route.ep)
-        if ep is None:                        # cannot happen: routes are orphaned with their endpoint
+        if ep is None:                        # an answer after WORKER_LOST for an endpoint gone since
             self.c["orphan_replies"] += 1
             return
+        if kind is Error and frame.code == ErrorCode.WORKER_LOST:   # type: ignore[attr-defined]
+            self.routes.worker_lost(wire, route)   # a REPLY may still follow (protocol.md 1.6)
         if kind is Reply:            # (locally, cpid is the process's own pid again)
             out: msgspec.Struct = Reply(route.msgid, ep.pid, frame.data)       # type: ignore[attr-defined]
         elif kind is Defer:

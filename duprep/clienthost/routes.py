@@ -23,7 +23,9 @@ When an endpoint goes away its entries become *orphans*: the answers may
 still come, and must be discarded and counted rather than delivered to
 anyone.  Orphans are remembered up to ``orphan_memory`` msgids (oldest
 forgotten first) and all forgotten when the link is lost, because answers
-never come on a dead connection.
+never come on a dead connection.  So are requests answered with
+``ERROR WORKER_LOST``: a REPLY may still follow (protocol.md 1.6), and it
+goes to the endpoint, whose Client hands it out as "late".
 
 Owns no descriptors.
 """
@@ -56,6 +58,7 @@ class Routes:
         self._live: OrderedDict[int, Route] = OrderedDict()     # oldest first
         self._by_ep: dict[int, set[int]] = {}
         self._orphans: OrderedDict[int, int] = OrderedDict()   # wire msgid -> endpoint id
+        self._lost: OrderedDict[int, Route] = OrderedDict()    # answered WORKER_LOST: a REPLY may follow
         self.orphan_memory = orphan_memory
         self.max_routes = max_routes
         self.grace = grace
@@ -90,6 +93,8 @@ class Routes:
         """The route of an answer; forgotten if ``final``.  None if unknown or orphaned."""
         route = self._live.get(wire)
         if route is None:
+            if final:                 # the answer that may follow a WORKER_LOST: the last one
+                return self._lost.pop(wire, None)
             return None
         if final:
             del self._live[wire]
@@ -97,6 +102,12 @@ class Routes:
         else:
             route.deferred = True
         return route
+
+    def worker_lost(self, wire: int, route: Route) -> None:
+        """``route`` was answered ERROR WORKER_LOST: keep it for a REPLY that may still follow."""
+        self._lost[wire] = route
+        while len(self._lost) > self.orphan_memory:
+            self._lost.popitem(last=False)
 
     def take_orphan(self, wire: int, *, final: bool) -> bool:
         """True if ``wire`` belonged to an endpoint that is gone (forgotten if ``final``)."""
@@ -130,6 +141,7 @@ class Routes:
         self._live.clear()
         self._by_ep.clear()
         self._orphans.clear()
+        self._lost.clear()
         return failed
 
     def expire(self, now: float) -> tuple[int, bool]:
