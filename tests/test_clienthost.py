@@ -819,3 +819,50 @@ def test_timeout_none_means_no_deadline(host: Host) -> None:
     assert c.request(b"x", timeout=5) == b"x"
     with pytest.raises(ValueError, match="timeout"):
         Client(host.instance, timeout=-1)
+
+
+def test_client_cleanup_after_kill9(host: Host) -> None:
+    """After kill -9 of the daemon, client-status says it crashed and names client-cleanup, which removes
+    everything the daemon and its dead local processes left, keeps the queue of a live local process,
+    and refuses while a daemon runs."""
+    down = closed_port()
+    try:
+        server = f"127.0.0.1:{down.getsockname()[1]}"
+        d = host.daemon(server)
+        refused = duprep_cli("client-cleanup", "--instance", host.instance)
+        assert refused.returncode == 1 and "already running" in refused.stderr
+        assert queue_exists(ipcnames.clienthost_uplink(host.instance))     # nothing removed under it
+        live = host.client()
+        [dead] = start_locals(host, 1, 0)
+        [live_queue] = [q for q in host.reply_queues() if f".p{os.getpid()}." in q]
+        [dead_queue] = [q for q in host.reply_queues() if f".p{dead.pid}." in q]
+        d.kill()
+        dead.kill()
+
+        st = duprep_cli("client-status", "--instance", host.instance)
+        assert st.returncode == 3 and "crashed" in st.stderr and "client-cleanup" in st.stderr, st.stderr
+        st = duprep_cli("client-status", "--instance", host.instance, "--json")
+        assert st.returncode == 3 and json.loads(st.stdout)["state"] == "crashed"
+
+        out = duprep_cli("client-cleanup", "--instance", host.instance)
+        assert out.returncode == 0, out.stderr
+        names = ipcnames.clienthost_all_names(host.instance)
+        for name in (names["uplink"], names["info"], names["lock"], dead_queue):
+            assert name in out.stdout
+        assert live_queue in out.stdout.split("kept", 1)[1]
+        assert host.reply_queues() == [live_queue]                        # not removed under its owner
+        with pytest.raises(BrokenResourceError):
+            live.request(b"x", timeout=5)
+        live.close()
+        out = duprep_cli("client-cleanup", "--instance", host.instance)
+        assert out.returncode == 0 and names["registry"] in out.stdout
+        assert host.leftovers() == []
+        st = duprep_cli("client-status", "--instance", host.instance, "--json")
+        assert st.returncode == 3 and json.loads(st.stdout)["state"] == "stopped"
+    finally:
+        down.close()
+
+
+def duprep_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "duprep", *args], capture_output=True, text=True, env=ENV,
+                          timeout=30)
