@@ -154,6 +154,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     lock.unlink()
     lock.close()
     print("removed: " + (", ".join(removed) if removed else "nothing"))
+    from .clienthost.instance import crashed
+    if crashed(args.instance) is not None:      # a client daemon's leftovers are not a gateway's
+        print(f"a crashed client daemon of instance {args.instance!r} left objects too: "
+              f"'duprep client-cleanup --instance {args.instance}' removes them", file=sys.stderr)
     return 0
 
 
@@ -169,22 +173,44 @@ def cmd_client_daemon(args: argparse.Namespace) -> int:
     sizes = default_sizes()
     cfg = DaemonConfig(
         instance=args.instance, server_host=host, server_port=port, name=args.name or "", links=args.links,
-        callback_host=args.callback_host or "", max_backoff=args.max_backoff,
+        callback_host=args.callback_host or "", max_backoff=args.max_backoff, late_grace=args.late_grace,
+        max_routes=args.max_routes,
         **{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in sizes.items()})
     return serve_client_daemon(cfg)
 
 
 def cmd_client_status(args: argparse.Namespace) -> int:
     from .clienthost.control import fetch, render
+    from .clienthost.instance import crashed
     try:
         snap = fetch(args.instance)
     except DuprepError as e:
+        state, error = "stopped", str(e)
+        dead = crashed(args.instance)
+        if dead is not None:         # it left its queues and files: say so, and how to remove them
+            state = "crashed"
+            error = (f"the client daemon of instance {args.instance!r} (pid {dead.pid}) crashed: its uplink "
+                     f"queue, files and reply queues are left over; start it again or run "
+                     f"'duprep client-cleanup --instance {args.instance}' to remove them")
         if args.json:
-            print(json.dumps({"instance": args.instance, "state": "stopped", "error": str(e)}))
+            print(json.dumps({"instance": args.instance, "state": state, "error": error}))
         else:
-            print(f"duprep client-status: {e}", file=sys.stderr)
+            print(f"duprep client-status: {error}", file=sys.stderr)
         return 3
     print(json.dumps(snap, indent=1) if args.json else render(snap))
+    return 0
+
+
+def cmd_client_cleanup(args: argparse.Namespace) -> int:
+    from .clienthost.instance import cleanup
+    try:
+        removed, kept = cleanup(args.instance)
+    except InstanceBusyError as e:
+        print(f"duprep client-cleanup: {e}", file=sys.stderr)
+        return 1
+    print("removed: " + (", ".join(removed) if removed else "nothing"))
+    if kept:
+        print("kept (their local process lives; it removes them itself): " + ", ".join(kept))
     return 0
 
 
@@ -227,12 +253,23 @@ def _add_clienthost_commands(sub: _Commands) -> None:
                     help="bytes per reply-queue message; larger replies come in pieces (default: min(1024, "
                          "fs.mqueue.msgsize_max))")
     cd.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnect attempts, seconds")
+    cd.add_argument("--late-grace", type=float, default=10.0,
+                    help="seconds an unanswered request is remembered after its timeout, so that a late answer "
+                         "still reaches its process; then it is forgotten and counted as expired")
+    cd.add_argument("--max-routes", type=int, default=100_000,
+                    help="unanswered requests remembered at most (also those without a timeout, and deferred "
+                         "ones); beyond it the oldest is forgotten, its process told, and counted as forgotten")
     cd.set_defaults(func=cmd_client_daemon)
 
     cs = _command(sub, "client-status", "show a client daemon's link, local processes and queues")
     cs.add_argument("--instance", default="default", help="the client daemon's instance")
     cs.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     cs.set_defaults(func=cmd_client_status)
+
+    cc = _command(sub, "client-cleanup",
+                  "remove the queues and files left by a crashed client daemon (refuses if it is alive)")
+    cc.add_argument("--instance", default="default", help="the crashed client daemon's instance")
+    cc.set_defaults(func=cmd_client_cleanup)
 
 
 def build_parser() -> argparse.ArgumentParser:

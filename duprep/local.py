@@ -56,7 +56,7 @@ import msgspec
 import posix_ipc
 
 from . import ipcnames, queues
-from .client import Message, check_target, timeout_ms
+from .client import Message, _remember, check_target, timeout_ms
 from .inbox import DEFAULT_MAX_BYTES, Inbox
 from .clienthost import procid
 from .clienthost.instance import DaemonInfo, read_info
@@ -93,6 +93,11 @@ __all__ = ["Client", "Message", "LINK_LOST"]
 # lives, so a name this process unlinks can only ever be its own (a second
 # Client created meanwhile gets the next number, not the freed one).
 _queue_numbers = itertools.count(1)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The monotonic time ``timeout`` seconds from now; None for no deadline."""
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def _unlink_own(name: str, owner: int) -> None:
@@ -149,7 +154,9 @@ class Client:
 
     Args:
         instance: the client daemon's instance name.
-        timeout: default seconds for ``request()`` and ``relay()``.
+        timeout: default seconds for ``request()`` and ``relay()``, and for
+            ``send()`` to find room on the uplink; None: no deadline (wait
+            for ever; the request tells the worker "no deadline").
         pushes: also take pushes and relays addressed to the host as a
             whole (not to this pid).
         attach_timeout: seconds to wait for the daemon to accept us.
@@ -161,8 +168,10 @@ class Client:
     Timeout if the daemon does not answer the attach in time.
     """
 
-    def __init__(self, instance: str = "default", *, timeout: float = 20.0, pushes: bool = False,
+    def __init__(self, instance: str = "default", *, timeout: float | None = 20.0, pushes: bool = False,
                  attach_timeout: float = 5.0, max_inbox: int = DEFAULT_MAX_BYTES) -> None:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None (no deadline), not {timeout!r}")
         self.instance = ipcnames.check_instance(instance)
         self.timeout = timeout
         self.pushes = pushes
@@ -173,12 +182,14 @@ class Client:
         self._lock = threading.Lock()            # waiting / late / deferred
         self._attach_lock = threading.Lock()     # one (re)attach at a time
         self._waiting: dict[int, _Waiter] = {}
-        self._late: set[int] = set()
-        self._deferred: set[int] = set()
+        # msgids whose answer may still come later; bounded as duprep.Client's, oldest forgotten first
+        self._late: dict[int, None] = {}
+        self._deferred: dict[int, None] = {}
         self._inbox = Inbox(max_inbox)
         self._closed = False
         self._decoder = down_decoder()
         self._session: _Session | None = None
+        self._attaching: _Session | None = None   # a session being attached (close() wakes its wait)
         self._session = self._attach()
 
     # --- what the daemon told us --------------------------------------------------------
@@ -214,10 +225,11 @@ class Client:
         "late"), Deferred (the answer will come through ``receive()`` as
         "deferred"), RemoteError (the worker failed, or the frame is too
         large), BrokenResourceError (link down or lost, or the daemon
-        exited), ClosedResourceError (closed).
+        exited), ClosedResourceError (closed).  ``timeout`` None: the
+        Client's (which may itself be None: no deadline).
         """
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         s = self._ready()
         msgid, waiter = self._register(s)
         self._put(s, LCall(s.ep, self._pid, msgid, timeout_ms(timeout), data),
@@ -232,7 +244,7 @@ class Client:
         """
         s = self._ready()
         msgid = next(self._ids)
-        self._put(s, LSend(s.ep, self._pid, msgid, data), 0, time.monotonic() + self.timeout)
+        self._put(s, LSend(s.ep, self._pid, msgid, data), 0, _deadline(self.timeout))
 
     def relay(self, target: str, data: bytes, *, timeout: float | None = None) -> None:
         """Deliver ``data`` to the gateway client named ``target``.
@@ -242,7 +254,7 @@ class Client:
         """
         check_target(target)
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         s = self._ready()
         msgid, waiter = self._register(s)
         self._put(s, LRelay(s.ep, self._pid, msgid, target, data), msgid, deadline)
@@ -256,17 +268,32 @@ class Client:
     def receive(self, *, timeout: float | None = None) -> Message:
         """The next push, relay, late or deferred reply; raises Timeout if none comes in time.
 
-        Raises BrokenResourceError once when the daemon exits (the next
-        call attaches again), ClosedResourceError after :meth:`close`.
+        What has arrived is handed out first, also after the daemon has
+        exited (with the LINK_LOST errors for answers that cannot come any
+        more); then BrokenResourceError is raised once, and the next call
+        attaches again (or raises BrokenResourceError if no daemon runs).
+        ClosedResourceError after :meth:`close`.
         """
-        self._ready()
+        self._check_usable()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._inbox.get(left)
-            except queue.Empty:
-                raise Timeout(f"nothing received within {timeout:g} s") from None
+            s = self._session
+            if s is None or s.broken is not None:
+                # The daemon is gone: hand out what it sent before (the reader has put all of
+                # it in the inbox once it ends), and only then attach again or say why not.
+                if s is not None and s.thread is not None and s.thread is not threading.current_thread():
+                    s.thread.join(timeout=5)
+                try:
+                    item = self._inbox.get(0)
+                except queue.Empty:
+                    self._ready()
+                    continue
+            else:
+                try:
+                    item = self._inbox.get(left)
+                except queue.Empty:
+                    raise Timeout(f"nothing received within {timeout:g} s") from None
             if item is _CLOSED:
                 self._inbox.put(_CLOSED)
                 raise ClosedResourceError("this Client is closed")
@@ -277,11 +304,19 @@ class Client:
             return item  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Detach and remove our reply queue; waiting requests raise ClosedResourceError."""
+        """Detach and remove our reply queue; waiting requests raise ClosedResourceError.
+
+        Also ends an attach another thread has under way (its call raises
+        ClosedResourceError): once this returns, nothing of the Client is left.
+        """
         if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
-        s, self._session = self._session, None
+        attaching = self._attaching
+        if attaching is not None:
+            attaching.attached.set()           # do not keep that thread waiting for the daemon
+        with self._attach_lock:                # an attach under way has finished and seen _closed
+            s, self._session = self._session, None
         if s is not None:
             self._end_session(s, detach=True)
         self._inbox.put(_CLOSED)
@@ -294,16 +329,20 @@ class Client:
 
     # --- attaching ----------------------------------------------------------------------------
 
-    def _ready(self) -> _Session:
-        """The current session, attaching again if the daemon went away."""
+    def _check_usable(self) -> None:
         if self._closed:
             raise ClosedResourceError("this Client is closed")
         if os.getpid() != self._pid:
             raise ClosedResourceError(f"this Client belongs to process {self._pid}; make a new one after fork()")
+
+    def _ready(self) -> _Session:
+        """The current session, attaching again if the daemon went away."""
+        self._check_usable()
         s = self._session
         if s is not None and s.broken is None:
             return s
         with self._attach_lock:
+            self._check_usable()               # close() ran while we waited for the lock
             s = self._session
             if s is not None and s.broken is None:
                 return s
@@ -347,7 +386,10 @@ class Client:
             raise
         s = _Session(info, pidfd, name, queues.Queue(name, mq))
         s.finalizer = weakref.finalize(self, _unlink_own, name, self._pid)    # at exit if never closed
+        self._attaching = s
         try:
+            if self._closed:                   # close() came before it could see this session
+                raise ClosedResourceError("this Client was closed while it attached to the client daemon")
             s.uplink = queues.Queue(info.uplink)
             s.thread = threading.Thread(target=self._read_loop, args=(s,), daemon=True,
                                         name=f"duprep-local-{self.instance}")
@@ -357,29 +399,35 @@ class Client:
             if not s.attached.wait(max(0.0, deadline - time.monotonic())):
                 raise Timeout(f"the client daemon of {self.instance!r} did not answer within "
                               f"{self.attach_timeout:g} s")
+            if self._closed:                   # close() in another thread meanwhile: leave nothing
+                raise ClosedResourceError("this Client was closed while it attached to the client daemon")
             if s.refused:
                 raise BrokenResourceError(f"the client daemon refused to attach us: {s.refused}")
             if s.broken is not None and s.welcome is None:
                 raise BrokenResourceError(str(s.broken))
         except BaseException:
-            self._end_session(s, detach=False)
+            self._end_session(s, detach=True)      # if the daemon attached us after all, it is told
             raise
+        finally:
+            self._attaching = None
         return s
 
     def _end_session(self, s: _Session, *, detach: bool) -> None:
         """Stop the reader, remove our queue, tell the daemon (if asked), close everything."""
         queues.unlink(s.name)          # first: never a moment with a name but no endpoint
-        if detach and s.ep and s.broken is None and s.uplink is not None:
-            try:
-                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT)
-            except (Timeout, BrokenResourceError, OSError, posix_ipc.Error):
-                pass                   # the daemon learns it from our pidfd instead
         try:
             s.wake_w.send(b"x")
         except OSError:
             pass
         if s.thread is not None and s.thread is not threading.current_thread():
             s.thread.join(timeout=5)
+        if s.broken is None and not s.ep and s.thread is not None and not s.thread.is_alive():
+            self._drain(s)             # an Attached that came as we gave up waiting: detach it too
+        if detach and s.ep and s.broken is None and s.uplink is not None:
+            try:
+                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT)
+            except (Timeout, BrokenResourceError, OSError, posix_ipc.Error):
+                pass                   # the daemon learns it from our pidfd instead
         if s.broken is None:
             s.broken = ClosedResourceError("this Client is closed")
         self._fail_waiters(s, s.broken)
@@ -442,7 +490,7 @@ class Client:
         if not waiter.event.wait(left):
             with self._lock:
                 if self._waiting.pop(msgid, None) is not None:
-                    self._late.add(msgid)
+                    _remember(self._late, msgid)
                     raise Timeout(f"no reply to msgid {msgid} within {timeout:g} s", msgid=msgid)
             waiter.event.wait()       # the reader filled it in while we were timing out
         frame = waiter.frame
@@ -496,7 +544,7 @@ class Client:
     def _lose_outstanding(self, reason: str) -> None:
         """The daemon is gone: late and deferred answers will never come; say so through receive()."""
         with self._lock:
-            lost = sorted(self._late | self._deferred)
+            lost = sorted({**self._late, **self._deferred})
             self._late.clear()
             self._deferred.clear()
         for msgid in lost:
@@ -548,13 +596,13 @@ class Client:
                 late = msgid in self._late
                 deferred = msgid in self._deferred
                 if kind is not Defer:
-                    self._late.discard(msgid)
-                    self._deferred.discard(msgid)
+                    self._late.pop(msgid, None)
+                    self._deferred.pop(msgid, None)
                 elif late:
-                    self._late.discard(msgid)
-                    self._deferred.add(msgid)
+                    self._late.pop(msgid, None)
+                    _remember(self._deferred, msgid)
             elif kind is Defer:
-                self._deferred.add(msgid)
+                _remember(self._deferred, msgid)
         if waiter is not None:
             waiter.frame = frame
             waiter.event.set()
@@ -566,6 +614,6 @@ class Client:
         elif kind is Error:
             self._inbox.put(Message("error", msgid, frame.message.encode(), "", frame.cpid,  # type: ignore[attr-defined]
                                     frame.code))  # type: ignore[attr-defined]
-        elif kind is Reply and (late or deferred):
+        elif kind is Reply:      # also one nobody waits for (forgotten, or after WORKER_LOST): "late"
             self._inbox.put(Message("deferred" if deferred else "late", msgid, frame.data, "",  # type: ignore[attr-defined]
                                     frame.cpid))  # type: ignore[attr-defined]

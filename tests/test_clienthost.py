@@ -32,7 +32,7 @@ from duprep.client import Client as DirectClient
 from duprep.clienthost.launch import DaemonProcess, start_daemon
 from duprep.clienthost import procid
 from duprep.clienthost.procid import start_time
-from duprep.errors import BrokenResourceError, Deferred, RemoteError, Timeout
+from duprep.errors import BrokenResourceError, ClosedResourceError, Deferred, RemoteError, Timeout
 from duprep.frame import (
     PROTOCOL_VERSION,
     Call,
@@ -47,7 +47,7 @@ from duprep.frame import (
 )
 from duprep.gateway.callback import CallbackRefused, CallMe, check_call, connect_back
 from duprep.launch import GatewayProcess, start_gateway
-from duprep.local import Client
+from duprep.local import LINK_LOST, Client
 from duprep.status import snapshot
 from duprep.wire import FrameReader
 
@@ -60,12 +60,22 @@ APP = ["--app", "tests.test_clienthost:app", "--workers", "2", "--drain-timeout"
 _ids = itertools.count()
 
 
-def app(request: Request) -> bytes:
+def app(request: Request) -> bytes | None:
     """The gateway's business handler in these tests.
 
     Echo; ``sleep:<s>`` echoes after a while; ``defer:<dir>`` answers DEFERRED
-    and leaves the request in ``<dir>`` for the test to answer later.
+    and leaves the request in ``<dir>`` for the test to answer later; ``none``
+    never answers; ``lost:<dir>`` leaves the request in ``<dir>`` and kills its
+    worker (the gateway answers WORKER_LOST, the test may answer after it).
     """
+    if request.data == b"none":
+        return None
+    if request.data.startswith(b"lost:"):
+        path = os.path.join(request.data[5:].decode(), "request")
+        with open(path + ".tmp", "wb") as f:
+            f.write(msgspec.msgpack.encode(request))
+        os.rename(path + ".tmp", path)
+        os.kill(os.getpid(), signal.SIGKILL)
     if request.data.startswith(b"sleep:"):
         time.sleep(float(request.data[6:]))
     if request.data.startswith(b"defer:"):
@@ -642,3 +652,217 @@ def test_callme_to_a_direct_gateway_is_refused_clearly(host: Host) -> None:
             bodies = reader.feed(data)
         err = server_decoder().decode(bodies[0])
         assert err.code == ErrorCode.BAD_HELLO and "--links callback" in err.message
+
+
+# --- review fixes: receive after the daemon, close racing an attach, unanswered requests, cleanup -----
+
+def closed_port() -> socket.socket:
+    """A bound TCP socket that does not listen: connecting to its port is refused (a link that stays down).
+    The caller closes it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def test_receive_hands_out_what_came_before_the_daemon_exited(host: Host) -> None:
+    """A late reply and a relay that arrived, and the LINK_LOST error for an answer that cannot come any
+    more, are handed out by receive() after the daemon has gone; only then does it raise, once, and the
+    next call says that no daemon runs (as duprep.Client's receive() does after a connection loss)."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname4")
+    d.wait_link("up")
+    c = host.client(pushes=True)
+    with pytest.raises(Timeout) as late:
+        c.request(b"sleep:0.3", timeout=0.05)
+    with pytest.raises(Timeout) as unanswered:
+        c.request(b"none", timeout=0.05)
+    with DirectClient("127.0.0.1", gw.port, name="sender4", timeout=10) as direct:
+        direct.relay("hostname4", b"to the host")
+    wait_until(lambda: (n := d.status()["counters"])["replies"] >= 1 and n["pushes"] >= 1,
+               what="the late reply and the relay on the reply queue")
+    d.stop()
+
+    got = []
+    with pytest.raises(BrokenResourceError, match="exited"):
+        for _ in range(10):
+            got.append(c.receive(timeout=10))
+    assert sorted((m.kind, m.msgid, m.code) for m in got) == sorted([
+        ("late", late.value.msgid, 0), ("relay", 0, 0), ("error", unanswered.value.msgid, LINK_LOST)])
+    with pytest.raises(BrokenResourceError, match="no client daemon is running"):
+        c.receive(timeout=10)
+
+
+def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
+    """close() while another thread re-attaches to a slow daemon: that call raises ClosedResourceError at
+    once, and no reply queue, reader thread or daemon endpoint of the Client is left."""
+    gw = host.gateway()
+    d1 = host.daemon(f"127.0.0.1:{gw.port}")
+    d1.wait_link("up")
+    c = host.client(timeout=10, attach_timeout=60)
+    assert c.request(b"one") == b"one"
+    d1.stop()
+    d2 = host.daemon(f"127.0.0.1:{gw.port}")
+    uplink = posix_ipc.MessageQueue(ipcnames.clienthost_uplink(host.instance))
+    outcome: list[BaseException] = []
+
+    def reattach() -> None:
+        try:
+            c.request(b"two")
+        except BaseException as e:      # noqa: BLE001 - the test checks which
+            outcome.append(e)
+
+    os.kill(d2.pid, signal.SIGSTOP)                      # a daemon that does not answer the Attach yet
+    t = threading.Thread(target=reattach)
+    try:
+        t.start()
+        wait_until(lambda: uplink.current_messages == 1, what="the Attach waiting on the uplink")
+        t0 = time.monotonic()
+        c.close()
+        t.join(timeout=10)
+        assert time.monotonic() - t0 < 5, "close() must not wait for the attach to time out"
+    finally:
+        os.kill(d2.pid, signal.SIGCONT)
+        uplink.close()
+    assert not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], ClosedResourceError), outcome
+    assert not host.reply_queues()
+    assert not [x for x in threading.enumerate() if x.name.startswith("duprep-local")]
+    snap = wait_until(lambda: (s := d2.status())["counters"]["refused"] == 1 and s,
+                      what="the daemon to refuse the Attach of a queue that is gone")
+    assert snap["processes"] == []
+    with pytest.raises(ClosedResourceError):
+        c.request(b"three")
+
+
+def test_unanswered_requests_are_forgotten_in_the_daemon_and_the_client(host: Host, monkeypatch: Any) -> None:
+    """A handler that returns None never answers: the daemon forgets the route late_grace after the
+    request's timeout (counted as expired), and the Client remembers at most REMEMBER late msgids."""
+    import duprep.client
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--late-grace", "0.2")
+    d.wait_link("up")
+    c = host.client()
+    monkeypatch.setattr(duprep.client, "REMEMBER", 5)
+    msgids = []
+    for _ in range(20):
+        with pytest.raises(Timeout) as e:
+            c.request(b"none", timeout=0.05)
+        msgids.append(e.value.msgid)
+    assert list(c._late) == msgids[-5:]                  # the oldest forgotten first
+    snap = wait_until(lambda: (s := d.status())["in_flight"] == 0 and s, what="the routes to expire")
+    assert snap["counters"]["expired"] == 20 and snap["counters"]["unmatched"] == 0
+    assert c.request(b"still works", timeout=10) == b"still works"
+
+
+def test_overdue_requests_do_not_hold_up_the_stop(host: Host) -> None:
+    """Routes whose requester has given up (kept for the grace, in case a late answer comes) do not make a
+    SIGTERM wait drain_timeout (5 s) for answers nobody waits for."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    c = host.client()
+    for _ in range(3):
+        with pytest.raises(Timeout):
+            c.request(b"none", timeout=0.05)
+    wait_until(lambda: (s := d.status())["overdue"] == 3 and s["in_flight"] == 3, what="three overdue routes")
+    t0 = time.monotonic()
+    assert d.stop(timeout=10) == 0
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_requests_without_a_deadline_are_bounded(host: Host) -> None:
+    """timeout 0 tells the worker "no deadline": such routes never expire, so at most --max-routes are
+    kept; the oldest is forgotten, counted, and its requester told through receive()."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--max-routes", "5")
+    d.wait_link("up")
+    c = host.client()
+    msgids = []
+    for _ in range(8):
+        with pytest.raises(Timeout) as e:
+            c.request(b"none", timeout=0)
+        msgids.append(e.value.msgid)
+    snap = wait_until(lambda: (s := d.status())["counters"]["forgotten"] == 3 and s, what="three routes forgotten")
+    assert snap["in_flight"] == 5
+    told = [c.receive(timeout=10) for _ in range(3)]
+    assert [(m.kind, m.msgid, m.code) for m in told] == [("error", i, LINK_LOST) for i in msgids[:3]]
+    assert b"forgot" in told[0].data
+    assert c.request(b"ok", timeout=10) == b"ok"
+
+
+def test_a_reply_after_worker_lost_is_handed_out_as_late(host: Host, tmp_path: Any) -> None:
+    """protocol.md 1.6: WORKER_LOST first, then the REPLY from the process the request was passed to;
+    as with duprep.Client, receive() hands that REPLY out as "late" instead of the daemon dropping it."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}")
+    d.wait_link("up")
+    c = host.client()
+    with pytest.raises(RemoteError) as lost:
+        c.request(f"lost:{tmp_path}".encode(), timeout=20)
+    assert lost.value.code == ErrorCode.WORKER_LOST
+    with open(tmp_path / "request", "rb") as f:
+        request = msgspec.msgpack.decode(f.read(), type=Request)
+    with bus.Replier(host.instance) as replier:
+        replier.reply(request, b"answered after all")
+    msg = c.receive(timeout=10)
+    assert (msg.kind, msg.msgid, msg.data) == ("late", lost.value.msgid, b"answered after all")
+    assert d.status()["counters"]["unmatched"] == 0
+
+
+def test_timeout_none_means_no_deadline(host: Host) -> None:
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--name", "hostname5")
+    d.wait_link("up")
+    c = host.client(timeout=None)
+    assert c.request(b"sleep:0.1") == b"sleep:0.1"
+    c.send(b"one-way")
+    c.relay("hostname5", b"to myself")
+    assert c.request(b"x", timeout=5) == b"x"
+    with pytest.raises(ValueError, match="timeout"):
+        Client(host.instance, timeout=-1)
+
+
+def test_client_cleanup_after_kill9(host: Host) -> None:
+    """After kill -9 of the daemon, client-status says it crashed and names client-cleanup, which removes
+    everything the daemon and its dead local processes left, keeps the queue of a live local process,
+    and refuses while a daemon runs."""
+    down = closed_port()
+    try:
+        server = f"127.0.0.1:{down.getsockname()[1]}"
+        d = host.daemon(server)
+        refused = duprep_cli("client-cleanup", "--instance", host.instance)
+        assert refused.returncode == 1 and "already running" in refused.stderr
+        assert queue_exists(ipcnames.clienthost_uplink(host.instance))     # nothing removed under it
+        live = host.client()
+        [dead] = start_locals(host, 1, 0)
+        [live_queue] = [q for q in host.reply_queues() if f".p{os.getpid()}." in q]
+        [dead_queue] = [q for q in host.reply_queues() if f".p{dead.pid}." in q]
+        d.kill()
+        dead.kill()
+
+        st = duprep_cli("client-status", "--instance", host.instance)
+        assert st.returncode == 3 and "crashed" in st.stderr and "client-cleanup" in st.stderr, st.stderr
+        st = duprep_cli("client-status", "--instance", host.instance, "--json")
+        assert st.returncode == 3 and json.loads(st.stdout)["state"] == "crashed"
+
+        out = duprep_cli("client-cleanup", "--instance", host.instance)
+        assert out.returncode == 0, out.stderr
+        names = ipcnames.clienthost_all_names(host.instance)
+        for name in (names["uplink"], names["info"], names["lock"], dead_queue):
+            assert name in out.stdout
+        assert live_queue in out.stdout.split("kept", 1)[1]
+        assert host.reply_queues() == [live_queue]                        # not removed under its owner
+        with pytest.raises(BrokenResourceError):
+            live.request(b"x", timeout=5)
+        live.close()
+        out = duprep_cli("client-cleanup", "--instance", host.instance)
+        assert out.returncode == 0 and names["registry"] in out.stdout
+        assert host.leftovers() == []
+        st = duprep_cli("client-status", "--instance", host.instance, "--json")
+        assert st.returncode == 3 and json.loads(st.stdout)["state"] == "stopped"
+    finally:
+        down.close()
+
+
+def duprep_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "duprep", *args], capture_output=True, text=True, env=ENV,
+                          timeout=30)

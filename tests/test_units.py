@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from duprep import fdpass, frame, ipcnames, queues, recovery
+from duprep.clienthost.routes import Routes
 from duprep.config import GatewayConfig, resolve_port
 from duprep.errors import ConfigError, LimitError, ProtocolError, WouldBlock
 from duprep.frame import ErrorCode
@@ -745,3 +746,43 @@ def test_inbox_bounds_pushes_but_keeps_every_answer():
     with pytest.raises(queue.Empty):
         box.get(0)
     assert box._bytes == 0
+
+
+# --- the client daemon's route map: unanswered requests are bounded ------------------------------
+
+def test_routes_expire_late_grace_after_their_deadline_but_keep_deferred_ones() -> None:
+    r = Routes(grace=10.0)
+    answered, _ = r.add(1, 1, due=100.0)
+    silent, _ = r.add(1, 2, due=100.0)
+    deferred, _ = r.add(1, 3, due=100.0)
+    forever, _ = r.add(1, 4)                           # timeout_ms 0: no deadline
+    assert r.resolve(answered, final=True) is not None
+    assert r.resolve(deferred, final=False) is not None
+    assert r.overdue(99.0) == 0 and r.overdue(100.0) == 1
+    assert r.last_due() is None                        # someone waits for ever: the stop waits drain_timeout
+    assert r.expire(109.0) == (0, True)
+    assert r.expire(110.0) == (1, False)               # only the silent one; nothing left with a deadline
+    assert r.resolve(silent, final=True) is None       # its answer, if it ever comes, is unmatched
+    assert r.waiting() == 2 and r.waiting(include_deferred=False) == 1
+    assert r.resolve(forever, final=True) is not None and r.last_due() == 0.0
+
+
+def test_routes_keep_at_most_max_routes_and_return_the_forgotten_one() -> None:
+    r = Routes(max_routes=2)
+    first, evicted = r.add(7, 11)
+    assert evicted is None
+    r.add(7, 12)
+    _, evicted = r.add(8, 13)
+    assert evicted is not None and (evicted.ep, evicted.msgid) == (7, 11)
+    assert r.resolve(first, final=True) is None and r.waiting() == 2 and r.in_flight(7) == (1, 0)
+
+
+def test_routes_keep_a_worker_lost_request_for_the_reply_that_may_follow() -> None:
+    r = Routes()
+    wire, _ = r.add(3, 5, due=1.0)
+    route = r.resolve(wire, final=True)
+    assert route is not None
+    r.worker_lost(wire, route)
+    again = r.resolve(wire, final=True)
+    assert again is not None and (again.ep, again.msgid) == (3, 5)
+    assert r.resolve(wire, final=True) is None          # a third answer is unmatched

@@ -46,6 +46,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_pending: int = 1024           # reply pieces buffered per endpoint whose queue is full
     drain_timeout: float = 5.0        # SIGTERM: seconds to wait for answers already asked for
     orphan_memory: int = 100_000      # msgids of dead processes remembered to count late replies
+    late_grace: float = 10.0          # seconds a request is remembered past its timeout, for a late answer
+    max_routes: int = 100_000         # requests remembered while unanswered; beyond it the oldest is forgotten
 
     def __post_init__(self) -> None:
         check_instance(self.instance)
@@ -53,13 +55,14 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"server port {self.server_port} is out of range")
         if len(self.name.encode()) > 64 or not self.name.isprintable():
             raise ConfigError("--name must be printable and at most 64 bytes")
-        for field in ("uplink_depth", "reply_depth", "max_pending", "orphan_memory"):
+        for field in ("uplink_depth", "reply_depth", "max_pending", "orphan_memory", "max_routes"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field} must be >= 1")
         for field in ("uplink_size", "reply_size"):
             if getattr(self, field) < 1024:
                 raise ConfigError(f"{field} must be >= 1024 bytes")
-        for field in ("connect_timeout", "handshake_timeout", "min_backoff", "max_backoff", "drain_timeout"):
+        for field in ("connect_timeout", "handshake_timeout", "min_backoff", "max_backoff", "drain_timeout",
+                      "late_grace"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be > 0")
         if self.max_backoff < self.min_backoff:

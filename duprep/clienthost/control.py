@@ -142,7 +142,8 @@ def render(snap: dict[str, Any]) -> str:
            f"{link['connects']} connects, {link['losses']} losses"]
     q = snap["uplink"]
     out.append(f"uplink {q['name']}: {q['messages']}/{q['capacity']} x {q['message_size']} B; "
-               f"reply queues {snap['reply_depth']} x {snap['reply_size']} B")
+               f"reply queues {snap['reply_depth']} x {snap['reply_size']} B; "
+               f"{snap['in_flight']} request(s) in flight, {snap['overdue']} overdue")
     out.append("counters: " + ", ".join(f"{k}={v}" for k, v in snap["counters"].items()))
     out.append(f"{'PID':>8} {'EP':>5} {'QUEUE':<40}{'INFL':>6}{'DEFER':>6}{'QMSG':>6}{'PEND':>6}"
                f"{'REQ':>8}{'MSGS':>8}{'DROP':>6}")

@@ -33,8 +33,11 @@ Owns: the uplink queue (created here, unlinked on exit), the daemon's
 handles on every reply queue and the right to unlink them when their
 owner is dead or at exit, the link sockets, the status socket, the
 instance lock, info and registry files.  SIGTERM/SIGINT: stop taking
-requests, wait up to ``drain_timeout`` for the answers already asked for,
-then tear everything down; a second signal skips the wait.
+requests, wait up to ``drain_timeout`` for the answers already asked for
+(no longer than their requesters wait), then tear everything down; a second
+signal skips the wait.  Requests never answered (a handler that returns
+None) are forgotten ``late_grace`` after their timeout, and at most
+``max_routes`` are remembered (routes.py).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ COUNTERS = (
     "failed_link_lost",    # requests failed because the link broke under them
     "too_large",           # requests refused: larger than the gateway's max_frame
     "unknown_endpoint",    # uplink messages naming no attached endpoint
-    "unmatched",           # answers with a msgid the daemon never sent
+    "unmatched",           # answers with a msgid the daemon does not wait for (never sent, or forgotten)
+    "expired",             # requests forgotten unanswered: late_grace seconds past their timeout_ms
+    "forgotten",           # requests forgotten unanswered: max_routes were waiting (the oldest goes)
     "bad_messages",        # undecodable uplink messages
     "dropped_slow",        # replies dropped: an endpoint had max_pending waiting
 )
@@ -123,7 +128,7 @@ class ClientDaemon:
         self.uplink: queues.Queue | None = None
         self.endpoints = Endpoints(cfg.instance, self.loop, max_pending=cfg.max_pending,
                                    on_exit=self.on_process_exit)
-        self.routes = Routes(orphan_memory=cfg.orphan_memory)
+        self.routes = Routes(orphan_memory=cfg.orphan_memory, max_routes=cfg.max_routes, grace=cfg.late_grace)
         self.link = Link(cfg, self.loop, on_up=self.on_link_up, on_frame=self.on_gateway_frame,
                          on_down=self.on_link_down)
         self.status = StatusServer(cfg.instance, self.loop, self.snapshot)
@@ -134,6 +139,7 @@ class ClientDaemon:
         self.max_frame = 0              # from the last WELCOME
         self.uplink_paused = False
         self.drain_timer: Timer | None = None
+        self.expiry_timer: Timer | None = None    # armed while routes with a deadline exist
         self.pid = os.getpid()
 
     # ======================================================================
@@ -289,7 +295,8 @@ class ClientDaemon:
         ep = self._endpoint(msg.ep, msg.pid)
         if ep is None or self._refuse_now(ep, msg.msgid):
             return
-        wire = self.routes.add(ep.ep, msg.msgid)
+        due = self.loop.clock() + msg.timeout_ms / 1000 if msg.timeout_ms else 0.0
+        wire = self._route(ep, msg.msgid, due)
         self.c["requests"] += 1
         self._forward(ep, msg.msgid, Call(wire, ep.proc.cpid, msg.timeout_ms, msg.data), wire)
 
@@ -297,9 +304,35 @@ class ClientDaemon:
         ep = self._endpoint(msg.ep, msg.pid)
         if ep is None or self._refuse_now(ep, msg.msgid):
             return
-        wire = self.routes.add(ep.ep, msg.msgid)
+        wire = self._route(ep, msg.msgid, 0.0)        # the gateway acknowledges every RELAY at once
         self.c["requests"] += 1
         self._forward(ep, msg.msgid, Relay(wire, ep.proc.cpid, msg.target, msg.data), wire)
+
+    def _route(self, ep: Endpoint, msgid: int, due: float) -> int:
+        """A wire msgid for a request; tell the requester of a route forgotten to make room."""
+        wire, evicted = self.routes.add(ep.ep, msgid, due=due)
+        if evicted is not None:
+            self.c["forgotten"] += 1
+            old = self.endpoints.get(evicted.ep)
+            if old is not None:
+                self.endpoints.deliver(old, encode(Broken(
+                    f"the client daemon forgot this request unanswered: {self.cfg.max_routes} newer "
+                    f"requests are waiting for answers (client-daemon --max-routes)", [evicted.msgid])))
+        if due:
+            when = due + self.cfg.late_grace
+            if self.expiry_timer is None or when < self.expiry_timer.deadline:
+                if self.expiry_timer is not None:
+                    self.expiry_timer.cancel()
+                self.expiry_timer = self.loop.call_at(when, self.expire_routes)
+        return wire
+
+    def expire_routes(self) -> None:
+        """Forget requests nobody waits for any more (a handler that returned None never answers)."""
+        expired, more = self.routes.expire(self.loop.clock())
+        self.c["expired"] += expired
+        # Routes are looked at every late_grace seconds while some have a deadline: one is
+        # forgotten between late_grace and twice that after its timeout, and an idle daemon sleeps.
+        self.expiry_timer = self.loop.call_later(self.cfg.late_grace, self.expire_routes) if more else None
 
     def on_send(self, msg: LSend) -> None:
         ep = self._endpoint(msg.ep, msg.pid)
@@ -340,9 +373,11 @@ class ClientDaemon:
                 self.c["unmatched"] += 1
             return
         ep = self.endpoints.get(route.ep)
-        if ep is None:                        # cannot happen: routes are orphaned with their endpoint
+        if ep is None:                        # an answer after WORKER_LOST for an endpoint gone since
             self.c["orphan_replies"] += 1
             return
+        if kind is Error and frame.code == ErrorCode.WORKER_LOST:   # type: ignore[attr-defined]
+            self.routes.worker_lost(wire, route)   # a REPLY may still follow (protocol.md 1.6)
         if kind is Reply:            # (locally, cpid is the process's own pid again)
             out: msgspec.Struct = Reply(route.msgid, ep.pid, frame.data)       # type: ignore[attr-defined]
         elif kind is Defer:
@@ -435,11 +470,16 @@ class ClientDaemon:
             self.loop.stop()
             return
         waiting = self.routes.waiting(include_deferred=False)
+        # No need to wait beyond the moment the last requester gives up: what comes later is late.
+        wait = self.cfg.drain_timeout
+        last = self.routes.last_due()
+        if last is not None:
+            wait = min(wait, max(0.0, last - self.loop.clock()))
         log.info("%s: stopping (%d answer(s) outstanding, waiting at most %g s)",
-                 signal.Signals(signum).name, waiting, self.cfg.drain_timeout)
+                 signal.Signals(signum).name, waiting, wait)
         self.state = "draining"
         systemd.notify("STOPPING=1")
-        self.drain_timer = self.loop.call_later(self.cfg.drain_timeout, self.loop.stop)
+        self.drain_timer = self.loop.call_later(wait, self.loop.stop)
 
     def teardown(self) -> None:
         """Close the link, unlink every queue and file this daemon owns, release the lock."""
@@ -501,7 +541,8 @@ class ClientDaemon:
                      "out_bytes": link.out_bytes, "sends_unwritten": len(link.sends),
                      "frames_in": link.frames_in, "frames_out": link.frames_out},
             "uplink": uplink, "reply_depth": self.cfg.reply_depth, "reply_size": self.cfg.reply_size,
-            "in_flight": self.routes.waiting(), "orphans_remembered": self.routes.orphans,
+            "in_flight": self.routes.waiting(), "overdue": self.routes.overdue(self.loop.clock()),
+            "orphans_remembered": self.routes.orphans,
             "counters": dict(self.c), "processes": procs,
         }
 

@@ -29,13 +29,14 @@ import os
 from dataclasses import dataclass
 
 import msgspec
+import posix_ipc
 
 from .. import ipcnames, queues
 from ..errors import BrokenResourceError, InstanceBusyError
 from . import procid
 
 __all__ = ["DaemonInfo", "DaemonLock", "publish_info", "read_info", "write_registry",
-           "stale_reply_queues", "remove_stale"]
+           "stale_reply_queues", "remove_stale", "cleanup", "crashed"]
 
 log = logging.getLogger("duprep")
 MQUEUE_FS = ipcnames.MQUEUE_DIR
@@ -160,6 +161,15 @@ def remove_stale(instance: str) -> list[LiveLeftover]:
     Only call this holding the :class:`DaemonLock`.  **Resource handling**:
     the caller owns the pidfds of the returned leftovers.
     """
+    removed, live = _remove_stale(instance)
+    if removed:
+        log.warning("removed objects left by an earlier run of client daemon %s: %s",
+                    instance, ", ".join(removed))
+    return live
+
+
+def _remove_stale(instance: str) -> tuple[list[str], list[LiveLeftover]]:
+    """``remove_stale`` without the log line: ``(names removed, live leftovers)``."""
     removed: list[str] = []
     names = ipcnames.clienthost_all_names(instance)
     if queues.unlink(names["uplink"]):
@@ -179,8 +189,67 @@ def remove_stale(instance: str) -> list[LiveLeftover]:
             if queues.unlink(name):
                 removed.append(name)
             continue
+        if not _exists(name):            # a name from the registry its owner has removed since
+            os.close(pidfd)
+            continue
         live.append(LiveLeftover(name, pid, start, pidfd))
-    if removed:
-        log.warning("removed objects left by an earlier run of client daemon %s: %s",
-                    instance, ", ".join(removed))
-    return live
+    return removed, live
+
+
+def _exists(name: str) -> bool:
+    try:
+        posix_ipc.MessageQueue(name).close()
+    except posix_ipc.ExistentialError:
+        return False
+    except posix_ipc.Error:
+        return True                      # there, though we may not open it
+    return True
+
+
+def cleanup(instance: str) -> tuple[list[str], list[str]]:
+    """``duprep client-cleanup``: remove what a crashed daemon of ``instance`` left, without starting one.
+
+    Takes the daemon lock first, so a live daemon is never cleaned up
+    (raises InstanceBusyError).  Removes the uplink queue, the info file and
+    the reply queues of dead local processes, as a starting daemon does,
+    then the registry and the lock file.  Reply queues whose owner still
+    lives are kept (their owner removes them, or re-attaches to the next
+    daemon) and stay in the registry, so that the next daemon watches them
+    even where /dev/mqueue is not mounted.  Returns ``(removed, kept)``.
+    """
+    lock = DaemonLock(instance)
+    had_lock = os.path.exists(lock.path)      # the crashed daemon's, or none (then ours is no leftover)
+    lock.acquire()
+    try:
+        removed, live = _remove_stale(instance)
+        for left in live:
+            os.close(left.pidfd)
+        kept = [left.name for left in live]
+        registry = ipcnames.clienthost_registry_path(instance)
+        if kept:
+            write_registry(instance, kept)
+        else:
+            try:
+                os.unlink(registry)
+                removed.append(registry)
+            except FileNotFoundError:
+                pass
+        if had_lock:
+            removed.append(lock.path)
+    finally:
+        lock.release()              # unlinks the lock file
+    return removed, kept
+
+
+def crashed(instance: str) -> DaemonInfo | None:
+    """The info of a daemon of ``instance`` that died without cleaning up (its info file is left,
+    its process is gone), or None.  Takes no lock: safe beside a daemon that is starting."""
+    try:
+        info = read_info(instance)
+    except BrokenResourceError:
+        return None
+    try:
+        os.close(procid.watch(info.pid, info.start))
+    except procid.ProcessGone:
+        return info
+    return None
