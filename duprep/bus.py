@@ -40,7 +40,7 @@ from .errors import (BrokenResourceError, ClosedResourceError, ConfigError, Dupr
                      UnknownTarget, WouldBlock)
 from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode, Push, Reply,
                     Request, decode_chunks)
-from .lock import InstanceLock
+from .lock import InstanceLock, gateway_lock_held
 from .queues import Queue
 from .recovery import answer_for, take_over
 from .table import COUNTERS, FIRST_WORKER_ROW, NCOUNTERS, ProcRow, Role, SlotInfo, SlotState, Table
@@ -61,9 +61,26 @@ Handler = Callable[[Request], "bytes | None"]
 _encode = msgspec.msgpack.Encoder().encode
 _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
+U32_MAX, U64_MAX = 2**32 - 1, 2**63 - 1   # the wire's integer fields (frame.py: U32, U64)
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker, unless the gateway says (table header)
 C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)   # (and "lost": recovery.py writes it)
 C_BAD = COUNTERS[Role.WORKER].index("bad_frames")
+
+
+def _data(data: object, what: str) -> bytes:
+    """``data`` as the bytes a frame carries; TypeError for anything else, before it reaches the wire
+    (a str there would be a valid msgpack str, and the client would drop the connection over it)."""
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"{what} is bytes (or bytearray, memoryview), not {type(data).__name__}")
+
+
+def _int(value: object, what: str, high: int) -> int:
+    if type(value) is not int or not 0 <= value <= high:
+        raise ValueError(f"{what} is an int from 0 to {high}, not {value!r}")
+    return value
 
 
 class WorkerStatistics(msgspec.Struct, frozen=True):
@@ -84,11 +101,18 @@ class Replier:
     worker (e.g. msgpack-encoded through a file, pipe or database) and calls
     :meth:`reply`.  :class:`Worker` is a Replier that also receives.
 
+    A Replier belongs to the run of the gateway it attached to, and holds
+    none of the instance's locks between calls, so it never delays a new
+    gateway's start.  Once that gateway has stopped (or was killed, or
+    replaced by a new one), every call raises BrokenResourceError: its
+    clients are gone with it; make a new Replier for the next run.
+
     Raises :class:`~duprep.errors.BrokenResourceError` if the instance has
     no running gateway.
     """
 
     _LAZY = False      # Worker: a reply that finds the queue full waits for the next receive()
+    _KEEPS_ATTACH_LOCK = False   # Worker: it holds a row, and is a process of the run until it closes
     _heartbeat = HEARTBEAT
 
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
@@ -108,9 +132,22 @@ class Replier:
         self._closed = False
         self._batch: deque[Request] = deque()
         self._c = [0] * NCOUNTERS
+        self._pidfd = -1
         try:
-            self._lock.attach()
+            self._lock.attach()          # (waits while a gateway still sets the instance up)
+            self._table_ino = os.stat(os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(instance))).st_ino
+            try:
+                self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
+            except ProcessLookupError:
+                self._pidfd = -1
+            if self._pidfd < 0 or gateway_lock_held(instance) is False:
+                raise BrokenResourceError(f"the gateway of instance {instance!r} is gone (a crashed run's "
+                                          f"table is left; the next 'duprep serve' removes it)")
+            self._acceptor = select.poll()          # readable once the acceptor has exited
+            self._acceptor.register(self._pidfd, select.POLLIN)
             self._replies = Queue(ipcnames.reply_queue(instance))
+            if self._KEEPS_ATTACH_LOCK is False:
+                self._lock.close()       # a Replier is not a process of the run: never delay the next one
         except BaseException:
             self._release()
             raise
@@ -134,6 +171,8 @@ class Replier:
             return
         if self._closed:
             self._check()
+        if type(data) is not bytes:
+            data = _data(data, "a reply")
         self._add(request.sid, request.generation, _encode(Reply(request.msgid, request.cpid, data)), Reply)
 
     def defer(self, request: Request, /) -> None:
@@ -146,6 +185,9 @@ class Replier:
         """Answer ``request`` with an ERROR frame (the client's request() raises RemoteError)."""
         if request.oneway:
             return
+        if type(message) is not str:
+            raise TypeError(f"an error message is a str, not {type(message).__name__}")
+        _int(code, "an error code", U32_MAX)
         self._c[C_ERRORS] += 1
         self._send(request.sid, request.generation, Error(request.msgid, request.cpid, code, message[:1000]))
 
@@ -153,9 +195,13 @@ class Replier:
         """Send an unsolicited message to a client named ``target`` (or with sid ``target``).
 
         Returns the ``(sid, generation)`` it was addressed to; raises
-        UnknownTarget if no such client is connected.
+        UnknownTarget if no such client is connected (or it has not
+        finished its handshake: WELCOME is always a connection's first frame).
         """
         self._check()
+        self._check_gateway()
+        data = _data(data, "a push")
+        _int(cpid, "cpid", U64_MAX)
         if isinstance(target, str):
             found = self._table.find_name(target)
             if found is None:
@@ -163,7 +209,7 @@ class Replier:
             sid, gen = found
         else:
             info = self._table.slot(target) if 0 <= target < self._table.nslots else None
-            if info is None or info.state != SlotState.names[SlotState.OPEN]:
+            if info is None or info.state != SlotState.names[SlotState.OPEN] or not info.ready:
                 raise UnknownTarget(f"no client at sid {target}", code=ErrorCode.UNKNOWN_TARGET)
             sid, gen = target, info.generation
         self._send(sid, gen, Push(cpid, "", data))
@@ -216,8 +262,27 @@ class Replier:
         self._seal()
         self._push(block=True, timeout=timeout)
 
+    def _gone(self) -> bool:
+        """Has the gateway this handle attached to stopped?  Its acceptor exited, or the instance's
+        table is gone or another one (a new run): true in any pid namespace, at two syscalls."""
+        if self._acceptor.poll(0):
+            return True
+        try:
+            return os.stat(os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(self.instance))).st_ino \
+                != self._table_ino
+        except FileNotFoundError:
+            return True
+
+    def _check_gateway(self) -> None:
+        if self._gone():
+            self._pending.clear()
+            self._pending_bytes = 0
+            raise BrokenResourceError(f"the gateway of instance {self.instance!r} this {type(self).__name__} "
+                                      "attached to has stopped (its clients are gone with it)")
+
     def _push(self, *, block: bool, timeout: float | None = 30.0) -> None:
         """Put packed reply messages on the queue, in order; without ``block``, stop when it is full."""
+        self._check_gateway()            # (once per batch of replies)
         if self._out:
             for message in self._out.take():
                 self._pending.append(message)
@@ -249,6 +314,7 @@ class Replier:
     def clients(self) -> list[SlotInfo]:
         """Every open connection of the instance, from the shared table."""
         self._check()
+        self._check_gateway()
         return list(self._table.slots())
 
     # --- closing ----------------------------------------------------------------------
@@ -272,6 +338,9 @@ class Replier:
     def _release(self) -> None:
         if hasattr(self, "_replies"):
             self._replies.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
         self._table.close()
         self._lock.close()
 
@@ -293,12 +362,15 @@ class Worker(Replier):
     """
 
     _LAZY = True
+    _KEEPS_ATTACH_LOCK = True
     _in_hand_n = 0
     _in_hand_after = 0
+    _held: Request | None = None   # returned by receive(), its answer not yet on its way
+    _in_run = False                # run_handler is working through a message ...
+    _run_done = 0                  # ... and this many of its requests have their answers packed
 
     def __init__(self, instance: str = "default", *, wait: float = 0.0) -> None:
         self._ep = select.epoll()
-        self._pidfd = -1
         super().__init__(instance, wait=wait)
         try:
             row = self._lock.claim_row(FIRST_WORKER_ROW, self._table.nprocs)
@@ -318,10 +390,6 @@ class Worker(Replier):
             self._requests = Queue(ipcnames.request_queue(instance))
             # at least this often while idle: a supervisor takes a longer silence for a hang (hangs.py)
             self._heartbeat = self._table.get("heartbeat") or HEARTBEAT
-            try:
-                self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
-            except ProcessLookupError:
-                raise BrokenResourceError(f"the gateway of instance {instance!r} is gone") from None
             self._ep.register(self._requests.fileno(), select.EPOLLIN)
             self._ep.register(self._pidfd, select.EPOLLIN)
         except BaseException:
@@ -332,6 +400,7 @@ class Worker(Replier):
         self._wake_w.setblocking(False)
         self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
         self._holding = False        # a request returned by receive() is being handled
+        self._looked = time.monotonic()  # when an idle wait last looked whether the gateway is still there
         self._watching_replies = False   # the reply queue is in the epoll set (replies wait for room)
         self._interrupted = False
         self._row.beat()
@@ -350,7 +419,8 @@ class Worker(Replier):
             if self._holding:
                 self._c[C_REQUESTS] += 1
             self._holding = True
-            return self._batch.popleft()
+            request = self._held = self._batch.popleft()
+            return request
         self._check()
         self._done_one()
         self._wait_batch(timeout)
@@ -385,7 +455,15 @@ class Worker(Replier):
                         self._ep.register(reply_fd, select.EPOLLOUT)
                     else:
                         self._ep.unregister(reply_fd)
-                for fd, _ in self._ep.poll(wait):
+                events = self._ep.poll(wait)
+                if not events and time.monotonic() - self._looked >= heartbeat and (
+                        self._gone() or gateway_lock_held(self.instance) is False):
+                    # (idle, once per heartbeat: also seen from another pid namespace, where the
+                    # acceptor's pid names some other process and its pidfd says nothing)
+                    raise BrokenResourceError(f"the gateway of instance {self.instance!r} stopped")
+                if not events:
+                    self._looked = time.monotonic()
+                for fd, _ in events:
                     if fd == reply_fd:
                         self._push(block=False)
                     elif fd == self._pidfd:
@@ -405,12 +483,23 @@ class Worker(Replier):
                 return
 
     def receive_nowait(self) -> Request:
-        """The next request if one is already there, else raise WouldBlock."""
+        """The next request if one is already there, else raise WouldBlock.
+
+        For your own selector, with :meth:`fileno`.  Raises BrokenResourceError
+        once the gateway has stopped, ClosedResourceError after :meth:`interrupt`.
+        """
         self._check()
         self._done_one()
         while not self._batch:
-            self.flush()
-            self._expand(self._requests.get_nowait())
+            self.flush()                 # (raises BrokenResourceError if the gateway has stopped)
+            if self._interrupted:
+                raise ClosedResourceError("worker interrupted")
+            try:
+                message = self._requests.get_nowait()
+            except WouldBlock:
+                self._drain_wake()       # a selector must not find fileno() readable for nothing
+                raise
+            self._expand(message)
             self._c[C_QMSGS] += 1
         return self._hand(self._batch.popleft())
 
@@ -448,7 +537,10 @@ class Worker(Replier):
         super()._push(block=block, timeout=timeout)
         n = self._in_hand_n
         if n > 0 and not self._pending:        # every answer so far is on the queue
-            handed = n - len(self._batch) - self._holding     # (one still being handled is not answered)
+            # Answered: the requests handed out, except one received and not answered yet; in
+            # run_handler, those before the run of replies it has not packed yet (and before the
+            # request in the handler, whose push() may have brought us here).
+            handed = self._run_done if self._in_run else n - len(self._batch) - (self._held is not None)
             if handed == n:
                 self._in_hand_n = 0
                 self._in_hand.clear(self._in_hand_after)
@@ -466,12 +558,32 @@ class Worker(Replier):
 
     def _hand(self, request: Request) -> Request:
         self._holding = True
+        self._held = request
         return request
 
     def _done_one(self) -> None:
         if self._holding:
             self._holding = False
+            self._held = None
             self._c[C_REQUESTS] += 1
+
+    # The request receive() returned is answered once one of these is given it: if this process dies
+    # before its next receive(), the row's next owner must not answer it again with WORKER_LOST.
+
+    def reply(self, request: Request, data: bytes, /) -> None:
+        super().reply(request, data)
+        if request is self._held:
+            self._held = None
+
+    def defer(self, request: Request, /) -> None:
+        super().defer(request)
+        if request is self._held:
+            self._held = None
+
+    def fail(self, request: Request, message: str, /, *, code: int = ErrorCode.APP_ERROR) -> None:
+        super().fail(request, message, code=code)
+        if request is self._held:
+            self._held = None
 
     def interrupt(self) -> None:
         """Make a blocked :meth:`receive` raise ClosedResourceError once held requests are done."""
@@ -497,17 +609,33 @@ class Worker(Replier):
         return WorkerStatistics(c[C_REQUESTS], c[C_REPLIES], c[C_ERRORS], c[C_QMSGS], len(self._batch), c[C_BAD])
 
     def fileno(self) -> int:
-        """The request queue's descriptor, readable while requests wait (for your own selector)."""
-        return self._requests.fileno()
+        """A descriptor for your own selector: readable while requests wait, when held replies can
+        go, after :meth:`interrupt`, and once the gateway has stopped -- then call
+        :meth:`receive_nowait`, which takes the request or raises why not."""
+        return self._ep.fileno()
 
     def close(self) -> None:
-        """Send what is pending and let go of the instance.  Requests still
-        held are logged as unanswered: finish them first (``serve`` does)."""
+        """Send what is pending and let go of the instance.
+
+        Requests taken and not answered (still in hand, or the one
+        receive() returned last) are answered with ERROR WORKER_LOST, as if
+        this worker had died: finish them first (``serve`` does).
+        """
         if self._closed:
             return
-        self._done_one()
-        if self._batch:
-            log.error("worker closed holding %d unanswered requests", len(self._batch))
+        held, rest = self._held, list(self._batch)
+        self._batch.clear()
+        self._done_one()                  # the one receive() returned counts as handled, answered or not
+        self._c[C_REQUESTS] += len(rest)
+        unanswered = ([held] if held is not None else []) + rest
+        if unanswered:
+            log.error("worker closed holding %d unanswered requests; answering them with ERROR WORKER_LOST",
+                      len(unanswered))
+            try:
+                for request in unanswered:
+                    self.fail(request, "the worker stopped before answering", code=ErrorCode.WORKER_LOST)
+            except DuprepError as e:
+                log.error("closing: %s", e)
         super().close()
 
     def _release(self) -> None:
@@ -516,9 +644,6 @@ class Worker(Replier):
             self._row.beat()
         if hasattr(self, "_requests"):
             self._requests.close()
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
         self._ep.close()
         for s in ("_wake_r", "_wake_w"):
             if hasattr(self, s):
@@ -562,9 +687,13 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
         pulse.busy()
         # A message's requests come grouped by connection (a Chunk each): the replies to a group
         # are framed here and handed over together, one Deliver per group, not one call per reply.
+        # Until a run is packed, the HAND (recovery.py) must not count it as answered: _run_done says
+        # how many requests are, for a push() the handler may make (it is updated per run, not per
+        # request; requests without an answer count once the next run is packed).
         sid = gen = -1
         frames: list[bytes] = []
         size = done = 0
+        worker._in_run, worker._run_done = True, 0
         try:
             while batch:
                 request = batch.popleft()
@@ -574,12 +703,16 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                     done += 1
                     log.exception("handler failed on msgid %d from sid %d", request.msgid, request.sid)
                     if not request.oneway:
-                        if frames:           # the run first: fail() may push, and the HAND must not
-                            add_run(sid, gen, frames, size)    # be cleared with these still here
+                        if frames:           # the run first: answers leave in order
+                            worker._run_done = done - 1
+                            add_run(sid, gen, frames, size)
                             frames = []
                             size = 0
                         worker.fail(request, f"{type(e).__name__}: {e}")
                     continue
+                except BaseException:        # e.g. SystemExit: not handled; close() answers it
+                    batch.appendleft(request)
+                    raise
                 done += 1
                 if request.oneway or result is None:
                     continue
@@ -588,6 +721,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                     n = len(body) + 4
                     if request.sid != sid or request.generation != gen or size + n > room:
                         if frames:
+                            worker._run_done = done - 1
                             add_run(sid, gen, frames, size)
                             frames = []
                             size = 0
@@ -597,6 +731,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                         size += n
                         continue
                 if frames:                   # (as above)
+                    worker._run_done = done - 1
                     add_run(sid, gen, frames, size)
                     frames = []
                     size = 0
@@ -605,6 +740,10 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                         worker.defer(request)
                     else:
                         worker.reply(request, result)
+                except TypeError:
+                    log.error("handler returned %s for msgid %d from sid %d: a reply is bytes, None or "
+                              "bus.DEFERRED", type(result).__name__, request.msgid, request.sid)
+                    worker.fail(request, f"the handler returned {type(result).__name__}, not bytes")
                 except ProtocolError as e:        # e.g. a reply larger than the largest frame
                     log.error("cannot answer msgid %d from sid %d: %s", request.msgid, request.sid, e)
                     worker.fail(request, str(e))
@@ -612,6 +751,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
             pulse.idle()
             if frames:
                 add_run(sid, gen, frames, size)
+            worker._in_run = False
             counters[C_REQUESTS] += done
         if worker._interrupted and stop():
             worker.flush()

@@ -27,4 +27,6 @@ def handle(request: bus.Request) -> bytes | None:
         raise RuntimeError("the handler failed on purpose")
     if data == b"pid":
         return str(os.getpid()).encode()
+    if data == b"str":
+        return "not bytes"  # type: ignore[return-value]      # a handler bug the worker must survive
     return data
