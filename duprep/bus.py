@@ -63,6 +63,7 @@ _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 U32_MAX, U64_MAX = 2**32 - 1, 2**63 - 1   # the wire's integer fields (frame.py: U32, U64)
 HEARTBEAT = 30.0        # seconds between heartbeats of an idle worker, unless the gateway says (table header)
+LOOK_EVERY = 0.05       # seconds between two looks whether the gateway is still there, while sending
 C_REQUESTS, C_REPLIES, C_ERRORS, C_QMSGS, C_HELD = range(5)   # (and "lost": recovery.py writes it)
 C_BAD = COUNTERS[Role.WORKER].index("bad_frames")
 
@@ -133,6 +134,8 @@ class Replier:
         self._batch: deque[Request] = deque()
         self._c = [0] * NCOUNTERS
         self._pidfd = -1
+        self._next_look = 0.0            # _check_gateway
+        self._stopped = False
         try:
             self._lock.attach()          # (waits while a gateway still sets the instance up)
             self._table_ino = os.stat(os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(instance))).st_ino
@@ -274,11 +277,18 @@ class Replier:
             return True
 
     def _check_gateway(self) -> None:
-        if self._gone():
+        """Raise BrokenResourceError if the gateway has stopped; looks at most every LOOK_EVERY seconds
+        (a reply put meanwhile into a stopped gateway's queue is one its clients could not get anyway)."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return
+        if self._stopped or self._gone():
+            self._stopped = True
             self._pending.clear()
             self._pending_bytes = 0
             raise BrokenResourceError(f"the gateway of instance {self.instance!r} this {type(self).__name__} "
                                       "attached to has stopped (its clients are gone with it)")
+        self._next_look = now + LOOK_EVERY
 
     def _push(self, *, block: bool, timeout: float | None = 30.0) -> None:
         """Put packed reply messages on the queue, in order; without ``block``, stop when it is full."""
@@ -491,6 +501,7 @@ class Worker(Replier):
         self._check()
         self._done_one()
         while not self._batch:
+            self._next_look = 0.0        # look now: the selector may have woken for that
             self.flush()                 # (raises BrokenResourceError if the gateway has stopped)
             if self._interrupted:
                 raise ClosedResourceError("worker interrupted")
