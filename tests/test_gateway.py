@@ -897,6 +897,37 @@ def test_a_worker_that_dies_while_the_gateway_boots_is_replaced(instance):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_stop_ends_even_when_the_sender_it_waits_for_never_finishes_booting(gateway, instance):
+    """SIGTERM while the receiver is down and a restarted sender is still booting: the stop waited
+    for the sender's READY with no deadline; a sender stuck in its boot hung the stop for ever."""
+    gw = gateway()
+
+    def child(role: str) -> int:
+        try:
+            with open(f"/proc/{gw.pid}/task/{gw.pid}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return 0
+        return next((p for p in pids if f"gateway.{role} " in _cmdline(p)), 0)
+    old_sender, receiver = child("sender"), child("receiver")
+    os.kill(old_sender, signal.SIGKILL)
+    new_sender = 0
+    deadline = time.monotonic() + 30
+    while new_sender in (0, old_sender) and time.monotonic() < deadline:   # (no sleep: it boots in ms)
+        new_sender = child("sender")
+    os.kill(new_sender, signal.SIGSTOP)             # stuck in its boot
+    try:
+        assert {p["role"]: p for p in snapshot(instance)["processes"]}["sender"]["pid"] != new_sender
+        os.kill(receiver, signal.SIGKILL)
+        wait_until(lambda: not alive(receiver), what="the receiver to die")
+        gw.proc.send_signal(signal.SIGTERM)         # before the receiver's restart
+        gw.proc.wait(60)                            # ended (the stuck sender killed), not hung
+        assert not alive(new_sender)
+    finally:
+        if alive(new_sender):
+            os.kill(new_sender, signal.SIGKILL)
+
+
 def test_what_is_queued_while_the_sender_restarts_is_delivered_and_closes_free_slots(gateway, instance):
     """While the sender is down, one client's request is answered into the reply queue and 20 others
     close: the new sender must deliver the answer and end the closed connections (it used to read

@@ -742,6 +742,8 @@ class Acceptor:
                 self.step_asked = False
                 continue
             if self.step == "sender" and not all(c.ready for c in alive):
+                if self.stop_timer is None:      # a sender that never finishes booting is killed
+                    self.arm_stop_timer(STEP_TIMEOUT)
                 return            # still booting: child_ready() calls us again
             if not self.step_asked:
                 self.step_asked = True
