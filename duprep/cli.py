@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-timeout", type=float, default=5.0,
                    help="seconds from accept to HELLO before a client is cut off")
     s.add_argument("--max-outbuf", type=int, default=1 << 20,
-                   help="reply bytes buffered per client before it is cut off (slow consumer)")
+                   help="reply bytes buffered per client before it is cut off (slow consumer); at least "
+                        "64 KiB and twice the queue message size")
     s.add_argument("--write-timeout", type=float, default=30.0,
                    help="seconds a client may leave our writes blocked before it is cut off")
     s.add_argument("--keepalive", type=float, default=60.0,

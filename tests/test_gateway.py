@@ -1721,3 +1721,27 @@ def test_two_workers_and_a_replier_in_one_process_keep_rows_of_their_own(gateway
         w1.flush()
         t.join(20)
         assert result["reply"] == b"the real answer"
+
+
+def test_an_invalid_max_outbuf_is_refused_and_the_minimum_carries_relays(gateway, instance, monkeypatch):
+    """--max-outbuf below its minimum used to be taken, and then every relay was silently dropped."""
+    for bad in ("-1", "0"):
+        out = duprep_cli("serve", "--instance", instance, "--port", "0", "--app", "none", "--max-outbuf", bad)
+        assert out.returncode == 4 and "--max-outbuf must be at least 65536 bytes" in out.stderr, out
+        assert not ipc_leftovers(instance)
+    # The queue message size the kernel gives is known only at boot: the acceptor checks again.
+    from duprep import queues
+    from duprep.config import GatewayConfig
+    from duprep.gateway.acceptor import Acceptor
+    plan = queues.plan
+    monkeypatch.setattr(queues, "plan", lambda **kw: queues.QueuePlan(depth=2, msgsize=65536))
+    acceptor = Acceptor(GatewayConfig(instance=instance, port=0, app=None, sched="other", max_outbuf=65536))
+    assert acceptor.run() == 4 and not ipc_leftovers(instance)
+    monkeypatch.setattr(queues, "plan", plan)
+    gw = gateway("--queue-size", "8192", "--max-outbuf", "65536", workers=0, app="none")      # the minimum
+    with duprep.Client("127.0.0.1", gw.port, name="alice", timeout=10) as a, \
+            duprep.Client("127.0.0.1", gw.port, name="bob", timeout=10) as b:
+        big = os.urandom(7000)                      # near the largest frame of 8 KiB queue messages
+        a.relay("bob", big)
+        got = b.receive(timeout=10)
+        assert (got.source, got.data) == ("alice", big)

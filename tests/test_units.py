@@ -588,6 +588,20 @@ def test_config_validation_and_round_trip():
         resolve_port("no-such-service-anywhere")
 
 
+def test_max_outbuf_must_hold_the_largest_frame_twice():
+    """relay_room = max_outbuf // 2 must take the largest relayed frame, and max_outbuf one reply."""
+    for bad in (-1, 0, 65535):
+        with pytest.raises(ConfigError, match=f"--max-outbuf must be at least 65536 bytes, got {bad}"):
+            GatewayConfig(max_outbuf=bad)
+    with pytest.raises(ConfigError, match=r"at least 131072 bytes \(twice the queue message size, 65536 bytes\)"):
+        GatewayConfig(queue_size=65536, max_outbuf=131071)
+    cfg = GatewayConfig(max_outbuf=65536)
+    cfg.check_outbuf(32768)
+    with pytest.raises(ConfigError, match="at least 65538 bytes"):
+        cfg.check_outbuf(32769)          # what the acceptor finds once the kernel sized its queues
+    assert GatewayConfig(queue_size=65536, max_outbuf=131072).max_outbuf == 131072
+
+
 def test_ipc_names_come_from_one_place():
     assert ipcnames.all_names("a.b") == {
         "table": "duprep.a.b.table", "requests": "/duprep.a.b.req", "replies": "/duprep.a.b.rep",
