@@ -297,6 +297,59 @@ def test_status_reports_a_killed_gateway_as_crashed(gateway: Callable[..., Gatew
     assert gone.returncode == 3 and json.loads(gone.stdout)["state"] == "stopped"
 
 
+def test_a_replier_made_outside_the_main_thread_waits_for_a_booting_gateway(
+        gateway: Callable[..., GatewayProcess], instance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A booting acceptor holds the attach lock exclusively; Replier() waits for it in any thread (it
+    used SIGALRM, and raised ValueError outside the main thread)."""
+    import threading
+    import types
+    from duprep import bus, lock
+    gw = gateway(workers=0, app="none")
+    family = descendants(gw.pid)
+    gw.kill()                                       # leaves its table and queues, holds no lock
+    wait_until(lambda: not any(alive(p) for p in family), what="the gateway's children to exit")
+    code = ("import sys\nfrom duprep.lock import InstanceLock\nboot = InstanceLock(sys.argv[1])\n"
+            "boot.acquire_gateway(wait_attached=10)\nprint('held', flush=True)\n"   # what Acceptor.boot holds
+            "sys.stdin.readline()\nboot.share_attach()\nprint('shared', flush=True)\nsys.stdin.read()\n")
+    boot = subprocess.Popen([sys.executable, "-c", code, instance], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=ROOT, env=ENV)
+    made: dict[str, object] = {}
+    waiting = threading.Event()          # set when the thread pauses between two tries for the lock
+
+    def pause(seconds: float) -> None:
+        waiting.set()
+        time.sleep(seconds)
+    monkeypatch.setattr(lock, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=pause), raising=False)
+
+    def make() -> None:
+        try:
+            made["replier"] = bus.Replier(instance)
+        except BaseException as e:
+            made["replier"] = e
+    t = threading.Thread(target=make)
+    try:
+        assert boot.stdin is not None and boot.stdout is not None
+        assert boot.stdout.readline() == b"held\n"
+        t.start()
+        wait_until(lambda: waiting.is_set() or made, what="the thread to wait for the attach lock")
+        assert not made, made
+        boot.stdin.write(b"go\n")                  # set up: attachers may proceed
+        boot.stdin.flush()
+        assert boot.stdout.readline() == b"shared\n"
+        t.join(10)
+        replier = made["replier"]
+        assert isinstance(replier, bus.Replier), replier
+        replier.close()
+    finally:
+        t.join(10)
+        boot.kill()
+        boot.wait()
+        for f in (boot.stdin, boot.stdout):
+            if f is not None:
+                f.close()
+    assert duprep_cli("cleanup", "--instance", instance).returncode == 0
+
+
 @pytest.mark.parametrize("content", [b"\x07" * 4096, b""], ids=["another-layout", "empty"])
 def test_status_of_a_table_it_cannot_read_says_so_and_names_cleanup(instance: str, content: bytes) -> None:
     """A table of another duprep's layout, or one cut short by a crash while it was created: status
