@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeAlias
 
 from . import ipcnames, sched
 from .config import DEFAULT_APP, GatewayConfig, resolve_port
-from .errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError
+from .errors import BrokenResourceError, ConfigError, DuprepError, InstanceBusyError, ProtocolError
 
 __all__ = ["main"]
 
@@ -108,9 +108,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .gateway.child import access_denied
-    from .status import render, snapshot
+    from .status import render, snapshot, unreadable
     try:
         snap = snapshot(args.instance)
+    except ProtocolError as e:          # another duprep's layout, or cut short by a crash
+        bad = unreadable(args.instance, e)
+        print(json.dumps(bad) if args.json else bad["error"], file=sys.stdout if args.json else sys.stderr)
+        return 3
     except FileNotFoundError:
         msg = f"instance {args.instance!r} is not running (no table {ipcnames.table_name(args.instance)})"
         if args.json:
@@ -298,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--handshake-timeout", type=float, default=5.0,
                    help="seconds from accept to HELLO before a client is cut off")
     s.add_argument("--max-outbuf", type=int, default=1 << 20,
-                   help="reply bytes buffered per client before it is cut off (slow consumer)")
+                   help="reply bytes buffered per client before it is cut off (slow consumer); at least "
+                        "64 KiB and twice the queue message size")
     s.add_argument("--write-timeout", type=float, default=30.0,
                    help="seconds a client may leave our writes blocked before it is cut off")
     s.add_argument("--keepalive", type=float, default=60.0,

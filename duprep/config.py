@@ -7,15 +7,30 @@ sender or worker started (or restarted) later sees exactly the same values.
 from __future__ import annotations
 
 import socket
+from typing import Final
 
 import msgspec
 
 from .errors import ConfigError
 from .ipcnames import check_instance
 
-__all__ = ["GatewayConfig", "resolve_port", "DEFAULT_APP"]
+__all__ = ["GatewayConfig", "resolve_port", "min_outbuf", "DEFAULT_APP", "MIN_OUTBUF"]
 
 DEFAULT_APP = "duprep.apps.records:handle"
+MIN_OUTBUF: Final = 65536      # bytes: the smallest --max-outbuf, whatever the queue message size
+
+
+def min_outbuf(msgsize: int) -> int:
+    """The smallest ``max_outbuf`` for queue messages of ``msgsize`` bytes.
+
+    The sender drops a relayed PUSH that would take a connection's unwritten
+    bytes above ``max_outbuf // 2``, and ends a connection that keeps more than
+    ``max_outbuf`` unwritten: at twice the message size (which bounds every
+    frame) the largest relay still fits an empty buffer and a reply never
+    cuts a client off by itself.  Below 64 KiB a client reading at a normal
+    pace would be cut off, so that is the floor.
+    """
+    return max(MIN_OUTBUF, 2 * msgsize)
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,11 +76,22 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be > 0")
         if not (self.keepalive == 0 or 1 <= self.keepalive <= 32767):
             raise ConfigError("--keepalive must be 0 (the kernel's settings) or 1 to 32767 seconds")
+        self.check_outbuf(self.queue_size or 0)
         if self.hang_timeout < 0:
             raise ConfigError("--hang-timeout must be >= 0 (0: never)")
         if self.hang_timeout and self.hang_timeout < 2 * self.heartbeat:
             raise ConfigError(f"--hang-timeout must be 0 (never) or at least twice --heartbeat "
                               f"({2 * self.heartbeat:g} s): an idle process shows life only once per heartbeat")
+
+    def check_outbuf(self, msgsize: int) -> None:
+        """Raise ConfigError if ``max_outbuf`` is below :func:`min_outbuf` for queue messages of
+        ``msgsize`` bytes (0: not known yet; the acceptor checks again once it has sized its queues)."""
+        least = min_outbuf(msgsize)
+        if self.max_outbuf < least:
+            why = f" (twice the queue message size, {msgsize} bytes)" if least > MIN_OUTBUF else ""
+            raise ConfigError(f"--max-outbuf must be at least {least} bytes{why}, got {self.max_outbuf}: "
+                              f"relayed messages are dropped above half of it, and a client with more "
+                              f"unwritten bytes is cut off")
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -4,17 +4,42 @@ Two independent kinds of lock on ``ipcnames.lock_path(instance)``:
 
 * ``flock(LOCK_EX)`` -- the *gateway* lock, held by the acceptor for its
   whole life.  A second gateway with the same instance name fails to get it
-  and refuses to start.
-* POSIX record locks (``lockf``) -- byte 0 is the *attach* lock: every process
-  that uses the instance's queues holds it shared.  A starting acceptor that
-  can take it exclusively knows that no process of an earlier run is alive
-  (the kernel drops the locks of killed processes), so it may unlink the
-  objects a crash left behind.  Bytes ``ROW_LOCK_BASE + row`` claim process
-  rows of the table (see table.py).
+  and refuses to start.  ``duprep status`` finds it in /proc/locks
+  (:func:`gateway_lock_held`), which works for a gateway in another pid
+  namespace too.
+* open file description (OFD) record locks (``fcntl(F_OFD_SETLK)``) -- byte
+  0 is the *attach* lock: every process that uses the instance's queues holds
+  it shared.  A starting acceptor that can take it exclusively knows that no
+  process of an earlier run is alive (the kernel drops the locks of killed
+  processes), so it may unlink the objects a crash left behind.  Bytes
+  ``ROW_LOCK_BASE + row`` claim process rows of the table (see table.py).
 
-On Linux flock and record locks do not interact.  Record locks are per
-process and vanish when the process closes *any* descriptor of the file, so
-each process opens the file exactly once (this class) and keeps it open.
+On Linux flock and record locks do not interact.  Why OFD locks and not
+``lockf``: classic POSIX record locks belong to the *process*, so two
+Workers (or a Worker and a Replier) in one process would share them -- both
+would get the same row -- and closing any descriptor of the file (one
+Replier's ``close()``) would drop every record lock of the process, letting
+another process take a live worker's row.  An OFD lock belongs to the open
+file description: each :class:`InstanceLock` ``open()``s the file itself, so
+its locks conflict with every other InstanceLock's, in this process or
+another, and vanish only when it closes its descriptor or its process dies.
+OFD locks conflict with classic record locks as well, so a duprep that still
+used ``lockf`` would see them.
+
+Two consequences.  (1) OFD locks have no owning pid: /proc/locks shows them
+as ``OFDLCK`` with pid -1 and ``F_OFD_GETLK`` reports ``l_pid`` -1, so nothing
+may learn a holder's pid from them (status takes pids from the table rows
+and asks only "is this row's lock held?", :func:`rows_held`).  (2) A child of
+``fork()`` shares its parent's open file descriptions, and with them the
+parent's locks: it would keep them alive after the parent died.  So a forked
+child closes its inherited copies at once (``os.register_at_fork``) and must
+open its own, as classic record locks are not inherited either; the
+descriptor is ``O_CLOEXEC``, so an ``exec``ed child never has it.
+
+Waiting for a lock (a gateway still booting holds the attach byte
+exclusively) retries the non-blocking request with a short backoff until
+the deadline: no SIGALRM, so it works in any thread and leaves the
+application's timers and handlers alone.
 """
 
 from __future__ import annotations
@@ -22,18 +47,31 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
-from typing import Any
+import struct
+import time
+import weakref
 
 from . import ipcnames
 from .errors import InstanceBusyError
 from .table import ROW_LOCK_BASE
 
-__all__ = ["InstanceLock"]
+__all__ = ["InstanceLock", "gateway_lock_held", "rows_held"]
+
+ATTACH_BYTE = 0
+# struct flock on Linux (64-bit): l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
+_FLOCK = struct.Struct("@hhqqi4x")
+_BUSY = (errno.EAGAIN, errno.EACCES)
+WAIT_STEP_MAX = 0.01      # seconds: the longest pause between two tries while waiting for a lock
+
+_open_locks: "weakref.WeakSet[InstanceLock]" = weakref.WeakSet()    # for the fork handler
 
 
 class InstanceLock:
-    """The calling process's handle on an instance's lock file."""
+    """One handle on an instance's lock file, with locks of its own.
+
+    Every Worker, Replier and acceptor has one; each holds its locks
+    independently of any other InstanceLock, also in the same process.
+    """
 
     def __init__(self, instance: str) -> None:
         self.instance = instance
@@ -43,12 +81,15 @@ class InstanceLock:
     def open(self) -> "InstanceLock":
         if self.fd < 0:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _open_locks.add(self)
         return self
 
     def close(self) -> None:
+        """Close the descriptor: this releases every lock this object holds (and only those)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            _open_locks.discard(self)
 
     # --- gateway ----------------------------------------------------------------
 
@@ -77,7 +118,7 @@ class InstanceLock:
             if same:
                 break
             self.close()
-        if not _lockf_timed(self.fd, fcntl.LOCK_EX, 0, wait_attached):
+        if not _lock_timed(self.fd, fcntl.F_WRLCK, ATTACH_BYTE, wait_attached):
             self.close()
             raise InstanceBusyError(
                 f"processes of an earlier run of instance {self.instance!r} are still attached "
@@ -85,7 +126,7 @@ class InstanceLock:
 
     def share_attach(self) -> None:
         """Downgrade the attach lock to shared (atomic for record locks) once set up."""
-        fcntl.lockf(self.fd, fcntl.LOCK_SH, 1, 0)
+        _set(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, ATTACH_BYTE)
 
     def unlink(self) -> None:
         """Remove the lock file (acceptor, at the very end, still holding the locks)."""
@@ -99,7 +140,7 @@ class InstanceLock:
     def attach(self, *, timeout: float = 5.0) -> None:
         """Hold the attach lock shared; waits while a gateway is still setting up."""
         self.open()
-        if not _lockf_timed(self.fd, fcntl.LOCK_SH, 0, timeout):
+        if not _lock_timed(self.fd, fcntl.F_RDLCK, ATTACH_BYTE, timeout):
             raise InstanceBusyError(f"instance {self.instance!r} did not finish starting within {timeout:g} s")
 
     def claim_row(self, first: int, last: int) -> int:
@@ -111,16 +152,30 @@ class InstanceLock:
 
     def take_row(self, row: int) -> bool:
         """Lock process row ``row`` if nobody holds it (its worker is gone); False if a worker does."""
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ROW_LOCK_BASE + row)
-            return True
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            return False
+        return _try(self.fd, fcntl.F_WRLCK, ROW_LOCK_BASE + row)
 
     def release_row(self, row: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ROW_LOCK_BASE + row)
+        _set(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, ROW_LOCK_BASE + row)
+
+
+def _forget_inherited() -> None:
+    """In a forked child: close the InstanceLock descriptors inherited from the parent.
+
+    They share the parent's open file descriptions and so its OFD locks;
+    kept, they would hold the parent's rows and attach lock after the parent
+    died.  Closing the child's copies leaves the parent's locks as they are.
+    """
+    for lock in list(_open_locks):
+        if lock.fd >= 0:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = -1
+    _open_locks.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def gateway_lock_held(instance: str) -> bool | None:
@@ -140,37 +195,72 @@ def gateway_lock_held(instance: str) -> bool | None:
         return None
     for line in lines:
         fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 4711 00:1a:123 0 EOF"; waiters have "->" after the number
+        # "1: FLOCK  ADVISORY  WRITE 4711 00:1a:123 0 EOF"; waiters have "->" after the number.
+        # (The record locks are "OFDLCK" lines with pid -1: never confused with this one.)
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == want:
             return True
     return False
 
 
-class _Expired(Exception):
-    pass
+def rows_held(instance: str, rows: list[int]) -> dict[int, bool] | None:
+    """Which of these process rows are claimed right now (their worker lives)?
 
-
-def _lockf_timed(fd: int, kind: int, start: int, timeout: float) -> bool:
-    """``lockf(kind)`` on one byte, waiting at most ``timeout`` seconds."""
+    Asked with ``F_OFD_GETLK`` through a descriptor of our own, which takes
+    no lock and conflicts with every holder, in any process and any pid
+    namespace.  No lock file: nobody holds anything.  None if the file
+    cannot be opened (another user's): the caller judges otherwise.
+    """
     try:
-        fcntl.lockf(fd, kind | fcntl.LOCK_NB, 1, start)
+        fd = os.open(ipcnames.lock_path(instance), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {row: False for row in rows}
+    except OSError:
+        return None
+    try:
+        return {row: _held(fd, ROW_LOCK_BASE + row) for row in rows}
+    finally:
+        os.close(fd)
+
+
+def _set(fd: int, cmd: int, kind: int, start: int) -> bytes:
+    """``fcntl(fd, cmd)`` with an OFD lock request for the one byte at ``start``."""
+    result: bytes = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0))
+    return result
+
+
+def _try(fd: int, kind: int, start: int) -> bool:
+    """Take (or convert to) ``kind`` on byte ``start`` if nobody else's lock is in the way."""
+    try:
+        _set(fd, fcntl.F_OFD_SETLK, kind, start)
         return True
     except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EACCES) or timeout <= 0:
-            if timeout <= 0 and e.errno in (errno.EAGAIN, errno.EACCES):
-                return False
+        if e.errno not in _BUSY:
             raise
-
-    def expire(signum: int, frame: Any) -> None:
-        raise _Expired
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        fcntl.lockf(fd, kind, 1, start)    # blocks in the kernel until granted or the alarm
-        return True
-    except _Expired:
         return False
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+
+
+def _held(fd: int, start: int) -> bool:
+    """Does any open file description but ``fd``'s hold a lock on byte ``start``?"""
+    kind = _FLOCK.unpack(_set(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, start))[0]
+    return bool(kind != fcntl.F_UNLCK)
+
+
+def _lock_timed(fd: int, kind: int, start: int, timeout: float) -> bool:
+    """Take ``kind`` on byte ``start``, waiting at most ``timeout`` seconds; False if it stayed taken.
+
+    The wait retries the non-blocking request with a backoff from 1 ms up to
+    WAIT_STEP_MAX: a lock is granted at most that late after it is freed.
+    It happens only while a gateway boots (or an earlier run's processes
+    exit), so polling costs nothing in steady state; a blocking F_OFD_SETLKW
+    could only be cut short with a signal, which works in the main thread
+    only and would take the application's SIGALRM and timer.
+    """
+    deadline = time.monotonic() + timeout
+    step = 0.001
+    while not _try(fd, kind, start):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(step, left))
+        step = min(2 * step, WAIT_STEP_MAX)
+    return True

@@ -9,10 +9,13 @@ from typing import Any
 import posix_ipc
 
 from . import ipcnames
-from .lock import gateway_lock_held
-from .table import GatewayState, Table
+from .errors import ProtocolError
+from .lock import gateway_lock_held, rows_held
+from .table import FIRST_WORKER_ROW, GatewayState, Table
 
-__all__ = ["snapshot", "render"]
+__all__ = ["snapshot", "unreadable", "render"]
+
+_CHILD_NAMES = {"receiver": "duprep-receiver", "sender": "duprep-sender"}
 
 
 def _queue(name: str) -> dict[str, int] | None:
@@ -48,8 +51,60 @@ def acceptor_alive(pid: int) -> bool:
     return state not in ("Z", "X") and name == "duprep-acceptor"
 
 
+def _running(pid: int, name: str | None = None) -> bool:
+    """Is ``pid`` a live process of this pid namespace (not a zombie), named ``name`` if given?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        if name is not None:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != name:
+                    return False
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def rows_alive(instance: str, procs: list[dict[str, Any]], gateway_up: bool, acceptor_pid: int) -> dict[int, bool]:
+    """Which process rows belong to a live process, ``{row: alive}``.  A row keeps its values after its
+    process exits, so the table alone cannot tell.
+
+    * a worker row: its row lock is held (``lock.rows_held``; right in any pid namespace, also for an
+      external worker);
+    * the acceptor's row: the gateway lock is held (``gateway_alive``);
+    * the receiver's and sender's rows (they take no lock): dead with their gateway; otherwise their
+      pid is looked at if the acceptor is visible in our pid namespace, else they count as alive
+      (their acceptor supervises them).
+    If the lock file cannot be opened (another user's), a worker row's pid is looked at instead.
+    """
+    workers = [p["row"] for p in procs if p["row"] >= FIRST_WORKER_ROW]
+    held = rows_held(instance, workers) if workers else {}
+    same_ns = gateway_up and acceptor_alive(acceptor_pid)
+    alive: dict[int, bool] = {}
+    for p in procs:
+        row = p["row"]
+        if row >= FIRST_WORKER_ROW:
+            alive[row] = held[row] if held is not None else _running(p["pid"])
+        elif p["role"] == "acceptor":
+            alive[row] = gateway_up
+        else:
+            alive[row] = gateway_up and (not same_ns or _running(p["pid"], _CHILD_NAMES.get(p["role"])))
+    return alive
+
+
+def unreadable(instance: str, error: ProtocolError) -> dict[str, Any]:
+    """What status says about a table it cannot read: another duprep's layout, or cut short by a crash."""
+    why = str(error)
+    if gateway_lock_held(instance):
+        why += " (a gateway of this instance is running: stop it first)"
+    return {"instance": instance, "state": "unreadable",
+            "error": f"instance {instance!r}: unreadable: {why}; 'duprep cleanup --instance {instance}' removes "
+                     f"it if no gateway runs"}
+
+
 def snapshot(instance: str) -> dict[str, Any]:
-    """Everything ``status`` shows, as plain data; raises FileNotFoundError if not running.
+    """Everything ``status`` shows, as plain data; raises FileNotFoundError if not running, and
+    ProtocolError if the table cannot be read (:func:`unreadable` says what to do).
 
     If the table is there but its acceptor is dead, ``state`` is "crashed"
     and ``error`` says what to do.
@@ -59,7 +114,8 @@ def snapshot(instance: str) -> dict[str, Any]:
         h = table.header()
         state = GatewayState.names.get(h["state"], str(h["state"]))
         error = None
-        if not gateway_alive(instance, h["acceptor_pid"]):
+        up = gateway_alive(instance, h["acceptor_pid"])
+        if not up:
             if not os.path.exists(ipcnames.fs_paths(instance)["table"]):
                 raise FileNotFoundError(ipcnames.table_name(instance))     # it stopped as we looked
             state = "crashed"
@@ -74,6 +130,9 @@ def snapshot(instance: str) -> dict[str, Any]:
                 continue
             procs.append({"role": p.role, "row": p.row, "pid": p.pid, "started": p.started,
                           "heartbeat_age": round(now_mono - p.heartbeat, 3), "counters": p.counters})
+        alive = rows_alive(instance, procs, up, h["acceptor_pid"])
+        for row in procs:
+            row["alive"] = alive[row["row"]]
         conns: list[dict[str, Any]] = []
         for s in table.slots():
             conns.append({
@@ -134,10 +193,11 @@ def render(snap: dict[str, Any], *, limit: int = 50) -> str:
     out.append("queues: " + ", ".join(
         f"{k} {v['messages']}/{v['capacity']} x {v['message_size']} B" if v else f"{k} missing"
         for k, v in qs.items()))
-    out.append(f"{'ROLE':<9}{'PID':>8}{'BEAT':>7}  COUNTERS")
-    for p in snap["processes"]:
+    out.append(f"{'ROLE':<9}{'PID':>8}{'BEAT':>7}  {'STATE':<8}COUNTERS")
+    for p in snap["processes"]:          # a row keeps its last values after its process exited
         counters = " ".join(f"{k}={v}" for k, v in p["counters"].items() if v)
-        out.append(f"{p['role']:<9}{p['pid']:>8}{_span(p['heartbeat_age']):>7}  {counters}")
+        live = "alive" if p.get("alive", True) else "exited"
+        out.append(f"{p['role']:<9}{p['pid']:>8}{_span(p['heartbeat_age']):>7}  {live:<8}{counters}".rstrip())
     out.append(f"{'SID':>5} {'GEN':>10} {'NAME':<14}{'ADDRESS':<22}{'SINCE':>7}{'IDLE':>7}"
                f"{'IN':>8}{'IN-B':>10}{'OUT':>8}{'OUT-B':>10}{'DROP':>6}")
     for c in snap["connections"][:limit]:

@@ -22,9 +22,10 @@ acceptor bumps the generation every time it hands a slot to a new
 connection, so ``(sid, generation)`` names one connection for ever.
 
 PROC rows: 0 acceptor, 1 receiver, 2 sender, 3.. business workers.  A worker
-claims a row by taking a POSIX record lock on byte ``ROW_LOCK_BASE + row`` of
-the instance lock file; the kernel drops the lock when the worker dies, so a
-row is free exactly when nobody holds its lock.  Each worker row has a HAND
+claims a row by taking an open file description record lock (``F_OFD_SETLK``,
+lock.py) on byte ``ROW_LOCK_BASE + row`` of the instance lock file; the
+kernel drops the lock when the worker closes it or dies, so a row is free
+exactly when nobody holds its lock.  Each worker row has a HAND
 region: a copy of the request-queue message the worker is working on, so
 that whoever takes the row after the worker died can answer what it held
 (``recovery.py``).

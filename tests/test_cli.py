@@ -297,6 +297,115 @@ def test_status_reports_a_killed_gateway_as_crashed(gateway: Callable[..., Gatew
     assert gone.returncode == 3 and json.loads(gone.stdout)["state"] == "stopped"
 
 
+def test_a_replier_made_outside_the_main_thread_waits_for_a_booting_gateway(
+        gateway: Callable[..., GatewayProcess], instance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A booting acceptor holds the attach lock exclusively; Replier() waits for it in any thread (it
+    used SIGALRM, and raised ValueError outside the main thread)."""
+    import threading
+    import types
+    from duprep import bus, lock
+    gw = gateway(workers=0, app="none")
+    family = descendants(gw.pid)
+    gw.kill()                                       # leaves its table and queues, holds no lock
+    wait_until(lambda: not any(alive(p) for p in family), what="the gateway's children to exit")
+    code = ("import sys\nfrom duprep.lock import InstanceLock\nboot = InstanceLock(sys.argv[1])\n"
+            "boot.acquire_gateway(wait_attached=10)\nprint('held', flush=True)\n"   # what Acceptor.boot holds
+            "sys.stdin.readline()\nboot.share_attach()\nprint('shared', flush=True)\nsys.stdin.read()\n")
+    boot = subprocess.Popen([sys.executable, "-c", code, instance], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=ROOT, env=ENV)
+    made: dict[str, object] = {}
+    waiting = threading.Event()          # set when the thread pauses between two tries for the lock
+
+    def pause(seconds: float) -> None:
+        waiting.set()
+        time.sleep(seconds)
+    monkeypatch.setattr(lock, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=pause), raising=False)
+
+    def make() -> None:
+        try:
+            made["replier"] = bus.Replier(instance)
+        except BaseException as e:
+            made["replier"] = e
+    t = threading.Thread(target=make)
+    try:
+        assert boot.stdin is not None and boot.stdout is not None
+        assert boot.stdout.readline() == b"held\n"
+        t.start()
+        wait_until(lambda: waiting.is_set() or made, what="the thread to wait for the attach lock")
+        assert not made, made
+        boot.stdin.write(b"go\n")                  # set up: attachers may proceed
+        boot.stdin.flush()
+        assert boot.stdout.readline() == b"shared\n"
+        t.join(10)
+        replier = made["replier"]
+        assert isinstance(replier, bus.Replier), replier
+        replier.close()
+    finally:
+        t.join(10)
+        boot.kill()
+        boot.wait()
+        for f in (boot.stdin, boot.stdout):
+            if f is not None:
+                f.close()
+    assert duprep_cli("cleanup", "--instance", instance).returncode == 0
+
+
+@pytest.mark.parametrize("content", [b"\x07" * 4096, b""], ids=["another-layout", "empty"])
+def test_status_of_a_table_it_cannot_read_says_so_and_names_cleanup(instance: str, content: bytes) -> None:
+    """A table of another duprep's layout, or one cut short by a crash while it was created: status
+    exits 3 with the reason and the fix, in text and JSON; cleanup removes it."""
+    path = os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(instance))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+    text = duprep_cli("status", "--instance", instance)
+    assert text.returncode == 3 and not text.stdout, text
+    assert text.stderr.startswith(f"instance {instance!r}: unreadable: ") and "Traceback" not in text.stderr
+    assert text.stderr.rstrip().endswith(f"'duprep cleanup --instance {instance}' removes it if no gateway runs")
+    js = duprep_cli("status", "--instance", instance, "--json")
+    assert js.returncode == 3, js
+    snap = json.loads(js.stdout)
+    assert snap["state"] == "unreadable" and snap["error"] == text.stderr.rstrip()
+    out = duprep_cli("cleanup", "--instance", instance)
+    assert out.returncode == 0 and ipcnames.table_name(instance) in out.stdout
+    assert not os.path.exists(path)
+
+
+def test_status_tells_live_process_rows_from_those_of_exited_workers(
+        gateway: Callable[..., GatewayProcess], instance: str, tmp_path: Path) -> None:
+    """A row keeps its values after its worker exits: 'alive' (the row lock is held) tells them apart."""
+    from duprep import bus
+    from duprep.status import snapshot
+    gateway(workers=1)
+
+    def workers() -> dict[int, bool]:
+        return {p["pid"]: p["alive"] for p in snapshot(instance)["processes"] if p["role"] == "worker"}
+    [supervised] = wait_until(lambda: [pid for pid, up in workers().items() if up], what="the supervised worker")
+    code = "import sys\nfrom duprep import bus\nw = bus.Worker(sys.argv[1])\nprint('up', flush=True)\nsys.stdin.read()\n"
+    with bus.Worker(instance):                      # an external worker that comes and goes (row 4)...
+        assert workers()[os.getpid()] is True
+        with open(tmp_path / "err", "wb") as err:   # ...and one killed (row 5)
+            killed = subprocess.Popen([sys.executable, "-c", code, instance], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=err, cwd=ROOT, env=ENV)
+        try:
+            assert killed.stdout is not None and killed.stdout.readline() == b"up\n"
+            assert workers()[killed.pid] is True
+        finally:
+            killed.kill()
+            killed.wait()
+            killed.stdout.close()
+            killed.stdin.close()
+    assert workers() == {supervised: True, os.getpid(): False, killed.pid: False}
+    snap = json.loads(duprep_cli("status", "--instance", instance, "--json").stdout)
+    assert all(p["alive"] for p in snap["processes"] if p["role"] != "worker")
+    lines = duprep_cli("status", "--instance", instance).stdout.splitlines()
+    for pid, up in ((supervised, True), (os.getpid(), False), (killed.pid, False)):
+        [line] = [x for x in lines if x.startswith("worker") and x.split()[1] == str(pid)]
+        assert line.split()[3] == ("alive" if up else "exited"), line
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
 def test_status_sees_a_gateway_in_another_pid_namespace_as_running(instance: str) -> None:
     """Liveness comes from the kernel's lock table, not from a pid that means another process here

@@ -49,7 +49,7 @@ def serving(instance: str, workers: int) -> dict:
     """Wait until the gateway is ready and its workers have their rows (README: status --json)."""
     def ready() -> dict | None:
         snap = snapshot(instance)
-        rows = [p for p in snap.get("processes", []) if p.get("role") == "worker" and p.get("pid")]
+        rows = [p for p in snap.get("processes", []) if p.get("role") == "worker" and p.get("alive")]
         return snap if snap.get("state") == "ready" and len(rows) >= workers else None
     snap = wait_until(ready, timeout=30, what=f"gateway {instance} and its {workers} worker(s)")
     assert isinstance(snap, dict)

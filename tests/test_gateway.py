@@ -1714,3 +1714,65 @@ def test_the_conformance_app_makes_the_gateway_send_every_kind_of_answer(gateway
         with pytest.raises(duprep.Timeout):      # nothing is coming: only a bounded wait can show it
             c.request(b"none", timeout=0.3)
         assert c.request(b"after") == b"after"   # the connection is fine
+
+
+def test_two_workers_and_a_replier_in_one_process_keep_rows_of_their_own(gateway, instance):
+    """Row locks belong to each Worker, not to its process (lock.py: OFD locks). Two Workers in one
+    process get two rows; closing one, and opening and closing a Replier, leaves the other's row
+    claimed: a worker elsewhere takes another row and does not answer the live worker's request
+    with WORKER_LOST, so the client gets the real answer."""
+    gw = gateway(workers=0, app="none")
+    mine = lambda: sorted(p["row"] for p in snapshot(instance)["processes"]        # noqa: E731
+                          if p["role"] == "worker" and p["pid"] == os.getpid())
+    with bus.Worker(instance) as w1, duprep.Client("127.0.0.1", gw.port, timeout=20) as c:
+        with bus.Worker(instance):
+            rows = mine()
+            assert len(rows) == 2, "two Workers of one process share a row"
+            row = rows[0]                           # w1's: it claimed first
+            result: dict[str, object] = {}
+
+            def ask() -> None:
+                try:
+                    result["reply"] = c.request(b"held")
+                except Exception as e:
+                    result["reply"] = e
+            t = threading.Thread(target=ask)
+            t.start()
+            held = w1.receive(timeout=10)
+        with bus.Replier(instance):                 # e.g. a handler pushing to another client
+            pass
+        code = ("import os, sys\nfrom duprep import bus\nfrom duprep.status import snapshot\n"
+                "with bus.Worker(sys.argv[1]):\n"
+                "    print(*[p['row'] for p in snapshot(sys.argv[1])['processes'] if p['pid'] == os.getpid()])\n")
+        other = subprocess.run([sys.executable, "-c", code, instance], capture_output=True, text=True, timeout=30,
+                               env=dict(os.environ, PYTHONPATH=ROOT))
+        assert other.returncode == 0, other.stderr
+        assert int(other.stdout) != row and "WORKER_LOST" not in other.stderr, (row, other.stdout, other.stderr)
+        w1.reply(held, b"the real answer")
+        w1.flush()
+        t.join(20)
+        assert result["reply"] == b"the real answer"
+
+
+def test_an_invalid_max_outbuf_is_refused_and_the_minimum_carries_relays(gateway, instance, monkeypatch):
+    """--max-outbuf below its minimum used to be taken, and then every relay was silently dropped."""
+    for bad in ("-1", "0"):
+        out = duprep_cli("serve", "--instance", instance, "--port", "0", "--app", "none", "--max-outbuf", bad)
+        assert out.returncode == 4 and "--max-outbuf must be at least 65536 bytes" in out.stderr, out
+        assert not ipc_leftovers(instance)
+    # The queue message size the kernel gives is known only at boot: the acceptor checks again.
+    from duprep import queues
+    from duprep.config import GatewayConfig
+    from duprep.gateway.acceptor import Acceptor
+    plan = queues.plan
+    monkeypatch.setattr(queues, "plan", lambda **kw: queues.QueuePlan(depth=2, msgsize=65536))
+    acceptor = Acceptor(GatewayConfig(instance=instance, port=0, app=None, sched="other", max_outbuf=65536))
+    assert acceptor.run() == 4 and not ipc_leftovers(instance)
+    monkeypatch.setattr(queues, "plan", plan)
+    gw = gateway("--queue-size", "8192", "--max-outbuf", "65536", workers=0, app="none")      # the minimum
+    with duprep.Client("127.0.0.1", gw.port, name="alice", timeout=10) as a, \
+            duprep.Client("127.0.0.1", gw.port, name="bob", timeout=10) as b:
+        big = os.urandom(7000)                      # near the largest frame of 8 KiB queue messages
+        a.relay("bob", big)
+        got = b.receive(timeout=10)
+        assert (got.source, got.data) == ("alice", big)

@@ -17,10 +17,10 @@ import pytest
 from duprep import fdpass, frame, ipcnames, queues, recovery
 from duprep.clienthost.routes import Routes
 from duprep.config import GatewayConfig, resolve_port
-from duprep.errors import ConfigError, LimitError, ProtocolError, WouldBlock
+from duprep.errors import ConfigError, InstanceBusyError, LimitError, ProtocolError, WouldBlock
 from duprep.frame import ErrorCode
 from duprep.gateway.loop import READ, EventLoop
-from duprep.lock import InstanceLock
+from duprep.lock import InstanceLock, rows_held
 from duprep.table import ProcRow, Role, SlotState, Table
 from duprep.wire import FrameReader, FrameTooLarge
 
@@ -588,6 +588,20 @@ def test_config_validation_and_round_trip():
         resolve_port("no-such-service-anywhere")
 
 
+def test_max_outbuf_must_hold_the_largest_frame_twice():
+    """relay_room = max_outbuf // 2 must take the largest relayed frame, and max_outbuf one reply."""
+    for bad in (-1, 0, 65535):
+        with pytest.raises(ConfigError, match=f"--max-outbuf must be at least 65536 bytes, got {bad}"):
+            GatewayConfig(max_outbuf=bad)
+    with pytest.raises(ConfigError, match=r"at least 131072 bytes \(twice the queue message size, 65536 bytes\)"):
+        GatewayConfig(queue_size=65536, max_outbuf=131071)
+    cfg = GatewayConfig(max_outbuf=65536)
+    cfg.check_outbuf(32768)
+    with pytest.raises(ConfigError, match="at least 65538 bytes"):
+        cfg.check_outbuf(32769)          # what the acceptor finds once the kernel sized its queues
+    assert GatewayConfig(queue_size=65536, max_outbuf=131072).max_outbuf == 131072
+
+
 def test_ipc_names_come_from_one_place():
     assert ipcnames.all_names("a.b") == {
         "table": "duprep.a.b.table", "requests": "/duprep.a.b.req", "replies": "/duprep.a.b.rep",
@@ -609,6 +623,99 @@ def test_gateway_lock_refuses_a_second_holder(instance):
     finally:
         first.unlink()
         first.close()
+
+
+def test_each_instance_lock_holds_its_own_rows_also_within_one_process(instance):
+    """OFD locks: two handles in one process conflict like two processes, and closing one (a Replier's
+    close() in a worker process) keeps the other's locks."""
+    a, b, c = (InstanceLock(instance).open() for _ in range(3))
+    try:
+        a.attach(timeout=0)
+        b.attach(timeout=0)
+        assert (a.claim_row(3, 10), b.claim_row(3, 10)) == (3, 4)
+        assert not b.take_row(3) and not a.take_row(4)
+        assert rows_held(instance, [3, 4, 5]) == {3: True, 4: True, 5: False}
+        c.attach(timeout=0)
+        c.close()                                   # another descriptor of the file, closed
+        assert rows_held(instance, [3, 4]) == {3: True, 4: True}
+        b.close()
+        assert rows_held(instance, [3, 4]) == {3: True, 4: False}
+        d = InstanceLock(instance).open()
+        assert not d.take_row(3)
+        d.close()
+        with pytest.raises(InstanceBusyError):
+            d.acquire_gateway(wait_attached=0)      # a's attach lock is still there (d closes itself)
+    finally:
+        for lock in (a, b, c):
+            lock.close()
+        os.unlink(ipcnames.lock_path(instance))
+
+
+def test_a_forked_child_does_not_keep_its_parents_locks(instance):
+    """fork() shares the open file description, and with it OFD locks: the child lets go of its copy,
+    so the parent's row is free once the parent closes it, while the child still lives."""
+    lock = InstanceLock(instance).open()
+    try:
+        assert lock.claim_row(3, 10) == 3
+        r, w = os.pipe()
+        up_r, up_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                # the child: say it runs, wait until told, leave
+            try:
+                os.close(w)
+                os.write(up_w, b"x")                # (the fork handlers ran before this)
+                os.read(r, 1)
+            finally:
+                os._exit(0 if lock.fd == -1 else 1)
+        os.close(r)
+        os.close(up_w)
+        try:
+            assert os.read(up_r, 1) == b"x"
+            os.close(up_r)
+            lock.close()
+            assert rows_held(instance, [3]) == {3: False}, "the forked child kept the parent's row lock"
+        finally:
+            os.close(w)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        lock.close()
+        os.unlink(ipcnames.lock_path(instance))
+
+
+def test_waiting_for_the_attach_lock_works_in_any_thread(instance):
+    """A gateway that boots holds the attach lock exclusively: attach() waits for it without SIGALRM,
+    so also outside the main thread; it gives up at its timeout."""
+    boot = InstanceLock(instance)
+    boot.acquire_gateway(wait_attached=0)
+    results: dict[str, object] = {}
+    waiting = threading.Event()
+
+    def attach(key: str, timeout: float) -> None:
+        lock = InstanceLock(instance)
+        waiting.set()
+        start = time.monotonic()
+        try:
+            lock.attach(timeout=timeout)
+            results[key] = time.monotonic() - start
+        except BaseException as e:
+            results[key] = e
+        finally:
+            lock.close()
+    try:
+        t = threading.Thread(target=attach, args=("expired", 0.2))
+        t.start()
+        t.join(10)
+        assert isinstance(results["expired"], InstanceBusyError), results
+        waiting.clear()
+        t = threading.Thread(target=attach, args=("granted", 10.0))
+        t.start()
+        waiting.wait(10)
+        boot.share_attach()                         # the gateway is set up
+        t.join(10)
+        assert isinstance(results["granted"], float) and results["granted"] < 5, results
+    finally:
+        boot.unlink()
+        boot.close()
 
 
 def test_event_loop_timers_and_deferred_close():

@@ -169,6 +169,7 @@ class Acceptor:
         self.remove_stale()
         limits = queues.kernel_limits()
         plan = queues.plan(depth=cfg.queue_depth, msgsize=cfg.queue_size, limits=limits)
+        cfg.check_outbuf(plan.msgsize)          # (the size the kernel let us have: known only now)
         max_frame = plan.msgsize - BUS_OVERHEAD
         epoch = secrets.randbits(63)
         self.table = Table.create(
