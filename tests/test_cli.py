@@ -308,8 +308,11 @@ def test_a_replier_made_outside_the_main_thread_waits_for_a_booting_gateway(
     family = descendants(gw.pid)
     gw.kill()                                       # leaves its table and queues, holds no lock
     wait_until(lambda: not any(alive(p) for p in family), what="the gateway's children to exit")
-    code = ("import sys\nfrom duprep.lock import InstanceLock\nboot = InstanceLock(sys.argv[1])\n"
-            "boot.acquire_gateway(wait_attached=10)\nprint('held', flush=True)\n"   # what Acceptor.boot holds
+    code = ("import os, sys\nfrom duprep import ipcnames\nfrom duprep.lock import InstanceLock\n"
+            "from duprep.table import Table\nboot = InstanceLock(sys.argv[1])\n"
+            "boot.acquire_gateway(wait_attached=10)\n"                               # what Acceptor.boot holds
+            "t = Table.attach(ipcnames.table_name(sys.argv[1]))\nt.set('acceptor_pid', os.getpid())\nt.close()\n"
+            "print('held', flush=True)\n"
             "sys.stdin.readline()\nboot.share_attach()\nprint('shared', flush=True)\nsys.stdin.read()\n")
     boot = subprocess.Popen([sys.executable, "-c", code, instance], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             cwd=ROOT, env=ENV)
