@@ -43,7 +43,7 @@ from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defe
 from .lock import InstanceLock, gateway_lock_held
 from .queues import Queue
 from .recovery import answer_for, take_over
-from .table import COUNTERS, FIRST_WORKER_ROW, NCOUNTERS, ProcRow, Role, SlotInfo, SlotState, Table
+from .table import COUNTERS, FIRST_WORKER_ROW, NCOUNTERS, GatewayState, ProcRow, Role, SlotInfo, SlotState, Table
 
 __all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
 
@@ -835,7 +835,8 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
     * SIGTERM/SIGINT are forwarded to every worker (each finishes what it
       holds and exits 0); the parent returns when all have exited;
     * every worker's end is logged with its cause;
-    * a worker that exits 0 (the gateway stopped) is not started again;
+    * a worker that exits 0 because the gateway stopped is not started
+      again (one that exits 0 while the gateway runs is replaced);
     * a worker that cannot start (exit 3: cannot attach; 4: the instance
       belongs to another user) is not started again either: the parent stops
       the others, as a gateway halts on a worker that cannot boot;
@@ -947,12 +948,15 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
                     code = 0
                 how, result = (f"exit code {code}", code) if code >= 0 else \
                     (f"killed by {signal_name(-code)}", 128 - code)
-                if code != 0:
-                    _answer_for(instance, pid)        # before a successor can take another row
-                if code == 0 or -code in forwarded:
+                _answer_for(instance, pid)   # before a successor can take another row (a clean exit left none)
+                # Exit 0 is a worker's stop when its gateway has gone; while the gateway runs it is a
+                # handler's os._exit(0) or the like: replaced as a crash (the status is not a failure).
+                unexpected = code == 0 and not forwarded and _serving(instance)
+                if (code == 0 and not unexpected) or -code in forwarded:
                     log.info("worker %d stopped (%s)", pid, how)
                     continue
-                failure = failure or result
+                if not unexpected:
+                    failure = failure or result
                 if code in NO_RESPAWN:
                     log.error("worker %d could not start (%s)%s", pid, how,
                               "" if forwarded else "; stopping the other workers")
@@ -982,6 +986,18 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
         for fd in pidfds:
             os.close(fd)
     return failure
+
+
+def _serving(instance: str) -> bool:
+    """Does the instance's gateway run and serve (not stopping, not gone)?"""
+    try:
+        table = Table.attach(ipcnames.table_name(instance))
+    except (FileNotFoundError, DuprepError, OSError):
+        return False
+    try:
+        return table.get("state") == GatewayState.READY and gateway_lock_held(instance) is True
+    finally:
+        table.close()
 
 
 def _answer_for(instance: str, pid: int) -> None:

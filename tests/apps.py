@@ -27,6 +27,8 @@ def handle(request: bus.Request) -> bytes | None:
         raise RuntimeError("the handler failed on purpose")
     if data == b"pid":
         return str(os.getpid()).encode()
+    if data == b"exit0":
+        os._exit(0)                  # a handler that ends its process behind the worker's back
     if data == b"str":
         return "not bytes"  # type: ignore[return-value]      # a handler bug the worker must survive
     return data

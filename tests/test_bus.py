@@ -281,3 +281,27 @@ def test_a_selector_driven_worker_learns_that_the_gateway_stopped(gateway, insta
         assert select.select([worker.fileno()], [], [], 20)[0], "fileno() must wake the selector"
         with pytest.raises(duprep.BrokenResourceError):
             worker.receive_nowait()
+
+
+def test_a_supervised_worker_whose_handler_exits_0_is_answered_for_and_replaced(gateway, instance):
+    """'duprep worker -n N' took exit 0 for 'the gateway stopped': a handler's os._exit(0) left its
+    request unanswered and the worker not replaced while the gateway ran on."""
+    gw = gateway("--app", "none", workers=0)
+    ext = subprocess.Popen([sys.executable, "-m", "duprep", "worker", "--instance", instance,
+                            "--app", "tests.apps:handle", "-n", "2"], env=ENV)
+    try:
+        with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
+            assert c.request(b"ping") == b"ping"
+            with pytest.raises(duprep.RemoteError) as info:
+                c.request(b"exit0")
+            assert info.value.code == ErrorCode.WORKER_LOST
+            wait_until(lambda: sum(1 for p in _workers(instance) if p["pid"] != os.getpid()) >= 2 and
+                       all(p.get("alive", True) for p in _workers(instance)) or None, timeout=30,
+                       what="a replacement worker")
+            assert c.request(b"served again") == b"served again"
+        gw.stop()
+        assert ext.wait(30) == 0                  # the gateway's stop is still a clean exit
+    finally:
+        if ext.poll() is None:
+            ext.kill()
+            ext.wait()
