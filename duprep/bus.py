@@ -666,8 +666,8 @@ class Worker(Replier):
 
 
 def run_handler(worker: Worker, handler: Handler, *, stop: Callable[[], bool] = lambda: False) -> None:
-    """Serve requests with ``handler`` until the gateway stops, or until the worker is
-    interrupted (:meth:`Worker.interrupt`, e.g. from a signal) and ``stop()`` is true.
+    """Serve requests with ``handler`` until the worker is interrupted (:meth:`Worker.interrupt`,
+    e.g. from a signal) and ``stop()`` is true; raises BrokenResourceError when the gateway stops.
 
     A handler that raises answers its request with APP_ERROR (and is logged);
     the worker carries on with the next request.  Requests are taken a queue

@@ -18,6 +18,7 @@ __all__ = ["GatewayConfig", "resolve_port", "min_outbuf", "DEFAULT_APP", "MIN_OU
 
 DEFAULT_APP = "duprep.apps.records:handle"
 MIN_OUTBUF: Final = 65536      # bytes: the smallest --max-outbuf, whatever the queue message size
+MAX_SECONDS: Final = 86400      # the longest timeout or interval an option takes (epoll's limit is ~24 days)
 
 
 def min_outbuf(msgsize: int) -> int:
@@ -71,8 +72,11 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("--links must be 'direct' or 'callback'")
         if self.sched not in ("batch", "other"):
             raise ConfigError("--sched must be 'batch' or 'other'")
-        for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat"):
-            if getattr(self, name) <= 0:
+        for name in ("handshake_timeout", "write_timeout", "drain_timeout", "heartbeat", "hang_timeout"):
+            value = getattr(self, name)
+            if not value <= MAX_SECONDS:       # (also NaN) epoll and timers take at most ~24 days
+                raise ConfigError(f"--{name.replace('_', '-')} must be at most {MAX_SECONDS} seconds")
+            if value <= 0 and name != "hang_timeout":
                 raise ConfigError(f"{name} must be > 0")
         if not (self.keepalive == 0 or 1 <= self.keepalive <= 32767):
             raise ConfigError("--keepalive must be 0 (the kernel's settings) or 1 to 32767 seconds")

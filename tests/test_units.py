@@ -577,7 +577,8 @@ def test_config_validation_and_round_trip():
     for bad in ({"instance": "../etc"}, {"port": 70000}, {"workers": -1}, {"max_clients": 0},
                 {"handshake_timeout": 0}, {"hang_timeout": -1}, {"hang_timeout": 59.9}, {"heartbeat": 0},
                 {"heartbeat": 5, "hang_timeout": 9}, {"keepalive": -1}, {"keepalive": 0.5},
-                {"keepalive": 32768}):
+                {"keepalive": 32768}, {"heartbeat": 1e9}, {"heartbeat": float("nan")},
+                {"drain_timeout": 86401}, {"hang_timeout": float("inf")}):
         with pytest.raises(ConfigError):
             GatewayConfig(**bad)
     assert GatewayConfig(hang_timeout=0).hang_timeout == 0 == GatewayConfig(heartbeat=5, hang_timeout=0).hang_timeout
