@@ -835,8 +835,9 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
     * SIGTERM/SIGINT are forwarded to every worker (each finishes what it
       holds and exits 0); the parent returns when all have exited;
     * every worker's end is logged with its cause;
-    * a worker that exits 0 because the gateway stopped is not started
-      again (one that exits 0 while the gateway runs is replaced);
+    * a worker that exits 0 (the gateway stopped, or it was sent SIGTERM
+      alone) is not started again, unless it left requests unanswered (a
+      handler's os._exit(0)): those are answered, and it is replaced;
     * a worker that cannot start (exit 3: cannot attach; 4: the instance
       belongs to another user) is not started again either: the parent stops
       the others, as a gateway halts on a worker that cannot boot;
@@ -948,10 +949,11 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
                     code = 0
                 how, result = (f"exit code {code}", code) if code >= 0 else \
                     (f"killed by {signal_name(-code)}", 128 - code)
-                _answer_for(instance, pid)   # before a successor can take another row (a clean exit left none)
-                # Exit 0 is a worker's stop when its gateway has gone; while the gateway runs it is a
-                # handler's os._exit(0) or the like: replaced as a crash (the status is not a failure).
-                unexpected = code == 0 and not forwarded and _serving(instance)
+                held = _answer_for(instance, pid)   # before a successor can take another row
+                # Exit 0 is a stop (the gateway's, or a SIGTERM to that child alone: it finished what
+                # it held); with requests left unanswered it is a handler's os._exit(0) or the like:
+                # replaced like a crash, though its status is no failure.
+                unexpected = code == 0 and held and not forwarded and _serving(instance)
                 if (code == 0 and not unexpected) or -code in forwarded:
                     log.info("worker %d stopped (%s)", pid, how)
                     continue
@@ -1000,19 +1002,20 @@ def _serving(instance: str) -> bool:
         table.close()
 
 
-def _answer_for(instance: str, pid: int) -> None:
+def _answer_for(instance: str, pid: int) -> bool:
     """A worker of ``serve(workers > 1)`` died: answer the requests it held with ERROR WORKER_LOST now,
     as the acceptor does for the workers it supervises, not when (if ever) another worker takes its row.
-    A no-op if it held nothing, or if a worker has taken the row already (and answered them itself)."""
+    A no-op if it held nothing, or if a worker has taken the row already (and answered them itself).
+    True if it held something."""
     try:
         table = Table.attach(ipcnames.table_name(instance))
     except (FileNotFoundError, DuprepError, OSError):
-        return                                     # the gateway is gone: nobody to answer
+        return False                               # the gateway is gone: nobody to answer
     lock = InstanceLock(instance)
     try:
         lost = answer_for(table, lock.open(), pid)
         if lost is None:
-            return
+            return False
         log.error("worker %d died holding %d requests and %d sends; answering the requests with "
                   "ERROR WORKER_LOST", pid, lost.requests, lost.sends)
         replies = Queue(ipcnames.reply_queue(instance))
@@ -1023,8 +1026,10 @@ def _answer_for(instance: str, pid: int) -> None:
             log.error("the reply queue stayed full: %d WORKER_LOST messages not sent", len(lost.answered) - i)
         finally:
             replies.close()
+        return True
     except (DuprepError, OSError) as e:
         log.error("could not answer for worker %d: %s", pid, e)
+        return False
     finally:
         lock.close()
         table.close()

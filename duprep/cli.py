@@ -133,28 +133,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from . import queues
+    from . import leftovers
     from .lock import InstanceLock
-    from .table import Table
     lock = InstanceLock(args.instance)
     try:
         lock.acquire_gateway(wait_attached=0)
     except InstanceBusyError as e:
         print(f"duprep cleanup: {e}", file=sys.stderr)
         return 1
-    names = ipcnames.all_names(args.instance)
-    removed = [n for n in (names["requests"], names["replies"]) if queues.unlink(n)]
-    try:
-        t = Table.attach(names["table"])
-    except FileNotFoundError:
-        pass
-    except DuprepError:                # another layout, or cut short by a crash while it was created
-        if Table.unlink_name(names["table"]):
-            removed.append(names["table"])
-    else:
-        t.close()
-        t.unlink()
-        removed.append(names["table"])
+    removed = leftovers.remove(args.instance)
     lock.unlink()
     lock.close()
     print("removed: " + (", ".join(removed) if removed else "nothing"))

@@ -5,16 +5,18 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import posix_ipc
 import pytest
 
 from duprep import ipcnames
 from duprep.launch import GatewayProcess, start_gateway
+from duprep.wire import FrameReader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ids = itertools.count()
@@ -139,3 +141,22 @@ def gateway(instance: str) -> Iterator[Callable[..., GatewayProcess]]:
 def duprep_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "duprep", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def read_frames(sock: socket.socket, reader: FrameReader, n: int, timeout: float = 20.0) -> list[object]:
+    """The next ``n`` frames the gateway sends on ``sock`` (fails the test if the connection ends first)."""
+    from duprep import frame
+    dec, out = frame.server_decoder(), []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(65536)
+        assert data, f"connection closed after {out}"
+        out += map(dec.decode, reader.feed(data))
+    return out
+
+
+def worker_rows(instance: str) -> list[dict[str, Any]]:
+    """The worker rows of the instance's table (``duprep status``)."""
+    from duprep.status import snapshot
+    return [p for p in snapshot(instance)["processes"] if p["role"] == "worker"]

@@ -24,29 +24,17 @@ from duprep.status import snapshot
 from duprep.wire import FrameReader
 
 from .conftest import ROOT, alive, descendants, wait_until
+from .conftest import read_frames as _frames, worker_rows as _worker_rows
 
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def _frames(sock: socket.socket, reader: FrameReader, n: int) -> list[object]:
-    dec, out = frame.server_decoder(), []
-    sock.settimeout(20)
-    while len(out) < n:
-        data = sock.recv(65536)
-        assert data, f"connection closed after {out}"
-        out += map(dec.decode, reader.feed(data))
-    return out
-
-
-def _workers(instance: str) -> list[dict]:
-    return [p for p in snapshot(instance)["processes"] if p["role"] == "worker"]
-
-
 class _External:
-    """A worker script in a process of its own (so that it can be killed), ended by the test."""
+    """A worker in a process of its own (so that it can be killed), ended by the test:
+    ``_External("-c", script, instance)``, or a command such as ``"-m", "duprep", "worker", ...``."""
 
-    def __init__(self, code: str, instance: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", code, instance], env=ENV)
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, *args], env=ENV)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -129,7 +117,7 @@ def test_a_request_whose_handler_pushed_is_still_answered_for_when_its_worker_di
     request in the handler as answered (its copy in the row would be dropped, and nobody would
     answer it when the worker dies)."""
     gw = gateway("--app", "none", workers=0)
-    ext = _External(_PUSH_THEN_HANG, instance)
+    ext = _External("-c", _PUSH_THEN_HANG, instance)
     try:
         with duprep.Client("127.0.0.1", gw.port, name="watcher") as watcher, \
                 duprep.Client("127.0.0.1", gw.port, timeout=60) as c:
@@ -174,13 +162,13 @@ with bus.Worker(sys.argv[1]) as w:
 
 def test_a_request_answered_before_its_worker_died_is_not_answered_again(gateway, instance):
     gw = gateway("--app", "none", workers=0)
-    dying = _External(_ANSWER_THEN_DIE, instance)
+    dying = _External("-c", _ANSWER_THEN_DIE, instance)
     nxt = None
     try:
         with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
             assert c.request(b"x") == b"answered"
             dying.proc.wait(30)
-            nxt = _External(_SERVE_ONE, instance)          # takes the dead worker's row first
+            nxt = _External("-c", _SERVE_ONE, instance)          # takes the dead worker's row first
             assert c.request(b"after") == b"after"         # (anything it sent for the row came before)
             with pytest.raises(duprep.Timeout):
                 c.receive(timeout=0)                       # no second answer (WORKER_LOST) for "x"
@@ -209,7 +197,7 @@ def test_a_worker_closed_holding_requests_answers_them_worker_lost(gateway, inst
             [("Reply", 1, 0)] + [("Error", i, ErrorCode.WORKER_LOST) for i in (2, 3, 4)]
         [receiver] = [p for p in snapshot(instance)["processes"] if p["role"] == "receiver"]
         assert receiver["counters"]["requests"] == 4
-        assert sum(w["counters"]["requests"] for w in _workers(instance)) == 4
+        assert sum(w["counters"]["requests"] for w in _worker_rows(instance)) == 4
     finally:
         s.close()
 
@@ -228,7 +216,7 @@ with bus.Worker(sys.argv[1]) as w:
 
 def test_a_handler_that_exits_leaves_its_request_answered_worker_lost(gateway, instance):
     gw = gateway("--app", "none", workers=0)
-    ext = _External(_EXIT_IN_HANDLER, instance)
+    ext = _External("-c", _EXIT_IN_HANDLER, instance)
     try:
         with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
             assert c.request(b"ping") == b"ping"
@@ -287,21 +275,18 @@ def test_a_supervised_worker_whose_handler_exits_0_is_answered_for_and_replaced(
     """'duprep worker -n N' took exit 0 for 'the gateway stopped': a handler's os._exit(0) left its
     request unanswered and the worker not replaced while the gateway ran on."""
     gw = gateway("--app", "none", workers=0)
-    ext = subprocess.Popen([sys.executable, "-m", "duprep", "worker", "--instance", instance,
-                            "--app", "tests.apps:handle", "-n", "2"], env=ENV)
+    ext = _External("-m", "duprep", "worker", "--instance", instance, "--app", "tests.apps:handle", "-n", "2")
     try:
         with duprep.Client("127.0.0.1", gw.port, timeout=30) as c:
             assert c.request(b"ping") == b"ping"
             with pytest.raises(duprep.RemoteError) as info:
                 c.request(b"exit0")
             assert info.value.code == ErrorCode.WORKER_LOST
-            wait_until(lambda: sum(1 for p in _workers(instance) if p["pid"] != os.getpid()) >= 2 and
-                       all(p.get("alive", True) for p in _workers(instance)) or None, timeout=30,
+            wait_until(lambda: sum(1 for p in _worker_rows(instance) if p["pid"] != os.getpid()) >= 2 and
+                       all(p.get("alive", True) for p in _worker_rows(instance)) or None, timeout=30,
                        what="a replacement worker")
             assert c.request(b"served again") == b"served again"
         gw.stop()
-        assert ext.wait(30) == 0                  # the gateway's stop is still a clean exit
+        assert ext.proc.wait(30) == 0             # the gateway's stop is still a clean exit
     finally:
-        if ext.poll() is None:
-            ext.kill()
-            ext.wait()
+        ext.kill()

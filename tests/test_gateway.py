@@ -25,6 +25,7 @@ from duprep.status import render, snapshot
 from duprep.wire import FrameReader
 
 from .conftest import ROOT, alive, comm, descendants, duprep_cli, ipc_leftovers, wait_until
+from .conftest import read_frames as _frames, worker_rows as _worker_rows
 
 pytestmark = pytest.mark.slow
 
@@ -1372,22 +1373,6 @@ def test_run_handler_answers_every_kind_of_result_in_per_connection_runs(gateway
             for s, _ in socks:
                 s.close()
     assert not t.is_alive()
-
-
-def _frames(sock: socket.socket, reader: FrameReader, n: int, timeout: float = 20.0) -> list[object]:
-    """The next ``n`` frames the gateway sends on ``sock``."""
-    dec, out = frame.server_decoder(), []
-    deadline = time.monotonic() + timeout
-    while len(out) < n:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        data = sock.recv(65536)
-        assert data, f"connection closed after {out}"
-        out += map(dec.decode, reader.feed(data))
-    return out
-
-
-def _worker_rows(instance: str) -> list[dict]:
-    return [p for p in snapshot(instance)["processes"] if p["role"] == "worker"]
 
 
 def test_a_killed_workers_requests_are_answered_worker_lost(gateway, instance):

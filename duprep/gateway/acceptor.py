@@ -37,9 +37,9 @@ import time
 from collections import deque
 import msgspec
 
-from .. import fdpass, hangs, ipcnames, queues, recovery, sched
+from .. import fdpass, hangs, ipcnames, leftovers, queues, recovery, sched
 from ..config import GatewayConfig
-from ..errors import DuprepError, LimitError, WouldBlock
+from ..errors import LimitError, WouldBlock
 from ..fdpass import Op
 from ..frame import CHUNK_OVERHEAD, LENGTH, MAX_NAME, CallMe, Error, ErrorCode, encode_wire
 from ..lock import InstanceLock
@@ -242,22 +242,7 @@ class Acceptor:
 
     def remove_stale(self) -> None:
         """We hold both locks exclusively: anything of this instance is left from a crash."""
-        removed = []
-        names = ipcnames.all_names(self.instance)
-        for key in ("requests", "replies"):
-            if queues.unlink(names[key]):
-                removed.append(names[key])
-        try:
-            old = Table.attach(names["table"])
-        except FileNotFoundError:
-            pass
-        except DuprepError:            # another layout, or cut short by a crash while it was created
-            if Table.unlink_name(names["table"]):
-                removed.append(names["table"])
-        else:
-            old.close()
-            old.unlink()
-            removed.append(names["table"])
+        removed = leftovers.remove(self.instance)
         if removed:
             log.warning("removed objects left by a crashed run of instance %s: %s",
                         self.instance, ", ".join(removed))
