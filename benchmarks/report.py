@@ -316,8 +316,8 @@ def _cpu_rows(results: dict[str, Any]) -> list[list[str]]:
 CPU_NOTE = ("CPU PER REPLY: the CPU time (utime/stime, /proc/PID/stat) of each server's processes during the "
             "measurement window, read by the load generator at the window's two ends, divided by the replies in "
             "the window; for each peer the round with the median total. The server and the generator share the "
-            "cores, so a peer's rate is about the CPU there is over the sum of the two; this cost moves less "
-            "from minute to minute than the rate does.")
+            "cores, so a peer's rate is about the CPU there is over the sum of the two; when every program's "
+            "cost rises together from one round to the next, the machine itself ran slower.")
 
 
 def _round_section(results: dict[str, Any], table: Callable[[list[str], list[list[str]]], str],
