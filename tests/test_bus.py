@@ -290,3 +290,26 @@ def test_a_supervised_worker_whose_handler_exits_0_is_answered_for_and_replaced(
         assert ext.proc.wait(30) == 0             # the gateway's stop is still a clean exit
     finally:
         ext.kill()
+
+
+def test_a_push_by_name_reaches_a_client_that_reconnected_at_once(gateway, instance):
+    """Until the acceptor marks a closed connection's slot CLOSING, the slot still carried the client's
+    name as READY: a push by name could pick it, and be dropped while the client, reconnected, waited."""
+    gw = gateway("--app", "none", workers=0)
+    old = duprep.Client("127.0.0.1", gw.port, name="till-9")
+    gone = (old.sid, old.generation)
+    new = socket.create_connection(("127.0.0.1", gw.port), timeout=10)       # accepted, no HELLO yet
+    wait_until(lambda: len(snapshot(instance)["connections"]) == 2, what="the second connection")
+    os.kill(gw.pid, signal.SIGSTOP)         # the acceptor is slow to hear that the old one closed
+    try:
+        old.close()
+        new.sendall(encode_wire(Hello(1, "till-9")))
+        wait_until(lambda: [c for c in snapshot(instance)["connections"] if c["name"] == "till-9" and c["ready"]
+                            and (c["sid"], c["generation"]) != gone], what="the new connection to be READY")
+        with bus.Replier(instance) as r:
+            assert r.push("till-9", b"to the new one") != gone
+        welcome, push = _frames(new, FrameReader(1 << 20), 2)
+        assert isinstance(welcome, frame.Welcome) and push.data == b"to the new one"
+    finally:
+        os.kill(gw.pid, signal.SIGCONT)
+        new.close()

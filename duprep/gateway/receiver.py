@@ -397,6 +397,9 @@ class Receiver(GatewayChild):
         if conn.timer is not None:
             conn.timer.cancel()
         self.dirty_conns.discard(conn)
+        # No longer READY: until the acceptor frees the slot, a push by name must find the client's
+        # new connection (it may reconnect under the same name at once), not this one.
+        conn.announced = False
         self.publish(conn)
         self.loop.close_later(conn.sock)
         if notify:
