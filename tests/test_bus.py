@@ -313,3 +313,31 @@ def test_a_push_by_name_reaches_a_client_that_reconnected_at_once(gateway, insta
     finally:
         os.kill(gw.pid, signal.SIGCONT)
         new.close()
+
+
+def test_push_by_name_follows_a_client_to_its_new_slot(gateway, instance):
+    """find_name remembers the slot it found a name in; a client that reconnects (in another slot, or
+    the same one with a new generation) is found again; "" names no client, not an anonymous one."""
+    gw = gateway("--app", "none", workers=0)
+    first = duprep.Client("127.0.0.1", gw.port, name="till-4")
+    anon = duprep.Client("127.0.0.1", gw.port)
+    with bus.Replier(instance) as r:
+        try:
+            assert r.push("till-4", b"one") == (first.sid, first.generation)
+            assert r.push("till-4", b"two") == (first.sid, first.generation)       # (from the cache)
+            assert [first.receive(timeout=20).data for _ in range(2)] == [b"one", b"two"]
+            with pytest.raises(duprep.UnknownTarget):
+                r.push("", b"anonymous clients have no name")
+            first.close()
+            wait_until(lambda: len(snapshot(instance)["connections"]) == 1, what="the slot to be freed")
+            with pytest.raises(duprep.UnknownTarget):
+                r.push("till-4", b"nobody")
+            others = [duprep.Client("127.0.0.1", gw.port, name=f"other-{i}") for i in range(3)]
+            again = duprep.Client("127.0.0.1", gw.port, name="till-4")
+            assert r.push("till-4", b"three") == (again.sid, again.generation)
+            assert again.receive(timeout=20).data == b"three"
+            for c in (*others, again):
+                c.close()
+        finally:
+            first.close()
+            anon.close()
