@@ -139,15 +139,16 @@ class Replier:
         try:
             self._lock.attach()          # (waits while a gateway still sets the instance up)
             self._table_ino = os.stat(os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(instance))).st_ino
-            try:
-                self._pidfd = os.pidfd_open(self._table.get("acceptor_pid"))
-            except ProcessLookupError:
-                self._pidfd = -1
-            if self._pidfd < 0 or gateway_lock_held(instance) is False:
+            self._pidfd = _acceptor_pidfd(self._table.get("acceptor_pid"))
+            held = gateway_lock_held(instance)
+            if held is False or (self._pidfd < 0 and not held):
                 raise BrokenResourceError(f"the gateway of instance {instance!r} is gone (a crashed run's "
                                           f"table is left; the next 'duprep serve' removes it)")
-            self._acceptor = select.poll()          # readable once the acceptor has exited
-            self._acceptor.register(self._pidfd, select.POLLIN)
+            # Readable once the acceptor has exited.  No pidfd: the acceptor runs in another pid
+            # namespace; then the table's inode and the gateway lock tell (_gone, the idle check).
+            self._acceptor = select.poll()
+            if self._pidfd >= 0:
+                self._acceptor.register(self._pidfd, select.POLLIN)
             self._replies = Queue(ipcnames.reply_queue(instance))
             if self._KEEPS_ATTACH_LOCK is False:
                 self._lock.close()       # a Replier is not a process of the run: never delay the next one
@@ -286,6 +287,7 @@ class Replier:
             self._stopped = True
             self._pending.clear()
             self._pending_bytes = 0
+            self._replies.close()        # (the old run's queue holds RLIMIT_MSGQUEUE while it is open)
             raise BrokenResourceError(f"the gateway of instance {self.instance!r} this {type(self).__name__} "
                                       "attached to has stopped (its clients are gone with it)")
         self._next_look = now + LOOK_EVERY
@@ -401,7 +403,8 @@ class Worker(Replier):
             # at least this often while idle: a supervisor takes a longer silence for a hang (hangs.py)
             self._heartbeat = self._table.get("heartbeat") or HEARTBEAT
             self._ep.register(self._requests.fileno(), select.EPOLLIN)
-            self._ep.register(self._pidfd, select.EPOLLIN)
+            if self._pidfd >= 0:
+                self._ep.register(self._pidfd, select.EPOLLIN)
         except BaseException:
             self._release()
             raise
@@ -581,20 +584,28 @@ class Worker(Replier):
     # The request receive() returned is answered once one of these is given it: if this process dies
     # before its next receive(), the row's next owner must not answer it again with WORKER_LOST.
 
+    # (Cleared before the answer is added: adding the last one of a message pushes it at once, and
+    # the push must count this request as answered.)
+
     def reply(self, request: Request, data: bytes, /) -> None:
-        super().reply(request, data)
-        if request is self._held:
-            self._held = None
+        self._answering(request, lambda: Replier.reply(self, request, data))
 
     def defer(self, request: Request, /) -> None:
-        super().defer(request)
-        if request is self._held:
-            self._held = None
+        self._answering(request, lambda: Replier.defer(self, request))
 
     def fail(self, request: Request, message: str, /, *, code: int = ErrorCode.APP_ERROR) -> None:
-        super().fail(request, message, code=code)
-        if request is self._held:
+        self._answering(request, lambda: Replier.fail(self, request, message, code=code))
+
+    def _answering(self, request: Request, answer: Callable[[], None]) -> None:
+        held = request is self._held
+        if held:
             self._held = None
+        try:
+            answer()
+        except BaseException:
+            if held:
+                self._held = request
+            raise
 
     def interrupt(self) -> None:
         """Make a blocked :meth:`receive` raise ClosedResourceError once held requests are done."""
@@ -949,7 +960,8 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
                     code = 0
                 how, result = (f"exit code {code}", code) if code >= 0 else \
                     (f"killed by {signal_name(-code)}", 128 - code)
-                held = _answer_for(instance, pid)   # before a successor can take another row
+                # before a successor can take another row (not after a stop: the gateway is going)
+                held = (code != 0 or _serving(instance)) and _answer_for(instance, pid)
                 # Exit 0 is a stop (the gateway's, or a SIGTERM to that child alone: it finished what
                 # it held); with requests left unanswered it is a handler's os._exit(0) or the like:
                 # replaced like a crash, though its status is no failure.
@@ -988,6 +1000,24 @@ def serve(handler: Handler, *, instance: str = "default", workers: int = 1, wait
         for fd in pidfds:
             os.close(fd)
     return failure
+
+
+def _acceptor_pidfd(pid: int) -> int:
+    """A pidfd of the acceptor with this pid, or -1 if no process of ours is one (it exited, or it
+    runs in another pid namespace, where its pid names some other process or none)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            mine = f.read().strip() == "duprep-acceptor"
+    except OSError:
+        mine = False
+    if not mine:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _serving(instance: str) -> bool:

@@ -293,11 +293,11 @@ class Client:
                           "threads of this client send")
         try:
             sent = self._send(memoryview(data), deadline)
+            if 0 < sent < len(data):       # (before another thread may write after the cut frame)
+                self._cut(f"a frame was cut short: the gateway did not read it within {timeout:g} s")
         finally:
             self._send_lock.release()
         if sent < len(data):
-            if sent:
-                self._cut(f"a frame was cut short: the gateway did not read it within {timeout:g} s")
             raise Timeout(f"could not write within {timeout:g} s: the gateway is not reading"
                           + ("; the connection is closed, as the frame was cut short" if sent else ""))
 

@@ -8,6 +8,8 @@ Two independent kinds of lock on ``ipcnames.lock_path(instance)``:
   (:func:`gateway_lock_held`), which works for a gateway in another pid
   namespace too.
 * open file description (OFD) record locks (``fcntl(F_OFD_SETLK)``) -- byte
+  1, held exclusively by the acceptor beside its flock, lets anyone ask
+  whether a gateway is alive (``F_OFD_GETLK``), from any pid namespace; byte
   0 is the *attach* lock: every process that uses the instance's queues holds
   it shared.  A starting acceptor that can take it exclusively knows that no
   process of an earlier run is alive (the kernel drops the locks of killed
@@ -58,6 +60,7 @@ from .table import ROW_LOCK_BASE
 __all__ = ["InstanceLock", "gateway_lock_held", "rows_held"]
 
 ATTACH_BYTE = 0
+GATEWAY_BYTE = 1          # held exclusively by the acceptor beside its flock: askable from anywhere
 # struct flock on Linux (64-bit): l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
 _FLOCK = struct.Struct("@hhqqi4x")
 _BUSY = (errno.EAGAIN, errno.EACCES)
@@ -115,7 +118,7 @@ class InstanceLock:
                 same = os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
             except FileNotFoundError:
                 same = False
-            if same:
+            if same and _try(self.fd, fcntl.F_WRLCK, GATEWAY_BYTE):
                 break
             self.close()
         if not _lock_timed(self.fd, fcntl.F_WRLCK, ATTACH_BYTE, wait_attached):
@@ -179,12 +182,26 @@ os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def gateway_lock_held(instance: str) -> bool | None:
-    """Does a live acceptor hold ``instance``'s gateway lock?  Looked up in /proc/locks, without
-    taking anything (taking it, even for a moment, could make a starting gateway think the instance
-    busy).  The kernel drops the lock when its holder dies, whatever pid namespace it ran in.
-    None if /proc/locks cannot be read."""
+    """Does a live acceptor hold ``instance``'s gateway lock?  Asked without taking anything (taking
+    it, even for a moment, could make a starting gateway think the instance busy): ``F_OFD_GETLK``
+    on GATEWAY_BYTE, which the acceptor holds beside its flock, answers in any pid namespace (the
+    /proc/locks of a child namespace hides the flock of a process outside it); /proc/locks is the
+    fallback for a lock file we may not open.  The kernel drops both when the acceptor dies.
+    None if neither can be read."""
+    path = ipcnames.lock_path(instance)
     try:
-        st = os.stat(ipcnames.lock_path(instance))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    else:
+        try:
+            return _held(fd, GATEWAY_BYTE)
+        finally:
+            os.close(fd)
+    try:
+        st = os.stat(path)
     except FileNotFoundError:
         return False
     want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"

@@ -146,8 +146,7 @@ import os, signal, sys
 from duprep import bus
 w = bus.Worker(sys.argv[1])
 r = w.receive()
-w.reply(r, b"answered")
-w.flush()
+w.reply(r, b"answered")                   # the last of its message: on the reply queue at once
 os.kill(os.getpid(), signal.SIGKILL)      # before its next receive()
 """
 
@@ -341,3 +340,28 @@ def test_push_by_name_follows_a_client_to_its_new_slot(gateway, instance):
         finally:
             first.close()
             anon.close()
+
+
+_PUSH_FROM_ELSEWHERE = """
+import sys
+from duprep import bus
+with bus.Replier(sys.argv[1]) as r:
+    r.push("seen-from-afar", b"hello from another pid namespace")
+print("pushed", flush=True)
+"""
+
+
+def test_a_replier_in_another_pid_namespace_attaches_and_pushes(gateway, instance):
+    """There the acceptor's pid names another process or none: a Replier must go by the gateway lock,
+    not refuse a running gateway as gone."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    gw = gateway("--app", "none", workers=0)
+    with duprep.Client("127.0.0.1", gw.port, name="seen-from-afar") as c:
+        out = subprocess.run(["unshare", "-pf", "--mount-proc", sys.executable, "-c", _PUSH_FROM_ELSEWHERE,
+                              instance], env=ENV, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0 and "Operation not permitted" in out.stderr:
+            pytest.skip("cannot create a pid namespace here")
+        assert out.stdout.strip() == "pushed", out.stderr
+        assert c.receive(timeout=20).data == b"hello from another pid namespace"
