@@ -244,12 +244,14 @@ def test_push_reaches_only_the_addressed_client(gateway, instance):
             c.close()
 
 
-def test_handler_error_is_reported_and_worker_survives(gateway):
+@pytest.mark.parametrize("ask, says", [(b"fail", "on purpose"),       # the handler raises
+                                       (b"str", "returned str")])     # it returns what is no reply
+def test_handler_error_is_reported_and_worker_survives(gateway, ask, says):
     gw = gateway()
     with duprep.Client("127.0.0.1", gw.port) as c:
         with pytest.raises(duprep.RemoteError) as info:
-            c.request(b"fail")
-        assert info.value.code == ErrorCode.APP_ERROR and "on purpose" in str(info.value)
+            c.request(ask)
+        assert info.value.code == ErrorCode.APP_ERROR and says in str(info.value)
         assert c.request(b"ok") == b"ok"
 
 
