@@ -138,6 +138,14 @@ class Replier:
         self._stopped = False
         try:
             self._lock.attach()          # (waits while a gateway still sets the instance up)
+            # Map the table again: the one mapped above may be an earlier run's, if a gateway
+            # (re)started while we waited for its boot.
+            self._table.close()
+            try:
+                self._table = Table.attach(ipcnames.table_name(instance))
+            except FileNotFoundError:
+                raise BrokenResourceError(f"the gateway of instance {instance!r} stopped while this "
+                                          f"{type(self).__name__} attached") from None
             self._table_ino = os.stat(os.path.join(ipcnames.SHM_DIR, ipcnames.table_name(instance))).st_ino
             self._pidfd = _acceptor_pidfd(self._table.get("acceptor_pid"))
             held = gateway_lock_held(instance)
