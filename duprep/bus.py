@@ -470,12 +470,7 @@ class Worker(Replier):
                 wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
                 if wait <= 0:
                     raise Timeout(f"no request within {timeout:g} s") from None
-                if bool(self._pending) != self._watching_replies:   # wait for room only while replies wait
-                    self._watching_replies = not self._watching_replies
-                    if self._watching_replies:
-                        self._ep.register(reply_fd, select.EPOLLOUT)
-                    else:
-                        self._ep.unregister(reply_fd)
+                self._watch_room()
                 events = self._ep.poll(wait)
                 if not events and time.monotonic() - self._looked >= heartbeat and (
                         self._gone() or gateway_lock_held(self.instance) is False):
@@ -503,24 +498,38 @@ class Worker(Replier):
             if self._batch:
                 return
 
-    def receive_nowait(self) -> Request:
-        """The next request if one is already there, else raise WouldBlock.
+    def _watch_room(self) -> None:
+        """Have the epoll set (and so fileno()) watch the reply queue for room exactly while replies wait."""
+        if bool(self._pending) != self._watching_replies:
+            self._watching_replies = not self._watching_replies
+            if self._watching_replies:
+                self._ep.register(self._replies.fileno(), select.EPOLLOUT)
+            else:
+                self._ep.unregister(self._replies.fileno())
 
-        For your own selector, with :meth:`fileno`.  Raises BrokenResourceError
+    def receive_nowait(self) -> Request:
+        """The next request if one is already there, else raise WouldBlock; never blocks.
+
+        For your own selector, with :meth:`fileno`.  Replies that find the
+        reply queue full wait in the worker (fileno() is readable once they
+        can go); past REPLY_BACKLOG bytes of them it takes no more requests
+        (WouldBlock), as receive() would wait.  Raises BrokenResourceError
         once the gateway has stopped, ClosedResourceError after :meth:`interrupt`.
         """
         self._check()
         self._done_one()
         while not self._batch:
             self._next_look = 0.0        # look now: the selector may have woken for that
-            self.flush()                 # (raises BrokenResourceError if the gateway has stopped)
+            self._seal()
+            self._push(block=False)      # (raises BrokenResourceError if the gateway has stopped)
+            self._row.state = len(self._pending)   # replies still here: a graceful stop waits for them
+            self._watch_room()
+            self._drain_wake()           # (first: an interrupt() from now on leaves its byte for the next call)
             if self._interrupted:
                 raise ClosedResourceError("worker interrupted")
-            try:
-                message = self._requests.get_nowait()
-            except WouldBlock:
-                self._drain_wake()       # a selector must not find fileno() readable for nothing
-                raise
+            if self._pending_bytes > REPLY_BACKLOG:
+                raise WouldBlock(f"{self._pending_bytes} reply bytes wait for room in the reply queue")
+            message = self._requests.get_nowait()    # (WouldBlock: fileno() is readable when one comes)
             self._expand(message)
             self._c[C_QMSGS] += 1
         return self._hand(self._batch.popleft())

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -358,3 +359,51 @@ def test_a_replier_in_another_pid_namespace_attaches_and_pushes(gateway, instanc
             pytest.skip("cannot create a pid namespace here")
         assert out.stdout.strip() == "pushed", out.stderr
         assert c.receive(timeout=20).data == b"hello from another pid namespace"
+
+
+def test_receive_nowait_never_blocks_on_a_full_reply_queue(gateway, instance):
+    """It used to flush, waiting up to 30 s for room: now replies that do not fit wait in the worker,
+    fileno() wakes the selector when they can go, and past REPLY_BACKLOG it takes no more requests."""
+    gw = gateway("--app", "none", workers=0)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    reader = FrameReader(1 << 20)
+    [sender] = [p["pid"] for p in snapshot(instance)["processes"] if p["role"] == "sender"]
+    n, payload = 600, b"r" * 1000                     # 600 KB of replies: far more than the queue holds
+    try:
+        with bus.Worker(instance) as worker:
+            s.sendall(encode_wire(Hello(1, "")))
+            assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+            os.kill(sender, signal.SIGSTOP)           # nobody empties the reply queue
+            try:
+                s.sendall(b"".join(encode_wire(Call(i, 5, 0, payload)) for i in range(1, n + 1)))
+                answered, refused = 0, None
+                deadline = time.monotonic() + 30
+                while answered < n and refused is None and time.monotonic() < deadline:
+                    t0 = time.monotonic()
+                    try:
+                        request = worker.receive_nowait()
+                    except duprep.WouldBlock as e:
+                        if "reply bytes wait" in str(e):
+                            refused = e
+                        continue
+                    finally:
+                        assert time.monotonic() - t0 < 1.0
+                    worker.reply(request, request.data)
+                    answered += 1
+                assert refused is not None and answered < n, "the worker took every request"
+            finally:
+                os.kill(sender, signal.SIGCONT)
+            while answered < n:                       # a selector loop: wait on fileno(), then take
+                assert select.select([worker], [], [], 20)[0], "fileno() did not wake the selector"
+                try:
+                    while True:
+                        request = worker.receive_nowait()
+                        worker.reply(request, request.data)
+                        answered += 1
+                except duprep.WouldBlock:
+                    pass
+            worker.flush(timeout=20)
+            replies = _frames(s, reader, n, timeout=60)
+            assert sorted(f.msgid for f in replies) == list(range(1, n + 1))
+    finally:
+        s.close()
