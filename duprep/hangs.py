@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Final, Iterable
+from typing import Final, Iterable, Mapping
 
 from . import ipcnames
 from .errors import DuprepError
@@ -35,17 +35,21 @@ log = logging.getLogger("duprep")
 ABORT_GRACE: Final = 5.0      # seconds between SIGABRT (traceback, then core or exit) and SIGKILL
 
 
-def overdue(table: Table, pids: Iterable[int], limit: float, now: float) -> tuple[dict[int, float], float]:
+def overdue(table: Table, pids: Iterable[int], limit: float, now: float,
+            spawned: Mapping[int, float] | None = None) -> tuple[dict[int, float], float]:
     """Which of these processes have shown no life for ``limit`` seconds.
 
     A process's last sign of life is its row's heartbeat.  One without a row yet is not judged (see
     :func:`rowless`): a worker importing a slow app, or waiting for its gateway (``--wait``), has not
-    started serving.  Returns ``({pid: seconds silent}, when the next one could be overdue)``.
+    started serving.  ``spawned``: when each process was started (``time.time()``); a row begun
+    before that is an earlier process's that had the same pid, not this one's.  Returns
+    ``({pid: seconds silent}, when the next one could be overdue)``.
     """
     wanted = set(pids)
+    since = spawned or {}
     beats: dict[int, float] = {}
     for p in table.procs():
-        if p.pid in wanted:
+        if p.pid in wanted and p.started >= since.get(p.pid, 0.0) - CLOCK_SLACK:
             beats[p.pid] = max(beats.get(p.pid, 0.0), p.heartbeat)
     late: dict[int, float] = {}
     next_check = now + limit          # (a process that takes a row later is due after that)
@@ -55,6 +59,9 @@ def overdue(table: Table, pids: Iterable[int], limit: float, now: float) -> tupl
         else:
             next_check = min(next_check, last + limit)
     return late, next_check
+
+
+CLOCK_SLACK = 1.0    # seconds: a row started this much before the spawn time we know still counts
 
 
 def rowless(table: Table, pids: Iterable[int]) -> set[int]:
@@ -89,14 +96,17 @@ class Watch:
     def __init__(self, instance: str) -> None:
         self.instance = instance
         self.pidfds: dict[int, int] = {}         # pid -> pidfd, for each live worker
+        self.spawned: dict[int, float] = {}      # pid -> time.time() it was added (overdue: pid reuse)
         self.kill_at: dict[int, float] = {}      # aborted pid -> when SIGKILL follows
         self.next_check: float | None = time.monotonic()   # the first check reads the limit from the table
 
     def add(self, pid: int, pidfd: int) -> None:
         self.pidfds[pid] = pidfd
+        self.spawned[pid] = time.time()
 
     def remove(self, pid: int) -> None:
         self.pidfds.pop(pid, None)
+        self.spawned.pop(pid, None)
         self.kill_at.pop(pid, None)
 
     def timeout(self) -> float | None:
@@ -126,7 +136,7 @@ class Watch:
                 self.next_check = None           # hang checks are off for this instance
                 return
             watched = [pid for pid in self.pidfds if pid not in self.kill_at]
-            late, self.next_check = overdue(table, watched, limit, now)
+            late, self.next_check = overdue(table, watched, limit, now, self.spawned)
         finally:
             table.close()
         for pid, silent in late.items():

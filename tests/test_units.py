@@ -238,6 +238,10 @@ def test_the_hang_check_takes_the_newest_sign_of_life_and_says_when_to_look_agai
         assert next_check == 105.0               # 101: 95 + 10
         late, next_check = hangs.overdue(t, [104], 10.0, now=100.0)
         assert (late, next_check) == ({}, 110.0)
+        # 102's row was begun (time.time() 0.0) long before this process 102 was spawned (at 500.0): it is
+        # an earlier process's that had the same pid, so this one has no row yet and is not judged.
+        assert hangs.overdue(t, [102], 10.0, now=100.0, spawned={102: 500.0}) == ({}, 110.0)
+        assert hangs.overdue(t, [102], 10.0, now=100.0, spawned={102: 0.5})[0] == {102: 20.0}
     finally:
         t.close()
         t.unlink()

@@ -638,7 +638,9 @@ class Acceptor:
             return
         live = {c.pid: c for c in self.children.values() if c.pidfd >= 0 and not c.aborted}
         now = time.monotonic()
-        late, next_check = hangs.overdue(self.table, live, limit, now)
+        wall = time.time() - now          # (Child.started is monotonic; rows say time.time())
+        late, next_check = hangs.overdue(self.table, live, limit, now,
+                                         {pid: wall + c.started for pid, c in live.items()})
         for pid, silent in late.items():
             self.abort(live[pid], silent)
         slow = [c for c in live.values() if not c.warned and now - c.started >= limit]
