@@ -143,6 +143,9 @@ class _Session:
         self.broken: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.finalizer: Any = None
+        self.ending = False                    # _end_session has begun: calls waiting for room give up
+        self.waiting = 0                       # threads waiting in _put on the uplink and pidfd ...
+        self.left = threading.Condition()      # ... which _end_session lets leave before closing them
 
 
 _CLOSED = object()
@@ -415,8 +418,10 @@ class Client:
     def _end_session(self, s: _Session, *, detach: bool) -> None:
         """Stop the reader, remove our queue, tell the daemon (if asked), close everything."""
         queues.unlink(s.name)          # first: never a moment with a name but no endpoint
+        with s.left:
+            s.ending = True
         try:
-            s.wake_w.send(b"x")
+            s.wake_w.send(b"x")        # (wakes the reader, and calls waiting in _put)
         except OSError:
             pass
         if s.thread is not None and s.thread is not threading.current_thread():
@@ -425,12 +430,14 @@ class Client:
             self._drain(s)             # an Attached that came as we gave up waiting: detach it too
         if detach and s.ep and s.broken is None and s.uplink is not None:
             try:
-                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT)
+                self._put(s, Detach(s.ep, self._pid), 0, time.monotonic() + DETACH_TIMEOUT, closing=True)
             except (Timeout, BrokenResourceError, OSError, posix_ipc.Error):
                 pass                   # the daemon learns it from our pidfd instead
         if s.broken is None:
             s.broken = ClosedResourceError("this Client is closed")
         self._fail_waiters(s, s.broken)
+        with s.left:                   # the descriptors below are closed only once nobody polls them
+            s.left.wait_for(lambda: s.waiting == 0, timeout=5)
         for q in (s.reply, s.uplink):
             if q is not None:
                 q.close()
@@ -455,8 +462,10 @@ class Client:
         with self._lock:
             self._waiting.pop(msgid, None)
 
-    def _put(self, s: _Session, message: msgspec.Struct, msgid: int, deadline: float | None) -> None:
-        """Put ``message`` on the uplink, waiting for room (and watching the daemon) until ``deadline``."""
+    def _put(self, s: _Session, message: msgspec.Struct, msgid: int, deadline: float | None, *,
+             closing: bool = False) -> None:
+        """Put ``message`` on the uplink, waiting for room (and watching the daemon) until ``deadline``;
+        a wait ends with ClosedResourceError when the session ends (``closing``: the Detach that ends it)."""
         data = encode(message)
         assert s.uplink is not None
         if len(data) > s.uplink.msgsize:
@@ -464,26 +473,47 @@ class Client:
             raise RemoteError(f"FRAME_TOO_LARGE: a message of {len(data)} bytes exceeds the uplink queue's "
                               f"message size {s.uplink.msgsize} (client daemon --uplink-size)",
                               code=ErrorCode.FRAME_TOO_LARGE, msgid=msgid)
-        poller: select.poll | None = None
+        try:
+            s.uplink.put_nowait(data)
+            return
+        except WouldBlock:
+            pass
+        with s.left:
+            if s.ending and not closing:
+                self._unregister(msgid)
+                raise ClosedResourceError("this Client is closed")
+            s.waiting += 1
+        try:
+            self._wait_room(s, data, msgid, deadline, closing)
+        finally:
+            with s.left:
+                s.waiting -= 1
+                s.left.notify_all()
+
+    def _wait_room(self, s: _Session, data: bytes, msgid: int, deadline: float | None, closing: bool) -> None:
+        assert s.uplink is not None
+        poller = select.poll()
+        poller.register(s.uplink.fileno(), select.POLLOUT)
+        poller.register(s.pidfd, select.POLLIN)
+        poller.register(s.wake_r.fileno(), select.POLLIN)       # written once, when the session ends
         while True:
-            try:
-                s.uplink.put_nowait(data)
-                return
-            except WouldBlock:
-                pass
-            if poller is None:
-                poller = select.poll()
-                poller.register(s.uplink.fileno(), select.POLLOUT)
-                poller.register(s.pidfd, select.POLLIN)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self._unregister(msgid)
                 raise Timeout(f"the uplink queue {s.uplink.name} stayed full: is the client daemon stuck?",
                               msgid=msgid)
             ready = dict(poller.poll(None if left is None else max(1, int(left * 1000))))
+            if s.ending and not closing:
+                self._unregister(msgid)
+                raise ClosedResourceError("this Client was closed while it waited for room on the uplink")
             if s.pidfd in ready:
                 self._unregister(msgid)
                 raise BrokenResourceError(f"the client daemon of instance {self.instance!r} exited")
+            try:
+                s.uplink.put_nowait(data)
+                return
+            except WouldBlock:
+                pass
 
     def _wait(self, msgid: int, waiter: _Waiter, timeout: float | None, deadline: float | None) -> bytes:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -692,6 +692,38 @@ def test_receive_hands_out_what_came_before_the_daemon_exited(host: Host) -> Non
         c.receive(timeout=10)
 
 
+def test_close_ends_a_send_waiting_for_room_on_the_uplink(host: Host) -> None:
+    """With timeout=None a send() waiting for room on a full uplink (a stalled daemon) waited for ever,
+    close() notwithstanding, on descriptors close() had closed: now it raises ClosedResourceError."""
+    gw = host.gateway()
+    d = host.daemon(f"127.0.0.1:{gw.port}", "--uplink-depth", "2")
+    d.wait_link("up")
+    c = host.client(timeout=None)
+    uplink = posix_ipc.MessageQueue(ipcnames.clienthost_uplink(host.instance))
+    outcome: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            while True:
+                c.send(b"x" * 100)
+        except BaseException as e:      # noqa: BLE001 - the test checks which
+            outcome.append(e)
+
+    os.kill(d.pid, signal.SIGSTOP)                       # nobody takes from the uplink
+    t = threading.Thread(target=flood)
+    try:
+        t.start()
+        wait_until(lambda: uplink.current_messages == 2, what="the uplink to fill up")
+        t0 = time.monotonic()
+        c.close()
+        t.join(timeout=10)
+        assert time.monotonic() - t0 < 5 and not t.is_alive(), "the send() still waits"
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+        uplink.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], ClosedResourceError), outcome
+
+
 def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
     """close() while another thread re-attaches to a slow daemon: that call raises ClosedResourceError at
     once, and no reply queue, reader thread or daemon endpoint of the Client is left."""
