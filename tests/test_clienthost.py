@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgspec
 import posix_ipc
@@ -692,6 +692,34 @@ def test_receive_hands_out_what_came_before_the_daemon_exited(host: Host) -> Non
         c.receive(timeout=10)
 
 
+def _close_while_it_waits(c: Client, daemon_pid: int, uplink: posix_ipc.MessageQueue, messages: int,
+                          call: Callable[[], object]) -> BaseException:
+    """Stop the daemon, run ``call`` in a thread until ``messages`` wait on the uplink, close ``c``: the
+    call must end at once; what it raised."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as e:      # noqa: BLE001 - the test checks which
+            outcome.append(e)
+
+    os.kill(daemon_pid, signal.SIGSTOP)
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        wait_until(lambda: uplink.current_messages == messages, what=f"{messages} message(s) on the uplink")
+        t0 = time.monotonic()
+        c.close()
+        t.join(timeout=10)
+        assert time.monotonic() - t0 < 5 and not t.is_alive(), "the call still waits after close()"
+    finally:
+        os.kill(daemon_pid, signal.SIGCONT)
+        uplink.close()
+    assert len(outcome) == 1, outcome
+    return outcome[0]
+
+
 def test_close_ends_a_send_waiting_for_room_on_the_uplink(host: Host) -> None:
     """With timeout=None a send() waiting for room on a full uplink (a stalled daemon) waited for ever,
     close() notwithstanding, on descriptors close() had closed: now it raises ClosedResourceError."""
@@ -699,34 +727,18 @@ def test_close_ends_a_send_waiting_for_room_on_the_uplink(host: Host) -> None:
     d = host.daemon(f"127.0.0.1:{gw.port}", "--uplink-depth", "2")
     d.wait_link("up")
     c = host.client(timeout=None)
-    uplink = posix_ipc.MessageQueue(ipcnames.clienthost_uplink(host.instance))
-    outcome: list[BaseException] = []
 
     def flood() -> None:
-        try:
-            while True:
-                c.send(b"x" * 100)
-        except BaseException as e:      # noqa: BLE001 - the test checks which
-            outcome.append(e)
-
-    os.kill(d.pid, signal.SIGSTOP)                       # nobody takes from the uplink
-    t = threading.Thread(target=flood)
-    try:
-        t.start()
-        wait_until(lambda: uplink.current_messages == 2, what="the uplink to fill up")
-        t0 = time.monotonic()
-        c.close()
-        t.join(timeout=10)
-        assert time.monotonic() - t0 < 5 and not t.is_alive(), "the send() still waits"
-    finally:
-        os.kill(d.pid, signal.SIGCONT)
-        uplink.close()
-    assert len(outcome) == 1 and isinstance(outcome[0], ClosedResourceError), outcome
+        while True:
+            c.send(b"x" * 100)
+    uplink = posix_ipc.MessageQueue(ipcnames.clienthost_uplink(host.instance))
+    assert isinstance(_close_while_it_waits(c, d.pid, uplink, 2, flood), ClosedResourceError)
 
 
 def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
-    """close() while another thread re-attaches to a slow daemon: that call raises ClosedResourceError at
-    once, and no reply queue, reader thread or daemon endpoint of the Client is left."""
+    """close() while another thread re-attaches to a slow daemon (it does not answer the Attach yet):
+    that call raises ClosedResourceError at once, and no reply queue, reader thread or daemon endpoint
+    of the Client is left."""
     gw = host.gateway()
     d1 = host.daemon(f"127.0.0.1:{gw.port}")
     d1.wait_link("up")
@@ -735,27 +747,7 @@ def test_close_during_a_reattach_leaves_nothing(host: Host) -> None:
     d1.stop()
     d2 = host.daemon(f"127.0.0.1:{gw.port}")
     uplink = posix_ipc.MessageQueue(ipcnames.clienthost_uplink(host.instance))
-    outcome: list[BaseException] = []
-
-    def reattach() -> None:
-        try:
-            c.request(b"two")
-        except BaseException as e:      # noqa: BLE001 - the test checks which
-            outcome.append(e)
-
-    os.kill(d2.pid, signal.SIGSTOP)                      # a daemon that does not answer the Attach yet
-    t = threading.Thread(target=reattach)
-    try:
-        t.start()
-        wait_until(lambda: uplink.current_messages == 1, what="the Attach waiting on the uplink")
-        t0 = time.monotonic()
-        c.close()
-        t.join(timeout=10)
-        assert time.monotonic() - t0 < 5, "close() must not wait for the attach to time out"
-    finally:
-        os.kill(d2.pid, signal.SIGCONT)
-        uplink.close()
-    assert not t.is_alive() and len(outcome) == 1 and isinstance(outcome[0], ClosedResourceError), outcome
+    assert isinstance(_close_while_it_waits(c, d2.pid, uplink, 1, lambda: c.request(b"two")), ClosedResourceError)
     assert not host.reply_queues()
     assert not [x for x in threading.enumerate() if x.name.startswith("duprep-local")]
     snap = wait_until(lambda: (s := d2.status())["counters"]["refused"] == 1 and s,
