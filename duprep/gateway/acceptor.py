@@ -605,8 +605,15 @@ class Acceptor:
         Only if its row is still free: a worker that already claimed the row answered them itself.
         """
         assert self.table is not None and self.row is not None
+        # Our row's state says "WORKER_LOST answers still to send" from before the dead row's counters
+        # count them as handled until they are on the reply queue: a draining sender must not end the
+        # connections in between (it did, now and then: the client got SHUTTING_DOWN instead).
+        self.row.state = len(self.lost_out) + 1
+        self.row.beat()
         lost = recovery.answer_for(self.table, self.lock, child.pid)
         if lost is None:
+            self.row.state = len(self.lost_out)
+            self.row.beat()
             return
         self.row.counters[C_LOST] += lost.requests + lost.sends
         log.error("%r died holding %d requests and %d sends; answered the requests with ERROR WORKER_LOST",
@@ -623,8 +630,12 @@ class Acceptor:
             except WouldBlock:
                 if not self.loop.registered(q.fileno()):
                     self.loop.register(q.fileno(), WRITE, lambda ev: self.send_lost())
+                self.row.state = len(self.lost_out)      # type: ignore[union-attr]
+                self.row.beat()                           # type: ignore[union-attr]
                 return
             self.lost_out.popleft()
+        self.row.state = 0                                # type: ignore[union-attr]
+        self.row.beat()                                   # type: ignore[union-attr]
         self.loop.unregister(q.fileno())
 
     def respawn(self, child: Child) -> None:

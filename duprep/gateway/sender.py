@@ -338,6 +338,8 @@ class Sender(GatewayChild):
         for proc in self.table.procs():
             if proc.role == "receiver":
                 queued = proc.counters["requests"]
+            elif proc.state and proc.role == "acceptor":   # WORKER_LOST answers it has still to send
+                return False
             elif proc.role == "worker":
                 if proc.state:                # replies held by a worker that found the queue full
                     return False
