@@ -43,6 +43,7 @@ from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defe
 from .lock import InstanceLock, gateway_lock_held
 from .queues import Queue
 from .recovery import answer_for, take_over
+from .status import acceptor_alive
 from .table import COUNTERS, FIRST_WORKER_ROW, NCOUNTERS, GatewayState, ProcRow, Role, SlotInfo, SlotState, Table
 
 __all__ = ["Request", "Worker", "Replier", "WorkerStatistics", "serve", "Handler", "DEFERRED"]
@@ -158,7 +159,7 @@ class Replier:
             if self._pidfd >= 0:
                 self._acceptor.register(self._pidfd, select.POLLIN)
             self._replies = Queue(ipcnames.reply_queue(instance))
-            if self._KEEPS_ATTACH_LOCK is False:
+            if not self._KEEPS_ATTACH_LOCK:
                 self._lock.close()       # a Replier is not a process of the run: never delay the next one
         except BaseException:
             self._release()
@@ -600,7 +601,6 @@ class Worker(Replier):
 
     # The request receive() returned is answered once one of these is given it: if this process dies
     # before its next receive(), the row's next owner must not answer it again with WORKER_LOST.
-
     # (Cleared before the answer is added: adding the last one of a message pushes it at once, and
     # the push must count this request as answered.)
 
@@ -1026,12 +1026,7 @@ def _acceptor_pidfd(pid: int) -> int:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return -1
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            mine = f.read().strip() == "duprep-acceptor"
-    except OSError:
-        mine = False
-    if not mine:
+    if not acceptor_alive(pid):          # (the pid reused by another process, or in another namespace)
         os.close(fd)
         return -1
     return fd

@@ -41,14 +41,7 @@ def gateway_alive(instance: str, pid: int) -> bool:
 def acceptor_alive(pid: int) -> bool:
     """Is ``pid`` a live duprep acceptor?  Its pid may linger as a zombie until its parent reaps it,
     or be reused by an unrelated process, hence the state and name checks."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/comm") as f:
-            name = f.read().strip()
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X") and name == "duprep-acceptor"
+    return _running(pid, "duprep-acceptor")
 
 
 def _running(pid: int, name: str | None = None) -> bool:

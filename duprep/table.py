@@ -238,6 +238,11 @@ class Segment(shared_memory.SharedMemory):
         _posixshmem.shm_unlink(self._name)
 
 
+def _cut_short(name: str, why: str) -> ProtocolError:
+    return ProtocolError(f"shared memory {name} is not a whole duprep table ({why}): a gateway killed while "
+                         "creating it leaves such a segment; the next start or 'duprep cleanup' removes it")
+
+
 def _attach(name: str, *, create: bool, size: int = 0) -> shared_memory.SharedMemory:
     return Segment(name, create=create, size=size)
 
@@ -326,9 +331,7 @@ class Table:
     def _refuse(self, why: str) -> NoReturn:
         name = self._shm.name
         self.close()
-        raise ProtocolError(f"shared memory {name} is not a whole duprep table ({why}): a gateway killed "
-                            "while creating it leaves such a segment; the next start or 'duprep cleanup' "
-                            "removes it")
+        raise _cut_short(name, why)
 
     # --- life cycle -------------------------------------------------------
 
@@ -357,9 +360,7 @@ class Table:
         try:
             shm = _attach(name, create=False)
         except ValueError as e:          # an empty segment: mmap refuses it
-            raise ProtocolError(f"shared memory {name} is not a whole duprep table ({e}): a gateway killed "
-                                "while creating it leaves such a segment; the next start or 'duprep cleanup' "
-                                "removes it") from None
+            raise _cut_short(name, str(e)) from None
         return cls(shm, owner=False)
 
     @staticmethod

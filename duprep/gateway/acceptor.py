@@ -624,19 +624,20 @@ class Acceptor:
     def send_lost(self) -> None:
         """Put the WORKER_LOST answers on the reply queue; if it is full, again when it has room."""
         q = self.qs[1]                    # the reply queue (boot creates the request queue first)
+        row = self.row
+        assert row is not None
         while self.lost_out:
             try:
                 q.put_nowait(self.lost_out[0])
             except WouldBlock:
                 if not self.loop.registered(q.fileno()):
                     self.loop.register(q.fileno(), WRITE, lambda ev: self.send_lost())
-                self.row.state = len(self.lost_out)      # type: ignore[union-attr]
-                self.row.beat()                           # type: ignore[union-attr]
-                return
+                break
             self.lost_out.popleft()
-        self.row.state = 0                                # type: ignore[union-attr]
-        self.row.beat()                                   # type: ignore[union-attr]
-        self.loop.unregister(q.fileno())
+        row.state = len(self.lost_out)    # what a draining sender waits for (answer_for)
+        row.beat()
+        if not self.lost_out:
+            self.loop.unregister(q.fileno())
 
     def respawn(self, child: Child) -> None:
         if self.state in ("booting", "ready"):   # not if a stop began meanwhile (a worker may die while
