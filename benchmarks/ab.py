@@ -4,7 +4,8 @@ What: ``python -m benchmarks.ab`` runs two duprep variants at one load
 (default the target cell: echo, N=1000, D=8, P=64) in ``--pairs`` pairs, each
 pair one load on A and one on B with a fresh gateway each, the order swapped
 every pair, and prints each pair's B/A throughput ratio, their median and how
-many pairs were above 1.  A variant is a source tree (``--a-tree``/``--b-tree``,
+many pairs were above 1; and the same for the gateway's CPU time per reply
+(all its processes, user + sys, as loadgen read it at the window's ends).  A variant is a source tree (``--a-tree``/``--b-tree``,
 default this checkout: e.g. a ``git worktree`` of another commit) and extra
 ``duprep serve`` options (``--a-args``/``--b-args``, e.g. ``"--queue-size
 16384"``).
@@ -12,7 +13,10 @@ default this checkout: e.g. a ``git worktree`` of another commit) and extra
 Why: on a shared machine absolute rates drift by 10-20 % between minutes, so
 two runs taken apart say nothing about a change of a few percent; the ratio
 of two loads taken back to back does, and the median of several such pairs
-with how many of them agree is what the project's notes report.
+with how many of them agree is what the project's notes report.  CPU per
+reply varies less from load to load than throughput (which also depends on
+how the scheduler interleaves the processes), so a change of a few percent
+in the work per reply shows there first.
 
 Like ``tools/bench`` it runs under an install's queue limits
 (benchmarks/sysctl.py; ``--stock-mqueue`` keeps the machine's), and it
@@ -58,11 +62,17 @@ def measure(v: Variant, spec: LoadSpec, *, workers: int, log_path: Path) -> tupl
                                     extra=v.args, label=v.name)
 
 
-def summary(ratios: list[float]) -> str:
+def summary(ratios: list[float], what: str = "") -> str:
     """The line the notes quote: median B/A, pairs above 1, range."""
     above = sum(r > 1 for r in ratios)
-    return (f"B/A median {statistics.median(ratios):.3f} over {len(ratios)} pairs, {above} above 1 "
+    return (f"{what}B/A median {statistics.median(ratios):.3f} over {len(ratios)} pairs, {above} above 1 "
             f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+def cpu_per_reply(res: dict[str, Any]) -> float:
+    """The gateway's CPU time per reply in µs (every watched process, user + sys), 0.0 if not known."""
+    ticks = sum(w["user_ticks"] + w["sys_ticks"] for w in res.get("watched", ()))
+    return ticks / res["clk_tck"] / res["replies"] * 1e6 if ticks and res.get("replies") else 0.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"A: {a.tree} {shlex.join(a.args)}\nB: {b.tree} {shlex.join(b.args)}\n"
           f"{args.app} N={args.conns} D={args.depth} P={args.payload}, {args.workers} workers", flush=True)
     ratios: list[float] = []
+    cpu_ratios: list[float] = []
     try:
         with sysctl.for_run(args), tempfile.TemporaryDirectory(prefix="duprep-ab-") as tmp:
             for i in range(args.pairs):
-                rates, setups = {}, {}
+                rates, cpus, setups = {}, {}, {}
                 for v in ((a, b) if i % 2 == 0 else (b, a)):
                     res, setups[v.name] = measure(v, spec, workers=args.workers,
                                                   log_path=Path(tmp, f"serve-{v.name}.log"))
@@ -105,18 +116,25 @@ def main(argv: list[str] | None = None) -> int:
                               f"{res.get('error_codes') or 'none'}); no ratio from it", file=sys.stderr)
                         return 1
                     rates[v.name] = float(res["replies_per_s"])
+                    cpus[v.name] = cpu_per_reply(res)
                 if i == 0:
                     print(f"A {setups['A']}\nB {setups['B']}", flush=True)
                 ratios.append(rates["B"] / rates["A"])
-                print(f"pair {i + 1:>2}  A {rates['A']:>11,.0f}  B {rates['B']:>11,.0f}  B/A {ratios[-1]:.3f}",
-                      flush=True)
+                line = f"pair {i + 1:>2}  A {rates['A']:>11,.0f}  B {rates['B']:>11,.0f}  B/A {ratios[-1]:.3f}"
+                if cpus["A"] and cpus["B"]:
+                    cpu_ratios.append(cpus["B"] / cpus["A"])
+                    line += (f"   CPU per reply A {cpus['A']:.2f} µs  B {cpus['B']:.2f} µs  "
+                             f"B/A {cpu_ratios[-1]:.3f}")
+                print(line, flush=True)
     except (ServerError, LoadError) as exc:
         print(f"cannot measure: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: every gateway was stopped and the queue limits put back", file=sys.stderr)
         return 130
-    print(summary(ratios))
+    print(summary(ratios, "throughput "))
+    if cpu_ratios:
+        print(summary(cpu_ratios, "CPU per reply "))
     return 0
 
 

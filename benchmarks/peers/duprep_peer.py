@@ -153,7 +153,9 @@ def measure_once(spec: LoadSpec, *, workers: int, repo: Path, env: dict[str, str
     server = launch(app=spec.app, workers=workers, max_conns=spec.conns, repo=repo, env=env,
                     log_path=log_path, extra=extra)
     try:
-        return run_load(cbuild.build("loadgen"), dataclasses.replace(spec, port=server.port)), server.setup
+        # the gateway's processes are watched: the result gives their CPU time in the window ("watched")
+        return run_load(cbuild.build("loadgen"), dataclasses.replace(spec, port=server.port,
+                                                                     watch=tuple(server.pids()))), server.setup
     finally:
         stopped = server.stop()
         if stopped.notes:
