@@ -38,8 +38,8 @@ import msgspec
 from . import hangs, ipcnames
 from .errors import (BrokenResourceError, ClosedResourceError, ConfigError, DuprepError, ProtocolError, Timeout,
                      UnknownTarget, WouldBlock)
-from .frame import (DELIVER_OVERHEAD, LENGTH, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode, Push, Reply,
-                    Request, decode_chunks)
+from .frame import (DELIVER_OVERHEAD, LENGTH, NOWHERE, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode,
+                    Push, Reply, Request, decode_chunks)
 from .lock import InstanceLock, gateway_lock_held
 from .queues import Queue
 from .recovery import answer_for, take_over
@@ -186,7 +186,8 @@ class Replier:
             self._check()
         if type(data) is not bytes:
             data = _data(data, "a reply")
-        self._add(request.sid, request.generation, _encode(Reply(request.msgid, request.cpid, data)), Reply)
+        origin = request.origin
+        self._add(origin.sid, origin.generation, _encode(Reply(request.msgid, request.cpid, data)), Reply)
 
     def defer(self, request: Request, /) -> None:
         """Tell the client now that the answer will come later (its request() raises Deferred)."""
@@ -729,7 +730,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
         # Until a run is packed, the HAND (recovery.py) must not count it as answered: _run_done says
         # how many requests are, for a push() the handler may make (it is updated per run, not per
         # request; requests without an answer count once the next run is packed).
-        sid = gen = -1
+        origin = NOWHERE                  # the run's (requests of one Chunk share one Origin)
         frames: list[bytes] = []
         size = done = 0
         worker._in_run, worker._run_done = True, 0
@@ -744,7 +745,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                     if not request.oneway:
                         if frames:           # the run first: answers leave in order
                             worker._run_done = done - 1
-                            add_run(sid, gen, frames, size)
+                            add_run(origin.sid, origin.generation, frames, size)
                             frames = []
                             size = 0
                         worker.fail(request, f"{type(e).__name__}: {e}")
@@ -758,20 +759,20 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                 if type(result) is bytes:
                     body = _encode(Reply(request.msgid, request.cpid, result))
                     n = len(body) + 4
-                    if request.sid != sid or request.generation != gen or size + n > room:
+                    if request.origin is not origin or size + n > room:
                         if frames:
                             worker._run_done = done - 1
-                            add_run(sid, gen, frames, size)
+                            add_run(origin.sid, origin.generation, frames, size)
                             frames = []
                             size = 0
-                        sid, gen = request.sid, request.generation
+                        origin = request.origin
                     if n <= room:
                         frames.append(_pack_length(n - 4) + body)
                         size += n
                         continue
                 if frames:                   # (as above)
                     worker._run_done = done - 1
-                    add_run(sid, gen, frames, size)
+                    add_run(origin.sid, origin.generation, frames, size)
                     frames = []
                     size = 0
                 try:
@@ -789,7 +790,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
         finally:
             pulse.idle()
             if frames:
-                add_run(sid, gen, frames, size)
+                add_run(origin.sid, origin.generation, frames, size)
             worker._in_run = False
             counters[C_REQUESTS] += done
         if worker._interrupted and stop():

@@ -31,7 +31,7 @@ __all__ = [
     "Hello", "Call", "Send", "Relay", "CallMe", "NONCE_SIZE",
     "Welcome", "Reply", "Defer", "Push", "Error",
     "ClientFrame", "ServerFrame",
-    "Request", "Chunk", "Deliver", "Close",
+    "Origin", "NOWHERE", "Request", "Chunk", "Deliver", "Close",
     "encode_wire", "client_decoder", "server_decoder",
     "BatchPacker", "bound", "decode_requests", "decode_chunks", "BadFrame", "array_header", "decode_replies",
     "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
@@ -191,28 +191,60 @@ def server_decoder() -> "msgspec.msgpack.Decoder[ServerFrame]":
 
 # --- bus: queue items -----------------------------------------------------------
 
+class Origin(Struct, array_like=True, frozen=True, gc=False):
+    """Where a Request comes from: its connection and when its frame was read.
+
+    ``(sid, generation)`` names the connection; the pair is what makes a late
+    answer harmless after the slot has been reused.  One Origin is shared by
+    every request of one read (a Chunk): a worker sets one field per request,
+    not four.
+    """
+    sid: int = 0
+    generation: int = 0
+    client: str = ""        # the client's HELLO name; "" for an anonymous one
+    received: float = 0.0   # time.time() of the read that brought the frame
+
+
+NOWHERE: Final = Origin()
+
+
 class Request(Struct, tag=2, array_like=True, gc=False):
     """One client message for a business worker (the seed's msg_buf on qid3).
 
-    ``(sid, generation)`` names the connection; the pair is what makes a late
-    answer harmless after the slot has been reused.  A Request is a plain
-    Struct: keep it, ``msgspec.msgpack.encode`` it, and answer it later from
-    any process with ``duprep.bus.Replier.reply``.
+    ``sid``, ``generation``, ``client`` and ``deadline`` are read from its
+    ``origin``.  A Request is a plain Struct: keep it,
+    ``msgspec.msgpack.encode`` it, and answer it later from any process with
+    ``duprep.bus.Replier.reply``.
 
     The first four fields are a REQUEST frame's, in its order, so a worker
     decodes a client's frames straight into Requests (one msgspec call per
-    queue message); the worker fills in the rest.  Only plain values belong
-    in it (it is not tracked by the cycle collector).
+    Chunk); the worker sets ``origin``.  Only plain values belong in it (it is
+    not tracked by the cycle collector).
     """
     msgid: U64
     cpid: U64
     timeout_ms: U32         # what the client asked for; 0: no deadline
     data: bytes
-    sid: int = 0
-    generation: int = 0
-    client: str = ""
-    deadline: float = 0.0   # time.time() after which the client gave up; 0: none
+    origin: Origin = NOWHERE
     oneway: bool = False    # SEND: no reply expected
+
+    @property
+    def sid(self) -> int:
+        return self.origin.sid
+
+    @property
+    def generation(self) -> int:
+        return self.origin.generation
+
+    @property
+    def client(self) -> str:
+        return self.origin.client
+
+    @property
+    def deadline(self) -> float:
+        """time.time() after which the client gave up; 0.0: none."""
+        t = self.timeout_ms
+        return self.origin.received + t / 1000 if t else 0.0
 
 
 class _OneWay(Struct, tag=3, array_like=True, gc=False):
@@ -220,6 +252,7 @@ class _OneWay(Struct, tag=3, array_like=True, gc=False):
     msgid: U64
     cpid: U64
     data: bytes
+    origin: Origin = NOWHERE
 
 
 class Chunk(Struct, tag=2, array_like=True, gc=False):
@@ -335,23 +368,19 @@ def _count(frames: bytes) -> int:
 
 
 def _complete(chunk: Chunk, frames: list[Request | _OneWay]) -> list[Request]:
-    """Fill in what a Request knows from its Chunk (in place: the list becomes Requests only)."""
-    sid, gen, client, received = chunk.sid, chunk.generation, chunk.client, chunk.received
-    # Every field after ``data`` is set here, whatever the frame held: the receiver forwards only the
-    # exact 5-element REQUEST shape, and this keeps a client from ever choosing them (client, deadline,
-    # oneway) should another shape get through.
+    """Give each of a Chunk's frames its Origin (in place: the list becomes Requests only)."""
+    origin = Origin(chunk.sid, chunk.generation, chunk.client, chunk.received)
+    # Set whatever the frame held: the receiver forwards only the exact 5-element REQUEST shape, and
+    # this keeps a client from ever choosing these fields should another shape get through.
     sends = False
     for r in frames:
+        r.origin = origin
         if type(r) is Request:
-            r.sid = sid
-            r.generation = gen
-            r.client = client
-            r.deadline = received + r.timeout_ms / 1000 if r.timeout_ms else 0.0
             r.oneway = False
         else:
             sends = True
     if sends:
-        frames[:] = [r if type(r) is Request else Request(r.msgid, r.cpid, 0, r.data, sid, gen, client, 0.0, True)
+        frames[:] = [r if type(r) is Request else Request(r.msgid, r.cpid, 0, r.data, origin, True)
                      for r in frames]
     return frames  # type: ignore[return-value]
 

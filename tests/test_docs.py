@@ -34,6 +34,21 @@ def test_every_frame_and_bus_item_tag_is_documented_as_coded():
         assert rows[cls.__name__] == cls.__struct_config__.tag, cls.__name__
 
 
+def test_every_documented_field_list_is_the_structs_in_order():
+    """The last column of each frame and bus item row: the Struct's fields, in order, with defaults where it has them."""
+    seen = set()
+    for m in re.finditer(r"^\|[^|\n]*\|\s*`(\w+)`\s*\|\s*[-\d]+\s*\|(?:[^|\n]*\|)?([^|\n]*`\w+: [^|\n]*)\|\s*$",
+                         DOC, re.M):
+        cls = getattr(frame, m.group(1))
+        documented = re.findall(r"`(\w+): [^`=]*?( = [^`]*)?`", m.group(2))
+        assert [name for name, _ in documented] == list(cls.__struct_fields__), cls.__name__
+        defaults = len(cls.__struct_defaults__)
+        assert [bool(d) for _, d in documented] == [False] * (len(documented) - defaults) + [True] * defaults, \
+            cls.__name__
+        seen.add(cls)
+    assert {frame.Hello, frame.Call, frame.Reply, frame.Chunk, frame.Request, frame.Origin, frame.Deliver} <= seen
+
+
 def test_table_layout_strings_match_the_code():
     for name in ("HEADER_FORMAT", "A_FORMAT", "R_FORMAT", "S_FORMAT", "PROC_FORMAT", "HAND_FORMAT"):
         documented = re.findall(rf'`{name} = "([^"]+)"`', DOC)
