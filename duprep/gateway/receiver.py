@@ -221,45 +221,54 @@ class Receiver(GatewayChild):
         whatever else a client sends is decoded and validated here.  ``buf``
         has two readable bytes past ``n``, so one unpack reads a frame's head
         even at the end (those bytes count only in a complete frame of 2+
-        bytes).  This loop runs once per frame read: keep it short.
+        bytes).  The loop runs once per frame read: its first test takes a
+        complete REQUEST/SEND of a greeted client that fits the open Chunk,
+        everything else is sorted out below it.
         """
-        off = first = 0              # first: where the frames collected in bodies begin
-        others = 0
+        off = first = others = 0     # first: where the frames collected in bodies begin
         limit = self.max_frame
         room = self.chunk_room - 4 * len(conn.name)
-        bodies: list[memoryview] = []
+        stop = room                  # a frame ending past this starts a new Chunk
+        # what a forwarded frame's head is; -1 until the client's HELLO is accepted
+        req, snd = (REQUEST_HEAD, SEND_HEAD) if conn.ready else (-1, -1)
+        bodies: list[bytes | memoryview] = [b""]   # [0]: the array header, set by enqueue()
         add = bodies.append
-        ready = conn.ready
         head = HEAD.unpack_from
-        while n - off >= 4:
+        last = n - 4
+        while off <= last:
             size, h = head(buf, off)
             end = off + 4 + size
-            if end > n or size > limit:          # (one test for two rare cases)
-                if size <= limit:
-                    break
-                self.forward(conn, bodies)
-                self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
-                return
-            if (h == REQUEST_HEAD or h == SEND_HEAD) and size > 1 and ready:
-                if end - first > room and bodies:
-                    self.forward(conn, bodies)
-                    bodies = []
-                    add = bodies.append
-                    first = off
+            if end <= n and (h == req or h == snd) and 1 < size <= limit and end <= stop:
                 add(buf[off + 4:end])
                 off = end
                 continue
-            if bodies:
+            if end > n or size > limit:          # (one test for two rare cases)
+                if size <= limit:
+                    break                        # the frame's end is still to come
                 self.forward(conn, bodies)
-                bodies = []
+                self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
+                return
+            if (h == req or h == snd) and size > 1:     # the open Chunk is full: another one
+                self.forward(conn, bodies)
+                bodies = [b""]
                 add = bodies.append
+                first = off
+                stop = first + room
+                continue
+            self.forward(conn, bodies)
+            bodies = [b""]
+            add = bodies.append
             first = off = end
+            stop = first + room
             others += 1
             if not self.other(conn, buf[end - size:end]):
                 return
-            ready = conn.ready
+            req, snd = (REQUEST_HEAD, SEND_HEAD) if conn.ready else (-1, -1)
             room = self.chunk_room - 4 * len(conn.name)
-        self.forward(conn, bodies)
+            stop = first + room
+        k = len(bodies) - 1
+        if k:
+            self.enqueue(conn, bodies)
         if off < n:
             conn.pending += buf[off:n]
             if not conn.half:        # tell a successor at once: it could not find the next frame
@@ -268,8 +277,9 @@ class Receiver(GatewayChild):
         elif conn.half:
             conn.half = False
             self.publish(conn)
-        conn.frames += others
-        self.c[C_FRAMES] += others
+        k += others
+        conn.frames += k
+        self.c[C_FRAMES] += k
 
     def other(self, conn: Conn, body: memoryview) -> bool:
         """Decode and act on a frame that is not a REQUEST/SEND; False if the connection was ended."""
@@ -281,23 +291,25 @@ class Receiver(GatewayChild):
             return False
         return self.handle(conn, f)
 
-    def forward(self, conn: Conn, bodies: list[memoryview]) -> None:
-        """Put REQUEST/SEND bodies found by split() on the request queue, and count them."""
-        if bodies:
-            k = len(bodies)
+    def forward(self, conn: Conn, bodies: list[bytes | memoryview]) -> None:
+        """Put the REQUEST/SEND bodies split() found so far (after the header slot) in a Chunk, and count them."""
+        k = len(bodies) - 1
+        if k:
             self.enqueue(conn, bodies)
             conn.frames += k
             self.c[C_FRAMES] += k
 
-    def enqueue(self, conn: Conn, bodies: list[memoryview]) -> None:
-        """Add one Chunk for ``conn``: its frame bodies as a msgpack array, in a bin.
+    def enqueue(self, conn: Conn, bodies: list[bytes | memoryview]) -> None:
+        """Add one Chunk for ``conn``: the frame bodies after ``bodies[0]`` as a msgpack array, in a bin.
 
         Its requests are counted (``requests``) when its queue message is on the queue, not now: what
         dies in our backlog must not count, or the sender's drain would wait for answers that cannot come.
         """
-        frames = array_header(len(bodies)) + b"".join(bodies)
+        k = len(bodies) - 1
+        bodies[0] = array_header(k)
+        frames = b"".join(bodies)
         if self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
-                            CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames), len(bodies)):
+                            CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames), k):
             self.send_full()
 
     def handle(self, conn: Conn, frame: object) -> bool:
@@ -315,7 +327,7 @@ class Receiver(GatewayChild):
         if kind is Call or kind is Send:
             # A REQUEST/SEND in another shape than the fast path's (array16, extra elements): forward it
             # re-encoded, extra elements dropped.
-            self.enqueue(conn, [memoryview(msgspec.msgpack.encode(frame))])   # (a frame split() counted)
+            self.enqueue(conn, [b"", msgspec.msgpack.encode(frame)])   # (a frame split() counted)
         elif kind is Relay:
             self.relay(conn, frame)  # type: ignore[arg-type]
         else:
