@@ -379,13 +379,12 @@ def _complete(chunk: Chunk, frames: list[Request | _OneWay]) -> list[Request]:
     """Give each of a Chunk's frames its Origin (in place: the list becomes Requests only)."""
     origin = Origin(chunk.sid, chunk.generation, chunk.client, chunk.received)
     # Set whatever the frame held: the receiver forwards only the exact 5-element REQUEST shape, and
-    # this keeps a client from ever choosing these fields should another shape get through.
+    # this keeps a client from ever choosing its origin should another shape get through.  (A 7th
+    # element could only make its own REQUEST one-way, which the client can do with a SEND.)
     sends = False
     for r in frames:
         r.origin = origin
-        if type(r) is Request:
-            r.oneway = False
-        else:
+        if type(r) is not Request:
             sends = True
     if sends:
         frames[:] = [r if type(r) is Request else Request(r.msgid, r.cpid, 0, r.data, origin, True)

@@ -1185,6 +1185,24 @@ def test_oversized_payloads_get_a_clear_error_on_both_sides(gateway):
         assert c.request(b"still usable") == b"still usable"
 
 
+def test_a_largest_frame_from_a_client_with_the_longest_name_is_served(gateway):
+    """A REQUEST of max_frame bytes from a client with a 64-character name fills a Chunk on its own (the
+    receiver reckons a Chunk's room with 4 bytes a name character, so the frame is a few bytes over that
+    room): it goes alone, and the next frame in the same read starts the next Chunk."""
+    gw = gateway()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        reader = FrameReader(1 << 20)
+        s.sendall(encode_wire(Hello(1, "n" * 64)))
+        [welcome] = _frames(s, reader, 1)
+        overhead = len(msgspec.msgpack.encode(Call(1, 1, 0, b"x" * 300))) - 300
+        data = os.urandom(welcome.max_frame - overhead)
+        big = encode_wire(Call(1, 1, 0, data))
+        assert len(big) - 4 == welcome.max_frame
+        s.sendall(big + encode_wire(Call(2, 1, 0, b"after")))          # one read holds both, most likely
+        replies = sorted(_frames(s, reader, 2), key=lambda r: r.msgid)
+        assert [(type(r), r.msgid, r.data) for r in replies] == [(frame.Reply, 1, data), (frame.Reply, 2, b"after")]
+
+
 def test_connection_level_errors_reach_waiting_requests_with_their_code(gateway):
     gw = gateway()
     with duprep.Client("127.0.0.1", gw.port) as c:

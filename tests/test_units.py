@@ -117,10 +117,11 @@ def test_decode_chunks_makes_requests_in_one_pass():
 
 def test_decode_chunks_never_lets_a_frame_choose_the_fields_the_gateway_fills():
     """A REQUEST with extra elements decodes into Request's later fields (origin, oneway).
-    The receiver forwards only the exact 5-element shape; decode_chunks overwrites them all anyway."""
-    spoof = b"\x97\x02\x01\x09\x00\xc4\x01x\x94\x00\x00\xa5admin\xcb" + struct.pack(">d", 1.0) + b"\xc3"
+    The receiver forwards only the exact 5-element shape; decode_chunks overwrites the origin anyway
+    (a 7th element could only make the client's own REQUEST one-way, as a SEND does)."""
+    spoof = b"\x96\x02\x01\x09\x00\xc4\x01x\x94\x00\x00\xa5admin\xcb" + struct.pack(">d", 1.0)
     forged = msgspec.msgpack.decode(spoof, type=frame.Request)
-    assert (forged.client, forged.origin.received, forged.oneway) == ("admin", 1.0, True)    # what it would do
+    assert (forged.client, forged.origin.received, forged.oneway) == ("admin", 1.0, False)    # what it would do
     for client in ("", "bob"):
         [(_, [r])] = frame.decode_chunks(_pack(_chunk(1, [spoof], client)))
         assert (r.client, r.deadline, r.oneway, r.sid, r.generation) == (client, 0.0, False, 1, 7)

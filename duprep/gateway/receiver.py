@@ -228,7 +228,7 @@ class Receiver(GatewayChild):
         off = first = others = 0     # first: where the frames collected in bodies begin
         limit = self.max_frame
         room = self.chunk_room - 4 * len(conn.name)
-        stop = room                  # a frame ending past this starts a new Chunk
+        stop = room if room < n else n    # a frame ending past this is incomplete or starts a new Chunk
         # what a forwarded frame's head is; -1 until the client's HELLO is accepted
         req, snd = (REQUEST_HEAD, SEND_HEAD) if conn.ready else (-1, -1)
         bodies: list[bytes | memoryview] = [b""]   # [0]: the array header, set by enqueue()
@@ -237,9 +237,12 @@ class Receiver(GatewayChild):
         last = n - 4
         while off <= last:
             size, h = head(buf, off)
-            end = off + 4 + size
-            if end <= n and (h == req or h == snd) and 1 < size <= limit and end <= stop:
-                add(buf[off + 4:end])
+            start = off + 4
+            end = start + size
+            # (a body of 0 or 1 bytes never shows a REQUEST/SEND head: the bytes after it are the next
+            # prefix's first, 0 below 16 MiB, or the buffer's zero padding)
+            if (h == req or h == snd) and end <= stop and size <= limit:
+                add(buf[start:end])
                 off = end
                 continue
             if end > n or size > limit:          # (one test for two rare cases)
@@ -248,24 +251,29 @@ class Receiver(GatewayChild):
                 self.forward(conn, bodies)
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
                 return
-            if (h == req or h == snd) and size > 1:     # the open Chunk is full: another one
-                self.forward(conn, bodies)
+            if h == req or h == snd:             # the open Chunk is full
+                if len(bodies) == 1:
+                    # Alone, it goes in a Chunk of its own: the room is reckoned with 4 bytes a name
+                    # character, and a max_frame frame of a client with a 64-character name is over it.
+                    add(buf[start:end])
+                    off = end
+                    continue
+                self.forward(conn, bodies)           # another Chunk
                 bodies = [b""]
                 add = bodies.append
                 first = off
-                stop = first + room
+                stop = first + room if first + room < n else n
                 continue
             self.forward(conn, bodies)
             bodies = [b""]
             add = bodies.append
             first = off = end
-            stop = first + room
             others += 1
-            if not self.other(conn, buf[end - size:end]):
+            if not self.other(conn, buf[start:end]):
                 return
             req, snd = (REQUEST_HEAD, SEND_HEAD) if conn.ready else (-1, -1)
             room = self.chunk_room - 4 * len(conn.name)
-            stop = first + room
+            stop = first + room if first + room < n else n
         k = len(bodies) - 1
         if k:
             self.enqueue(conn, bodies)
