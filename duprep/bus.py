@@ -715,7 +715,8 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
     counters = worker._c
     room = worker._room
     add_run = worker._add_run
-    prefixes = PREFIXES
+    prefixes = PREFIXES                   # (frame.prefix, inlined: a frame of n bytes has a body of n - 4)
+    cached = len(PREFIXES) + 4
     while True:
         try:
             worker._check()
@@ -768,7 +769,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                             size = 0
                         origin = request.origin
                     if n <= room:
-                        frames.append((prefixes[n - 4] if n < 2052 else _pack_length(n - 4)) + body)
+                        frames.append((prefixes[n - 4] if n < cached else _pack_length(n - 4)) + body)
                         size += n
                         continue
                 if frames:                   # (as above)

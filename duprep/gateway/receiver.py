@@ -240,7 +240,8 @@ class Receiver(GatewayChild):
             start = off + 4
             end = start + size
             # (a body of 0 or 1 bytes never shows a REQUEST/SEND head: the bytes after it are the next
-            # prefix's first, 0 below 16 MiB, or the buffer's zero padding)
+            # prefix's first, 0 below 16 MiB, or the buffer's zero padding; after a garbage prefix the
+            # connection ends with an ERROR either way, from here or from a worker)
             if (h == req or h == snd) and end <= stop and size <= limit:
                 add(buf[start:end])
                 off = end
