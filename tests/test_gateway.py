@@ -1186,9 +1186,9 @@ def test_oversized_payloads_get_a_clear_error_on_both_sides(gateway):
 
 
 def test_a_largest_frame_from_a_client_with_the_longest_name_is_served(gateway):
-    """A REQUEST of max_frame bytes from a client with a 64-character name fills a Chunk on its own (the
-    receiver reckons a Chunk's room with 4 bytes a name character, so the frame is a few bytes over that
-    room): it goes alone, and the next frame in the same read starts the next Chunk."""
+    """A REQUEST of max_frame bytes from a client with a 64-character name fits a Chunk with the name (a
+    room reckoned with 4 bytes a name character once left it a few bytes over, and the receiver looped on
+    it for ever), and the next frame in the same read starts the next Chunk."""
     gw = gateway()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
         reader = FrameReader(1 << 20)

@@ -78,13 +78,14 @@ C_FRAMES, C_BYTES, C_QMSGS, C_REQUESTS, C_PROTO, C_HS_TIMEOUT, C_PAUSES, C_RELAY
 class Conn:
     """The receiver's state for one connection."""
 
-    __slots__ = ("sid", "gen", "sock", "fd", "pending", "name", "ready", "announced", "timer",
+    __slots__ = ("sid", "gen", "sock", "fd", "pending", "name", "name_size", "ready", "announced", "timer",
                  "frames", "bytes", "last_in", "parked", "part", "half")
 
     def __init__(self, sid: int, gen: int, sock: socket.socket) -> None:
         self.sid, self.gen, self.sock, self.fd = sid, gen, sock, sock.fileno()
         self.pending = bytearray()      # the start of an incomplete frame
         self.name = ""
+        self.name_size = 0              # bytes of its UTF-8: what it takes in each Chunk
         self.ready = False              # HELLO accepted
         self.announced = False          # READY published: its WELCOME is on the reply queue
         self.timer: Timer | None = None
@@ -106,6 +107,8 @@ class Receiver(GatewayChild):
         self.max_frame = self.table.get("max_frame")
         # frame-body bytes one Chunk can carry: the batch header, the Chunk, its frames array header
         self.chunk_room = self.requests.msgsize - 3 - CHUNK_OVERHEAD - 3
+        # split() starts a new Chunk for a frame that does not fit the open one: it must fit an empty one
+        assert self.max_frame + 4 <= self.chunk_room - MAX_NAME, (self.max_frame, self.chunk_room)
         self.conns: dict[int, Conn] = {}          # by sid
         self.names: dict[str, Conn] = {}
         self.decoder = client_decoder()
@@ -155,6 +158,7 @@ class Receiver(GatewayChild):
             # A receiver before us (which crashed) already took this client's HELLO.
             conn.ready = conn.announced = True
             conn.name = name.rstrip(b"\0").decode()
+            conn.name_size = len(name.rstrip(b"\0"))
             conn.last_in, conn.frames, conn.bytes = last_in, frames, nbytes
             if conn.name:
                 self.names[conn.name] = conn
@@ -227,7 +231,7 @@ class Receiver(GatewayChild):
         """
         off = first = others = 0     # first: where the frames collected in bodies begin
         limit = self.max_frame
-        room = self.chunk_room - 4 * len(conn.name)
+        room = self.chunk_room - conn.name_size
         stop = room if room < n else n    # a frame ending past this is incomplete or starts a new Chunk
         # what a forwarded frame's head is; -1 until the client's HELLO is accepted
         req, snd = (REQUEST_HEAD, SEND_HEAD) if conn.ready else (-1, -1)
@@ -252,14 +256,8 @@ class Receiver(GatewayChild):
                 self.forward(conn, bodies)
                 self.fail(conn, ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds max_frame {limit}")
                 return
-            if h == req or h == snd:             # the open Chunk is full
-                if len(bodies) == 1:
-                    # Alone, it goes in a Chunk of its own: the room is reckoned with 4 bytes a name
-                    # character, and a max_frame frame of a client with a 64-character name is over it.
-                    add(buf[start:end])
-                    off = end
-                    continue
-                self.forward(conn, bodies)           # another Chunk
+            if h == req or h == snd:             # the open Chunk is full: another one (never empty:
+                self.forward(conn, bodies)           # a max_frame frame fits one alone, see __init__)
                 bodies = [b""]
                 add = bodies.append
                 first = off
@@ -273,7 +271,7 @@ class Receiver(GatewayChild):
             if not self.other(conn, buf[start:end]):
                 return
             req, snd = (REQUEST_HEAD, SEND_HEAD) if conn.ready else (-1, -1)
-            room = self.chunk_room - 4 * len(conn.name)
+            room = self.chunk_room - conn.name_size
             stop = first + room if first + room < n else n
         k = len(bodies) - 1
         if k:
@@ -318,7 +316,7 @@ class Receiver(GatewayChild):
         bodies[0] = array_header(k)
         frames = b"".join(bodies)
         if self.req_out.add(Chunk(conn.sid, conn.gen, conn.name, conn.last_in, frames),
-                            CHUNK_OVERHEAD + 4 * len(conn.name) + len(frames), k):
+                            CHUNK_OVERHEAD + conn.name_size + len(frames), k):
             self.send_full()
 
     def handle(self, conn: Conn, frame: object) -> bool:
@@ -365,6 +363,7 @@ class Receiver(GatewayChild):
                 return False
             self.names[name] = conn
         conn.name = name
+        conn.name_size = len(name.encode())
         conn.ready = True
         if conn.timer is not None:
             conn.timer.cancel()
