@@ -303,13 +303,21 @@ class Replier:
         self._next_look = now + LOOK_EVERY
 
     def _push(self, *, block: bool, timeout: float | None = 30.0) -> None:
-        """Put packed reply messages on the queue, in order; without ``block``, stop when it is full."""
+        """Put packed reply messages on the queue, in order; without ``block``, stop when it is full.
+
+        While earlier messages wait for room, the open one is not sealed: it
+        goes on filling, so a sender that is behind gets fewer, fuller
+        messages rather than one small one per request message (each costs
+        every process on the way a wake-up).  Afterwards replies are left in
+        the open message only if some wait in ``_pending`` too.
+        """
         self._check_gateway()            # (once per batch of replies)
-        if self._out:
-            for message in self._out.take():
-                self._pending.append(message)
-                self._pending_bytes += len(message)
+        out = self._out
         pending = self._pending
+        if out:
+            for message in (out.take() if not pending or block else out.take_full_messages()):
+                pending.append(message)
+                self._pending_bytes += len(message)
         deadline = None if timeout is None or not block else time.monotonic() + timeout
         while pending:
             try:
@@ -329,6 +337,10 @@ class Replier:
                         from None
                 return
             self._pending_bytes -= len(pending.popleft())
+            if not pending and out:      # room again: the open message goes too
+                for message in out.take():
+                    pending.append(message)
+                    self._pending_bytes += len(message)
 
     def _alive(self) -> None:
         """Show life while waiting (a Worker publishes its heartbeat; a Replier has no row)."""
@@ -466,7 +478,8 @@ class Worker(Replier):
             try:
                 message = self._requests.get_nowait()
             except WouldBlock:
-                self._row.state = len(self._pending)   # replies still here: the drain must wait for them
+                # replies still here (pending, and the open message behind them): the drain must wait
+                self._row.state = len(self._pending) + bool(self._out)
                 self._c[C_HELD] = 0                    # waiting: nothing in hand
                 self._row.beat()
                 wait = heartbeat if deadline is None else min(heartbeat, deadline - time.monotonic())
@@ -494,7 +507,7 @@ class Worker(Replier):
                 continue
             self._c[C_QMSGS] += 1
             self._expand(message)
-            self._row.state = len(self._pending)
+            self._row.state = len(self._pending) + bool(self._out)
             self._c[C_HELD] = len(self._batch)     # if we die now, this many requests die with us
             self._row.beat()          # status shows what this worker holds
             if self._batch:
@@ -524,7 +537,8 @@ class Worker(Replier):
             self._next_look = 0.0        # look now: the selector may have woken for that
             self._seal()
             self._push(block=False)      # (raises BrokenResourceError if the gateway has stopped)
-            self._row.state = len(self._pending)   # replies still here: a graceful stop waits for them
+            # replies still here: a graceful stop waits for them
+            self._row.state = len(self._pending) + bool(self._out)
             self._watch_room()
             self._drain_wake()           # (first: an interrupt() from now on leaves its byte for the next call)
             if self._interrupted:

@@ -468,6 +468,12 @@ class BatchPacker:
         self._counts = []
         return done
 
+    def take_full_messages(self) -> list[bytes]:
+        """:meth:`take`, but only the messages that are full: the open one stays open."""
+        done, self._done = self._done, []
+        self._counts = []
+        return done
+
     def take_full(self) -> list[tuple[bytes, int]]:
         """:meth:`take_counted`, but only the messages that are full: the open one stays open."""
         done = list(zip(self._done, self._counts))

@@ -1062,6 +1062,67 @@ def test_connections_a_dead_receiver_had_ended_stay_ended(gateway, instance):
             s.close()
 
 
+def test_while_a_queue_is_full_what_comes_meanwhile_waits_in_one_message_not_one_each(gateway, instance):
+    """Requests read while the request queue is full, and replies made while the reply queue is full,
+    collect in the open queue message instead of a message each: the stage that is behind then takes a
+    few full messages (each is a wake-up of every process on the way), not a queue's worth of small ones.
+    Each request below is read (or answered) in a wake-up of its own, which used to make it a message."""
+    gw = gateway(workers=1)
+    s = _raw(gw.port)
+    reader = FrameReader(1 << 20)
+    [worker] = wait_until(lambda: _roles(instance).get("worker"), what="the worker")
+    [sender] = _roles(instance)["sender"]
+
+    def counter(role: str, name: str) -> int:
+        return next(p["counters"][name] for p in snapshot(instance)["processes"] if p["role"] == role)
+
+    def depth(queue: str) -> int:
+        return snapshot(instance)["queues"][queue]["messages"]
+
+    try:
+        s.sendall(encode_wire(Hello(1, "")))
+        assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
+        cap = snapshot(instance)["queues"]["requests"]["capacity"]
+        assert snapshot(instance)["queues"]["replies"]["capacity"] == cap
+        late = 6
+        msgid = iter(range(1, 1000))
+        # Requests: the worker is stopped; cap of them fill the queue, the next one waits for room
+        # in a message of its own, and the later ones join the receiver's open message.
+        taken = counter("worker", "queue_messages")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for i in range(1, cap + late + 1):
+                s.sendall(encode_wire(Call(next(msgid), 7, 0, b"q%d" % i)))
+                wait_until(lambda: counter("receiver", "frames_in") == 1 + i, what=f"request {i} to be read")
+                if i <= cap:
+                    wait_until(lambda: depth("requests") == i, what=f"request {i} on the queue")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        got = _frames(s, reader, cap + late)
+        assert sorted(f.data for f in got) == sorted(b"q%d" % i for i in range(1, cap + late + 1)), got
+        assert counter("worker", "queue_messages") - taken == cap + 2
+        # Replies: the sender is stopped; each request is answered alone, cap answers fill the
+        # queue, the next waits in the worker in a message of its own, the later ones join one.
+        # (the sender publishes its counters a moment after it works: both from one publication)
+        wait_until(lambda: counter("sender", "frames_out") == 1 + cap + late, what="the sender's count")
+        delivered = counter("sender", "queue_messages")
+        os.kill(sender, signal.SIGSTOP)
+        try:
+            for i in range(1, cap + late + 1):
+                s.sendall(encode_wire(Call(next(msgid), 7, 0, b"r%d" % i)))
+                wait_until(lambda: counter("worker", "replies") == cap + late + i, what=f"request {i} answered")
+                if i <= cap:
+                    wait_until(lambda: depth("replies") == i, what=f"answer {i} on the queue")
+        finally:
+            os.kill(sender, signal.SIGCONT)
+        got = _frames(s, reader, cap + late)
+        assert sorted(f.data for f in got) == sorted(b"r%d" % i for i in range(1, cap + late + 1)), got
+        wait_until(lambda: counter("sender", "frames_out") == 1 + 2 * (cap + late), what="the sender's count")
+        assert counter("sender", "queue_messages") - delivered == cap + 2
+    finally:
+        s.close()
+
+
 def test_requests_that_die_in_the_receivers_backlog_are_not_counted(gateway, instance):
     """Requests a killed receiver still held in its backlog (request queue full) never reach a worker:
     they must not count as queued, or every later stop waits drain_timeout for their answers."""

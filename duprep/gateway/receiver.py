@@ -14,7 +14,9 @@ start on it while the rest is read), and the last one before the next wait.
 
 Backpressure: messages that do not fit a full queue wait, in order, in a
 bounded backlog (BACKLOG_LIMIT bytes) while the receiver watches the queue
-for room; past that limit it parks every connection that becomes readable
+for room, and what is read meanwhile fills the open message instead of being
+sealed as each wake-up ends (fewer, fuller messages for workers that are
+behind); past that limit it parks every connection that becomes readable
 (interest set to nothing), so TCP pushes back on the clients instead of
 memory growing.  (Parking at the first full queue made it flap: two
 epoll_ctl calls per connection, more than its reads.)  Bytes read count
@@ -435,7 +437,7 @@ class Receiver(GatewayChild):
         """Before sleeping: send what this batch produced, keep what does not fit yet."""
         self.now = 0.0
         self.unflushed = 0
-        self.to_backlog(self.req_out.take_counted())
+        self.to_backlog(self.req_out.take_counted() if not self.full or self.stopping else [])
         backlog = self.backlog
         if not self.full:                        # a full queue is retried once it says it has room
             self.put_backlog()
