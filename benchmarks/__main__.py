@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks import cbuild, harness, machine, report, sysctl
 from benchmarks.peers.registry import PEERS, peer_names
-from benchmarks.plan import PLANS, custom
+from benchmarks.plan import PLANS, custom, default_workers
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-rounds", type=int, metavar="R",
                    help="interleaved rounds of the target cell after the per-peer passes "
                         "(default: the mode's, smoke 0, quick 3, full 5; 0: none)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                   help="business worker processes for asyncio, pyzmq and duprep (default: nproc)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="business worker processes for asyncio, pyzmq and duprep (default: nproc - 1, at "
+                        "least 1)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the result files")
     sysctl.add_option(p)
     p.add_argument("--no-files", action="store_true", help="print the report only")

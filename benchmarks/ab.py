@@ -52,6 +52,7 @@ class Variant:
     name: str
     tree: Path
     args: tuple[str, ...] = ()
+    python: str = sys.executable
 
 
 def measure(v: Variant, spec: LoadSpec, *, workers: int, log_path: Path) -> tuple[dict[str, Any], str]:
@@ -59,7 +60,7 @@ def measure(v: Variant, spec: LoadSpec, *, workers: int, log_path: Path) -> tupl
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(v.tree), env.get("PYTHONPATH", "")]))
     return duprep_peer.measure_once(spec, workers=workers, repo=v.tree, env=env, log_path=log_path,
-                                    extra=v.args, label=v.name)
+                                    extra=v.args, label=v.name, python=v.python)
 
 
 def summary(ratios: list[float], what: str = "") -> str:
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra duprep serve options for A, one shell-quoted string; write --a-args=--opt "
                         "when it starts with a dash and has no space")
     p.add_argument("--b-args", default="", metavar="OPTIONS", help="the same for B")
+    p.add_argument("--a-python", default=sys.executable, metavar="PATH",
+                   help="the interpreter A's gateway runs on (default: this one; it needs msgspec and "
+                        "posix_ipc, e.g. another venv's bin/python)")
+    p.add_argument("--b-python", default=sys.executable, metavar="PATH", help="the same for B")
     p.add_argument("--pairs", type=int, default=8, help="interleaved pairs (default 8)")
     duprep_peer.add_load_options(p, duration=2.0, apps=True)
     return p
@@ -91,15 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    a = Variant("A", args.a_tree.resolve(), tuple(shlex.split(args.a_args)))
-    b = Variant("B", args.b_tree.resolve(), tuple(shlex.split(args.b_args)))
-    bad = [str(v.tree) for v in (a, b) if not (v.tree / "duprep" / "__init__.py").is_file()]
+    a = Variant("A", args.a_tree.resolve(), tuple(shlex.split(args.a_args)), args.a_python)
+    b = Variant("B", args.b_tree.resolve(), tuple(shlex.split(args.b_args)), args.b_python)
+    bad = [f"no duprep source in {v.tree}" for v in (a, b) if not (v.tree / "duprep" / "__init__.py").is_file()]
+    bad += [f"no interpreter at {v.python}" for v in (a, b) if not os.access(v.python, os.X_OK)]
     if bad or args.pairs < 1:
-        print(f"bad options: {'no duprep source in ' + ', '.join(bad) if bad else f'--pairs {args.pairs}'}",
-              file=sys.stderr)
+        print(f"bad options: {'; '.join(bad) if bad else f'--pairs {args.pairs}'}", file=sys.stderr)
         return 2
     spec = duprep_peer.load_spec(args)
-    print(f"A: {a.tree} {shlex.join(a.args)}\nB: {b.tree} {shlex.join(b.args)}\n"
+    print(f"A: {a.tree} {shlex.join(a.args)} on {a.python}\nB: {b.tree} {shlex.join(b.args)} on {b.python}\n"
           f"{args.app} N={args.conns} D={args.depth} P={args.payload}, {args.workers} workers", flush=True)
     ratios: list[float] = []
     cpu_ratios: list[float] = []

@@ -42,6 +42,7 @@ from typing import Any
 from benchmarks import cbuild
 from benchmarks.loadgen import LoadSpec, run_load
 from benchmarks.peers.registry import PEERS, Launch
+from benchmarks.plan import default_workers
 
 __all__ = ["Slice", "IdleReport", "parse_timehist", "analyse", "main"]
 
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conns", type=int, default=1000)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--payload", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--window", type=float, default=0.5, help="seconds of scheduler trace (default 0.5)")
     return p
 

@@ -9,9 +9,19 @@ are the contract with the issue and with tests; the harness only executes.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, replace
 
-__all__ = ["Cell", "Plan", "PLANS", "TARGET_CELL", "custom"]
+__all__ = ["Cell", "Plan", "PLANS", "TARGET_CELL", "custom", "default_workers"]
+
+
+def default_workers() -> int:
+    """Business workers per pooled peer (asyncio's pool, pyzmq's workers, duprep's): one per core but
+    one, at least one.  The load generator runs on the same cores, and every peer has front-end
+    processes of its own (duprep's receiver and sender, the asyncio loop, the zmq proxy); on 2 cores
+    one worker ran duprep a median 3 % faster than two at the target cell (benchmarks/README.md says
+    what it does to the other peers)."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @dataclass(frozen=True, order=True)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,10 +65,12 @@ def test_ab_compares_two_variants_in_interleaved_pairs():
     from benchmarks import sysctl
     before = sysctl.current()
     out = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--pairs", "2", "--conns", "4", "--depth", "1",
-                          "--warmup", "0.2", "--duration", "0.3", "--workers", "1", "--b-args", "--queue-depth 4"],
+                          "--warmup", "0.2", "--duration", "0.3", "--workers", "1", "--b-args", "--queue-depth 4",
+                          "--b-python", sys.executable],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
+    assert lines[1] == f"B: {Path(ROOT).resolve()} --queue-depth 4 on {sys.executable}", out.stdout
     assert any(line.startswith("B queues: requests 4 x ") for line in lines), out.stdout
     assert not any(line.startswith("A queues: requests 4 x ") for line in lines), out.stdout
     assert sum(line.startswith("pair ") and " B/A " in line for line in lines) == 2
@@ -79,6 +82,9 @@ def test_ab_compares_two_variants_in_interleaved_pairs():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--b-tree", "/nonexistent"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no duprep source in /nonexistent" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--a-python", "/nonexistent/python"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no interpreter at /nonexistent/python" in bad.stderr
     # A load with errors gives no ratio: B's frames are too large for its queues, so it closes every connection.
     failed = subprocess.run([sys.executable, "-m", "benchmarks.ab", "--pairs", "1", "--conns", "2", "--depth", "1",
                              "--payload", "2000", "--warmup", "0.2", "--duration", "0.3", "--workers", "1",

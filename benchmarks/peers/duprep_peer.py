@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from benchmarks import cbuild, sysctl
 from benchmarks.loadgen import LoadSpec, run_load
+from benchmarks.plan import default_workers
 from benchmarks.servers import Server, ServerError, StopReport, log_tail, term_with_parent
 
 __all__ = ["launch", "measure_once", "add_load_options", "load_spec", "instance_name", "ipc_leftovers"]
@@ -131,7 +132,7 @@ def add_load_options(p: argparse.ArgumentParser, *, duration: float, apps: bool 
     p.add_argument("--payload", type=int, default=64)
     if apps:
         p.add_argument("--app", choices=("echo", "kv"), default="echo")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=duration)
     sysctl.add_option(p)
@@ -144,14 +145,15 @@ def load_spec(args: argparse.Namespace) -> LoadSpec:
 
 
 def measure_once(spec: LoadSpec, *, workers: int, repo: Path, env: dict[str, str], log_path: Path,
-                 extra: Sequence[str] = (), label: str = "duprep") -> tuple[dict[str, Any], str]:
+                 extra: Sequence[str] = (), label: str = "duprep",
+                 python: str = sys.executable) -> tuple[dict[str, Any], str]:
     """A fresh gateway, one load, then stopped: loadgen's result and the queues the gateway took.
 
     For the tools that compare duprep with itself (benchmarks.ab, benchmarks.sensitivity); anything
     the stop had to clean up is printed to stderr under ``label``.
     """
     server = launch(app=spec.app, workers=workers, max_conns=spec.conns, repo=repo, env=env,
-                    log_path=log_path, extra=extra)
+                    log_path=log_path, extra=extra, python=python)
     try:
         # the gateway's processes are watched: the result gives their CPU time in the window ("watched")
         return run_load(cbuild.build("loadgen"), dataclasses.replace(spec, port=server.port,
