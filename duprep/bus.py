@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, cast
 
 import msgspec
 
@@ -60,6 +60,9 @@ DEFERRED: "bytes" = _Deferred()  # type: ignore[assignment]
 
 Handler = Callable[[Request], "bytes | None"]
 _encode = msgspec.msgpack.Encoder().encode
+# REPLY's tag: run_handler encodes a reply as the tuple (REPLY_TAG, msgid, cpid, data), the same bytes as
+# the Reply Struct (array_like, tag first; tests/test_units.py checks it) and 20 ns less than building one.
+REPLY_TAG = cast(int, Reply.__struct_config__.tag)
 _pack_length = LENGTH.pack
 REPLY_BACKLOG = 256 * 1024   # reply bytes a Worker holds before it waits for room instead of taking requests
 U32_MAX, U64_MAX = 2**32 - 1, 2**63 - 1   # the wire's integer fields (frame.py: U32, U64)
@@ -773,7 +776,7 @@ def _run_handler(worker: Worker, handler: Handler, stop: Callable[[], bool], pul
                 if request.oneway or result is None:
                     continue
                 if type(result) is bytes:
-                    body = _encode(Reply(request.msgid, request.cpid, result))
+                    body = _encode((REPLY_TAG, request.msgid, request.cpid, result))
                     n = len(body) + 4
                     if request.origin is not origin or size + n > room:
                         if frames:

@@ -42,6 +42,14 @@ def test_wire_frames_round_trip_with_length_prefix():
         assert sdec.decode(frame.encode_wire(f)[4:]) == f
 
 
+def test_run_handler_encodes_a_reply_tuple_to_the_bytes_of_the_reply_struct():
+    """bus.run_handler encodes (REPLY_TAG, msgid, cpid, data), not a Reply: the bytes must be the same."""
+    from duprep import bus
+    enc = msgspec.msgpack.Encoder().encode
+    for msgid, cpid, data in ((1, 0, b""), (2**64 - 1, 2**64 - 1, b"x" * 70000), (127, 128, b"\x00\xff")):
+        assert enc((bus.REPLY_TAG, msgid, cpid, data)) == enc(frame.Reply(msgid, cpid, data))
+
+
 def test_known_encoding_of_a_request_is_stable():
     # [2, 1, 42, 20000, b"hi"]: fixarray 5, tag, fixint, fixint, uint16, bin8
     assert frame.encode_wire(frame.Call(1, 42, 20000, b"hi")).hex() == "0000000b9502012acd4e20c4026869"
