@@ -315,14 +315,15 @@ class Replier:
         the open message only if some wait in ``_pending`` too.
         """
         self._check_gateway()            # (once per batch of replies)
-        out = self._out
-        pending = self._pending
-        if out:
-            for message in (out.take() if not pending or block else out.take_full_messages()):
-                pending.append(message)
-                self._pending_bytes += len(message)
+        out, pending = self._out, self._pending
         deadline = None if timeout is None or not block else time.monotonic() + timeout
-        while pending:
+        while True:
+            if out:                      # the open message goes once nothing waits before it
+                for message in (out.take() if not pending or block else out.take_full_messages()):
+                    pending.append(message)
+                    self._pending_bytes += len(message)
+            if not pending:
+                return
             try:
                 if block:
                     # in steps of at most a heartbeat: waiting on the sender is no hang of ours (hangs.py)
@@ -340,10 +341,6 @@ class Replier:
                         from None
                 return
             self._pending_bytes -= len(pending.popleft())
-            if not pending and out:      # room again: the open message goes too
-                for message in out.take():
-                    pending.append(message)
-                    self._pending_bytes += len(message)
 
     def _alive(self) -> None:
         """Show life while waiting (a Worker publishes its heartbeat; a Replier has no row)."""

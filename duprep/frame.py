@@ -464,9 +464,7 @@ class BatchPacker:
     def take(self) -> list[bytes]:
         """All packed messages so far; the packer is empty afterwards."""
         self._seal()
-        done, self._done = self._done, []
-        self._counts = []
-        return done
+        return self.take_full_messages()
 
     def take_full_messages(self) -> list[bytes]:
         """:meth:`take`, but only the messages that are full: the open one stays open."""

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import msgspec
 import pytest
@@ -1079,44 +1080,40 @@ def test_while_a_queue_is_full_what_comes_meanwhile_waits_in_one_message_not_one
     def depth(queue: str) -> int:
         return snapshot(instance)["queues"][queue]["messages"]
 
+    msgid = iter(range(1, 1000))
+    late = 6
+
+    def one_at_a_time(stopped: int, tag: bytes, queue: str, done: Callable[[int], bool], cap: int) -> None:
+        """With ``stopped`` stopped, cap + late requests, each sent once the one before is ``done``:
+        cap of them fill ``queue``; then every answer comes once ``stopped`` is continued."""
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            for i in range(1, cap + late + 1):
+                s.sendall(encode_wire(Call(next(msgid), 7, 0, tag + b"%d" % i)))
+                wait_until(lambda: done(i), what=f"{tag!r} {i} to be taken")
+                if i <= cap:
+                    wait_until(lambda: depth(queue) == i, what=f"{tag!r} {i} on the {queue} queue")
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        got = _frames(s, reader, cap + late)
+        assert sorted(f.data for f in got) == sorted(tag + b"%d" % i for i in range(1, cap + late + 1)), got
+
     try:
         s.sendall(encode_wire(Hello(1, "")))
         assert isinstance(_frames(s, reader, 1)[0], frame.Welcome)
         cap = snapshot(instance)["queues"]["requests"]["capacity"]
         assert snapshot(instance)["queues"]["replies"]["capacity"] == cap
-        late = 6
-        msgid = iter(range(1, 1000))
         # Requests: the worker is stopped; cap of them fill the queue, the next one waits for room
         # in a message of its own, and the later ones join the receiver's open message.
         taken = counter("worker", "queue_messages")
-        os.kill(worker, signal.SIGSTOP)
-        try:
-            for i in range(1, cap + late + 1):
-                s.sendall(encode_wire(Call(next(msgid), 7, 0, b"q%d" % i)))
-                wait_until(lambda: counter("receiver", "frames_in") == 1 + i, what=f"request {i} to be read")
-                if i <= cap:
-                    wait_until(lambda: depth("requests") == i, what=f"request {i} on the queue")
-        finally:
-            os.kill(worker, signal.SIGCONT)
-        got = _frames(s, reader, cap + late)
-        assert sorted(f.data for f in got) == sorted(b"q%d" % i for i in range(1, cap + late + 1)), got
+        one_at_a_time(worker, b"q", "requests", lambda i: counter("receiver", "frames_in") == 1 + i, cap)
         assert counter("worker", "queue_messages") - taken == cap + 2
         # Replies: the sender is stopped; each request is answered alone, cap answers fill the
         # queue, the next waits in the worker in a message of its own, the later ones join one.
         # (the sender publishes its counters a moment after it works: both from one publication)
         wait_until(lambda: counter("sender", "frames_out") == 1 + cap + late, what="the sender's count")
         delivered = counter("sender", "queue_messages")
-        os.kill(sender, signal.SIGSTOP)
-        try:
-            for i in range(1, cap + late + 1):
-                s.sendall(encode_wire(Call(next(msgid), 7, 0, b"r%d" % i)))
-                wait_until(lambda: counter("worker", "replies") == cap + late + i, what=f"request {i} answered")
-                if i <= cap:
-                    wait_until(lambda: depth("replies") == i, what=f"answer {i} on the queue")
-        finally:
-            os.kill(sender, signal.SIGCONT)
-        got = _frames(s, reader, cap + late)
-        assert sorted(f.data for f in got) == sorted(b"r%d" % i for i in range(1, cap + late + 1)), got
+        one_at_a_time(sender, b"r", "replies", lambda i: counter("worker", "replies") == cap + late + i, cap)
         wait_until(lambda: counter("sender", "frames_out") == 1 + 2 * (cap + late), what="the sender's count")
         assert counter("sender", "queue_messages") - delivered == cap + 2
     finally:
