@@ -159,8 +159,8 @@ class Receiver(GatewayChild):
         if rgen == gen and flags & SlotFlag.READY:
             # A receiver before us (which crashed) already took this client's HELLO.
             conn.ready = conn.announced = True
-            conn.name = name.rstrip(b"\0").decode()
-            conn.name_size = len(name.rstrip(b"\0"))
+            raw = name.rstrip(b"\0")
+            conn.name, conn.name_size = raw.decode(), len(raw)
             conn.last_in, conn.frames, conn.bytes = last_in, frames, nbytes
             if conn.name:
                 self.names[conn.name] = conn
@@ -437,6 +437,8 @@ class Receiver(GatewayChild):
         """Before sleeping: send what this batch produced, keep what does not fit yet."""
         self.now = 0.0
         self.unflushed = 0
+        # While the request queue refuses, the open message stays open and fills (send_full seals it when
+        # full): workers that are behind get fewer, fuller messages; a stop seals it at once.
         self.to_backlog(self.req_out.take_counted() if not self.full or self.stopping else [])
         backlog = self.backlog
         if not self.full:                        # a full queue is retried once it says it has room
